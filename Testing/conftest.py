@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: tiny deterministic phantom cohorts (and later tiny models), made once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The Slicer module's Qt-free library is imported from its folder, as Slicer itself does.
+sys.path.insert(0, str(ROOT / "SlicerFDNRetrieval"))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_SHAPE = (64, 64, 40)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    import torch
+
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-case phantom cohort at 64x64x40 in BraTS layout (at least one healthy, several with tumour)."""
+    from fdn_core.data.phantom import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "phantom"
+    generate_cohort(out, n_cases=6, seed=1234, shape=TINY_SHAPE, workers=1)
+    return out
