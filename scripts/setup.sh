@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up (idempotently) the project's virtual environment: torch 2.13.0 first, then the project.
+# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "phantom,train" for the demo, "test" for the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-phantom,train}"
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# torch first: 2.13.0 installs offline here; any other version would download a multi-GB CUDA build.
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "== installing torch==2.13.0"
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+echo "== installing fdn-retrieval[$EXTRAS] (editable)"
+"$PY" -m pip install --quiet -e ".[$EXTRAS]"
+
+if [[ "$EXTRAS" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
+  # The report test opens the demo's index.html in headless Chromium (Debian package).
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing Debian chromium for the browser test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "!! chromium not found: install it (sudo apt-get install chromium) or the browser test will fail" >&2
+  fi
+fi
+echo "== environment ready: $VENV"
