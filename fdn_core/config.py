@@ -25,7 +25,9 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+            raise ConfigError(
+                f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}"
+            )
         return config_from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         errors = []
@@ -96,7 +98,9 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
     for name, field in fields.items():
         key = f"{where}.{name}"
         if name not in data:
-            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            has_default = (
+                field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            )
             if allow_defaults and has_default:
                 continue
             raise ConfigError(f"{key}: missing key (every key must be given explicitly)")

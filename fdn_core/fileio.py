@@ -12,6 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
+def _umask_mode(base: int) -> int:
+    """``base`` permissions filtered by the process umask (mkstemp/mkdtemp would leave 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 __all__ = ["atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_json", "sha256_file"]
 
 
@@ -32,6 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, _umask_mode(0o666))
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -65,6 +74,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists; choose another path or pass overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         if path.exists():
