@@ -1,0 +1,362 @@
+"""First-use installation of fdn_core inside Slicer's Python (standard library only: runs before install).
+
+What gets installed, and from where:
+
+- PyTorch comes from the PyTorch extension (``PyTorchUtils``), never from pip here: it picks the build
+  that fits the GPU driver. SimpleITK ships with Slicer. Both are left alone by pip (``skip_packages``).
+- The other third-party requirements of ``fdn-retrieval`` (read from the bundled ``pyproject.toml``) come
+  from PyPI, or from a local wheel folder ("wheelhouse") for machines without internet.
+- ``fdn-retrieval`` itself (the ``fdn_core`` package) is built from the source copy the extension ships
+  in ``Resources/FDNRetrievalSource`` (a source checkout uses the repository root), or taken from the
+  wheelhouse when it holds an ``fdn_retrieval-*.whl``. It is installed with ``--no-deps`` and
+  ``--no-build-isolation`` so that nothing is downloaded for the build.
+
+The Slicer widget supplies the side-effecting callables (consent dialog, pip, PyTorchUtils), so this
+module stays testable without Slicer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BUNDLED_SOURCE_DIRNAME",
+    "DISTRIBUTION",
+    "SLICER_PROVIDED",
+    "DependencyError",
+    "InstallPlan",
+    "default_resource_paths",
+    "ensure_installed",
+    "find_bundled_source",
+    "installed_version",
+    "make_plan",
+    "missing_requirements",
+    "pins_from_report",
+    "write_wheelhouse",
+]
+
+DISTRIBUTION = "fdn-retrieval"
+BUNDLED_SOURCE_DIRNAME = "FDNRetrievalSource"
+#: Distributions Slicer provides itself: torch through the PyTorch extension, SimpleITK bundled.
+SLICER_PROVIDED = ("torch", "SimpleITK")
+REQUESTER = "FDN Retrieval"
+
+
+class DependencyError(RuntimeError):
+    """The Python packages the module needs are missing and could not be installed."""
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise DependencyError(f"cannot read the package name of requirement {requirement!r}")
+    return match.group(1)
+
+
+def find_bundled_source(module_dir: str | Path) -> Path | None:
+    """The folder holding ``pyproject.toml`` + ``fdn_core/`` shipped with (or beside) the module, or None."""
+    module_dir = Path(module_dir)
+    for candidate in (module_dir / "Resources" / BUNDLED_SOURCE_DIRNAME, module_dir.parent):
+        pyproject = candidate / "pyproject.toml"
+        if pyproject.is_file() and (candidate / "fdn_core").is_dir():
+            try:
+                name = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["name"]
+            except (OSError, KeyError, tomllib.TOMLDecodeError):
+                continue
+            if _canonical(name) == DISTRIBUTION:
+                return candidate
+    return None
+
+
+def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | None]:
+    """The shipped demo model (``models/demo``) and database (``models/demo/db``), where they exist.
+
+    Looked for in the module's Resources (an installed extension), beside the module (a source checkout)
+    and beside an installed ``fdn_core`` (editable install); (None, None) when there is no demo model.
+    """
+    module_dir = Path(module_dir)
+    roots = [module_dir / "Resources" / "models" / "demo", module_dir.parent / "models" / "demo"]
+    spec = importlib.util.find_spec("fdn_core")
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).resolve().parents[1] / "models" / "demo")
+    for root in roots:
+        if (root / "bundle.json").is_file():
+            db = root / "db"
+            return root, (db if (db / "manifest.json").is_file() else None)
+    return None, None
+
+
+def installed_version(distribution: str = DISTRIBUTION) -> str | None:
+    """Installed version of ``distribution`` in this Python, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _satisfies(version: str, specifiers: str) -> bool:
+    """Check ``version`` against simple comma-separated specifiers (>=, <=, >, <, ==, !=)."""
+    # packaging is not guaranteed before install; these operators are all our pyproject uses.
+    have = _version_tuple(version)
+    for spec in filter(None, (s.strip() for s in specifiers.split(","))):
+        match = re.match(r"(>=|<=|==|!=|>|<|~=)\s*(.+)", spec)
+        if not match:
+            raise DependencyError(f"unsupported version specifier {spec!r}")
+        op, raw = match.groups()
+        want = _version_tuple(raw)
+        width = max(len(have), len(want))
+        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+        ok = {
+            ">=": a >= b,
+            "<=": a <= b,
+            ">": a > b,
+            "<": a < b,
+            "==": a[: len(want)] == want,
+            "!=": a[: len(want)] != want,
+            "~=": a >= b and a[: len(want) - 1] == want[:-1],
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def missing_requirements(requirements: Sequence[str]) -> list[str]:
+    """The requirements (``name>=x,<y`` strings, markers ignored) not satisfied in this Python."""
+    missing = []
+    for requirement in requirements:
+        text = requirement.split(";")[0].strip()
+        name = _requirement_name(text)
+        specifiers = text[len(name) :].strip()
+        specifiers = re.sub(r"^\[[^\]]*\]", "", specifiers).strip()
+        version = installed_version(name)
+        if version is None or (specifiers and not _satisfies(version, specifiers)):
+            missing.append(text)
+    return missing
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """What to install: torch range, other requirements, the package source and an optional wheelhouse."""
+
+    version: str
+    torch_requirement: str
+    requirements: tuple[str, ...]
+    source_dir: Path | None
+    wheelhouse: Path | None = None
+    skip_packages: tuple[str, ...] = field(default=SLICER_PROVIDED)
+
+    def dependency_pip_args(self, requirements: Sequence[str]) -> list[str]:
+        """pip arguments installing ``requirements`` (offline from the wheelhouse when one is set)."""
+        if self.wheelhouse is not None:
+            return ["--no-index", "--find-links", str(self.wheelhouse), *requirements]
+        return list(requirements)
+
+    def package_pip_args(self) -> list[str]:
+        """pip arguments installing fdn-retrieval itself without touching its dependencies."""
+        if self.wheelhouse is not None and any(self.wheelhouse.glob("fdn_retrieval-*.whl")):
+            return [
+                "--no-index",
+                "--find-links",
+                str(self.wheelhouse),
+                "--no-deps",
+                f"{DISTRIBUTION}=={self.version}",
+            ]
+        if self.source_dir is None:
+            raise DependencyError(
+                "the fdn_core source is not bundled with this module installation and the wheel folder holds "
+                "no fdn_retrieval wheel; reinstall the FDNRetrieval extension or pick a wheel folder that "
+                "contains fdn_retrieval-*.whl"
+            )
+        args = ["--no-deps", "--no-build-isolation", "--upgrade", str(self.source_dir)]
+        return args
+
+    def package_needs_install(self) -> bool:
+        """True when fdn-retrieval is absent or another version than the bundled one."""
+        return installed_version(DISTRIBUTION) != self.version
+
+
+def make_plan(module_dir: str | Path, wheelhouse: str | Path | None = None) -> InstallPlan:
+    """Read the bundled ``pyproject.toml`` and plan the install (nothing is installed here)."""
+    source = find_bundled_source(module_dir)
+    if wheelhouse is not None and str(wheelhouse).strip() not in ("", "."):
+        wheelhouse = Path(wheelhouse)
+        if not wheelhouse.is_dir():
+            raise DependencyError(
+                f"wheel folder {wheelhouse} does not exist; pick the folder made with 'pip download' "
+                "(see the module documentation, 'offline installation')"
+            )
+    else:
+        wheelhouse = None
+    if source is None:
+        raise DependencyError(
+            f"cannot find the bundled fdn_core source ({BUNDLED_SOURCE_DIRNAME}) next to {module_dir}; "
+            "reinstall the FDNRetrieval extension"
+        )
+    project = tomllib.loads((source / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    torch_requirement = ""
+    requirements = []
+    provided = {_canonical(p) for p in SLICER_PROVIDED}
+    for requirement in project.get("dependencies", []):
+        name = _requirement_name(requirement)
+        if _canonical(name) == "torch":
+            torch_requirement = requirement[len(name) :].strip()
+        elif _canonical(name) not in provided:
+            requirements.append(requirement)
+    return InstallPlan(
+        version=str(project["version"]),
+        torch_requirement=torch_requirement,
+        requirements=tuple(requirements),
+        source_dir=source,
+        wheelhouse=wheelhouse,
+    )
+
+
+def ensure_installed(
+    plan: InstallPlan,
+    *,
+    install_torch: Callable[[str], bool],
+    confirm: Callable[[str, str], bool],
+    pip_install: Callable[[list[str]], None],
+    pip_ensure: Callable[[list[str]], None] | None = None,
+) -> list[str]:
+    """Install what is missing, asking once for consent; returns the list of what was installed.
+
+    ``install_torch(version_spec)`` returns True when torch is (now) importable. ``confirm(title, text)``
+    asks the user. ``pip_install(args)`` runs pip; ``pip_ensure(requirements)``, when Slicer offers it
+    (>= 5.11, with progress and restart detection), installs plain requirements.
+    """
+    if not install_torch(plan.torch_requirement):
+        raise DependencyError(
+            "PyTorch is needed but was not installed. Install it with the 'PyTorch Utils' module "
+            "(PyTorch extension, from the Extensions Manager), restart Slicer, and try again."
+        )
+    missing = missing_requirements(plan.requirements)
+    package = plan.package_needs_install()
+    if not missing and not package:
+        return []
+    items = [*missing, *([f"{DISTRIBUTION} {plan.version} (FDN retrieval core)"] if package else [])]
+    origin = (
+        f"the wheel folder {plan.wheelhouse}" if plan.wheelhouse else "the Python Package Index (internet)"
+    )
+    text = (
+        "FDN Retrieval needs these Python packages in Slicer's Python environment:\n\n"
+        + "\n".join(f"  - {item}" for item in items)
+        + f"\n\nThey will be installed from {origin}"
+        + ("" if not package else f"; fdn_core from the copy shipped with the extension ({plan.source_dir})")
+        + ". PyTorch and SimpleITK are not touched. Continue?"
+    )
+    if not confirm("FDN Retrieval - install Python packages", text):
+        raise DependencyError("installation declined: the module cannot run without these packages")
+    installed: list[str] = []
+    if missing:
+        if pip_ensure is not None and plan.wheelhouse is None:
+            pip_ensure(missing)
+        else:
+            pip_install(plan.dependency_pip_args(missing))
+        still = missing_requirements(missing)
+        if still:
+            raise DependencyError(
+                f"pip finished but these requirements are still missing: {', '.join(still)}"
+            )
+        installed.extend(missing)
+    if package:
+        pip_install(plan.package_pip_args())
+        if plan.package_needs_install():
+            raise DependencyError(
+                f"pip finished but {DISTRIBUTION} {plan.version} is still not installed; see the Python "
+                "console"
+            )
+        installed.append(f"{DISTRIBUTION}=={plan.version}")
+    return installed
+
+
+# ----------------------------------------------------------------------------------------- offline wheels
+
+#: Distributions never put in a wheelhouse: Slicer-provided ones and torch's own CUDA runtime wheels.
+_NEVER_DOWNLOAD = re.compile(r"^(torch|simpleitk|triton|nvidia-.*)$")
+
+
+def pins_from_report(report: dict[str, Any]) -> list[str]:
+    """``name==version`` of every distribution a ``pip install --dry-run --report`` would install, except
+    torch (and its CUDA wheels) and SimpleITK, which Slicer provides."""
+    pins = []
+    for item in report.get("install", []):
+        meta = item.get("metadata", {})
+        name, version = meta.get("name"), meta.get("version")
+        if not name or not version:
+            raise DependencyError(f"pip report entry without name/version: {item!r}")
+        if not _NEVER_DOWNLOAD.match(_canonical(name)):
+            pins.append(f"{name}=={version}")
+    return sorted(pins, key=str.lower)
+
+
+def write_wheelhouse(module_dir: str | Path, dest: str | Path, python: str = sys.executable) -> list[Path]:
+    """Fill ``dest`` with every wheel the module needs beyond what ``python`` already has (run it with a
+    Slicer of the same version and platform as the offline computer, PyTorch extension installed).
+
+    Steps: ``pip install --dry-run --report`` lists what is missing; ``pip download --no-deps`` fetches
+    exactly those (torch and SimpleITK never); ``pip wheel --no-deps`` builds fdn-retrieval itself from
+    the bundled source. Needs the internet; the result installs with no network (``InstallPlan``).
+    """
+    plan = make_plan(module_dir)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = Path(tmp) / "report.json"
+        pip = [python, "-m", "pip"]
+        subprocess.run(
+            [*pip, "install", "--dry-run", "--quiet", "--report", str(report_path), *plan.requirements],
+            check=True,
+        )
+        pins = pins_from_report(json.loads(report_path.read_text(encoding="utf-8")))
+    if pins:
+        subprocess.run(
+            [*pip, "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *pins], check=True
+        )
+    assert plan.source_dir is not None
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(plan.source_dir)],
+        check=True,
+    )
+    return sorted(dest.glob("*.whl"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``PythonSlicer -m FDNRetrievalLib.deps wheelhouse DEST``: make an offline wheel folder."""
+    parser = argparse.ArgumentParser(prog="FDNRetrievalLib.deps", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    wheels = sub.add_parser("wheelhouse", help="download/build every wheel the module needs into DEST")
+    wheels.add_argument("dest", type=Path)
+    wheels.add_argument("--module-dir", type=Path, default=Path(__file__).resolve().parents[1])
+    args = parser.parse_args(argv)
+    try:
+        written = write_wheelhouse(args.module_dir, args.dest)
+    except (DependencyError, subprocess.CalledProcessError) as exc:
+        print(f"FDNRetrievalLib.deps: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(written)} wheels in {args.dest}; pick this folder as 'Offline wheel folder' in the module")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The Slicer module's Qt-free library against Slicer's real MRML (slicer-core), headless.
+
+The end-to-end body lives in ``FDNRetrievalLib.scenario`` so that the module's self-test inside Slicer runs
+the very same scenario; this file adds checks that only make sense outside Slicer (install plan, name
+matching, cancelling a background task, orientation of re-oriented files, the module file itself).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import py_compile
+import sys
+import threading
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from FDNRetrievalLib import deps, naming, scenario
+from FDNRetrievalLib import scene as sc
+from FDNRetrievalLib import workflow as wf
+
+from fdn_core.data.readers import MODALITIES, find_cases, load_case, write_brats_case
+from fdn_core.progress import Cancelled
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "SlicerFDNRetrieval"
+
+
+@pytest.fixture(scope="module")
+def fixture(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> scenario.Fixture:
+    """Tiny real model bundle + code database of the 64x64x40 phantom cohort (and a second model's)."""
+    return scenario.build_fixture(tmp_path_factory.mktemp("slicer_fixture"), cohort_dir=tiny_cohort)
+
+
+@pytest.fixture
+def ctx() -> scenario.SceneContext:
+    return scenario.make_scene_context()
+
+
+def test_scenario_end_to_end(ctx: scenario.SceneContext, fixture: scenario.Fixture) -> None:
+    report = scenario.run_scenario(ctx, fixture, top_k=3)
+    assert report["num_hits"] == 3
+    assert report["num_slices"] == 40
+
+
+def test_bad_input(ctx: scenario.SceneContext, fixture: scenario.Fixture) -> None:
+    messages = scenario.run_bad_input_checks(ctx, fixture)
+    assert "FLAIR" in messages["missing"]
+    assert "resampled" in messages["resampled"]
+    assert "codes cannot be compared" in messages["fingerprint"]
+
+
+def test_synthetic_cohort_scenario(ctx: scenario.SceneContext, tmp_path: Path) -> None:
+    """The self-test's own fixture (no nilearn needed inside Slicer), with a left-handed affine."""
+    fixture = scenario.build_fixture(tmp_path)
+    report = scenario.run_scenario(ctx, fixture, top_k=2)
+    assert report["num_hits"] == 2
+
+
+def test_reoriented_files_give_the_same_study(
+    ctx: scenario.SceneContext, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """The same anatomy stored with flipped/permuted voxel axes reads to the identical canonical study."""
+    files = find_cases(tiny_cohort)[0]
+    case = load_case(files)
+    # voxel axes (S, P, L) instead of (R, A, S): permute and flip, and give the matching affine
+    perm = np.transpose(case.image[:, ::-1, ::-1, :], (0, 3, 2, 1))
+    x, y = case.image.shape[1:3]
+    to_old = np.zeros((4, 4))
+    to_old[0, 2], to_old[0, 3] = -1.0, x - 1  # new k -> old i (flipped)
+    to_old[1, 1], to_old[1, 3] = -1.0, y - 1  # new j -> old j (flipped)
+    to_old[2, 0] = 1.0  # new i -> old k
+    to_old[3, 3] = 1.0
+    write_brats_case(tmp_path / "turned", "turned", perm, affine=case.affine @ to_old)
+    turned = find_cases(tmp_path / "turned")[0]
+    nodes = scenario.load_case_nodes(ctx, turned)
+    study = sc.read_study(nodes)
+    np.testing.assert_allclose(study.image, case.image, atol=1e-4)
+    np.testing.assert_allclose(study.affine, case.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("BraTS19_2013_2_1_t1", "t1"),
+        ("BraTS19_2013_2_1_t1ce", "t1ce"),
+        ("case7_T1Gd", "t1ce"),
+        ("T1C post", "t1ce"),
+        ("T1w_MPRAGE", "t1"),
+        ("t1-post-contrast", "t1ce"),
+        ("AX T2 FSE", "t2"),
+        ("T2-FLAIR", "flair"),
+        ("t2flair", "flair"),
+        ("T2*", None),
+        ("DWI b1000", None),
+    ],
+)
+def test_guess_sequence(name: str, expected: str | None) -> None:
+    assert naming.guess_sequence(name) == expected
+
+
+def test_match_sequence_nodes_most_specific_and_skips_outputs(ctx: scenario.SceneContext) -> None:
+    scene = ctx.scene
+    nodes = {}
+    for name in ("pat_T1", "pat_T1ce", "pat_T2", "pat_FLAIR", "normal-appearing T1"):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        nodes[name] = node
+    nodes["normal-appearing T1"].SetAttribute(naming.ROLE_ATTRIBUTE, "reconstruction")
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "t2 labels")
+    order = [
+        nodes["normal-appearing T1"],
+        label,
+        *(nodes[n] for n in ("pat_T1ce", "pat_T1", "pat_T2", "pat_FLAIR")),
+    ]
+    found = naming.match_sequence_nodes(order)
+    assert found == {
+        "t1": nodes["pat_T1"],
+        "t1ce": nodes["pat_T1ce"],
+        "t2": nodes["pat_T2"],
+        "flair": nodes["pat_FLAIR"],
+    }
+    assert naming.describe_missing({**found, "t2": None}) == ["T2"]
+
+
+def test_background_task_cancel_and_errors() -> None:
+    started = threading.Event()
+
+    def slow(progress):  # reports progress until cancelled
+        for i in range(10_000):
+            started.set()
+            progress.update(i, 10_000, "working")
+            threading.Event().wait(0.001)
+        return "finished"
+
+    task = wf.BackgroundTask(slow).start()
+    assert started.wait(5)
+    task.cancel()
+    status = task.wait(timeout=10)
+    assert status.finished and status.cancelled
+    with pytest.raises(Cancelled):
+        task.result()
+
+    def broken(progress):
+        raise ValueError("bad volume")
+
+    failed = wf.BackgroundTask(broken).start().wait(timeout=10)
+    assert failed.finished and isinstance(failed.error, ValueError) and not failed.cancelled
+    done = wf.BackgroundTask(lambda progress: 42).start()
+    assert done.wait(timeout=10).error is None and done.result() == 42
+
+
+def test_batch_size_follows_free_memory(fixture: scenario.Fixture) -> None:
+    from fdn_core.model.bundle import load_bundle
+
+    bundle = load_bundle(fixture.bundle_dir, device="cpu")
+    per_slice = 1500 * bundle.preprocess.image_size**2
+    assert wf.choose_batch_size(bundle, free_bytes=0) == 1
+    assert wf.choose_batch_size(bundle, free_bytes=2 * 5 * per_slice) == 5
+    assert wf.choose_batch_size(bundle, free_bytes=1 << 50) == bundle.default_batch_size()
+    assert wf.device_warning(bundle, 40) is not None and "CPU" in wf.device_warning(bundle, 40)
+
+
+def test_install_plan_reads_the_bundled_source(tmp_path: Path) -> None:
+    plan = deps.make_plan(MODULE_DIR)
+    assert plan.source_dir == MODULE_DIR.parent
+    assert plan.torch_requirement.startswith(">=")
+    names = [r.split(">")[0].split("<")[0].split("=")[0].strip().lower() for r in plan.requirements]
+    assert "torch" not in names and "simpleitk" not in names and "numpy" in names
+    assert plan.package_pip_args()[:2] == ["--no-deps", "--no-build-isolation"]
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    (wheelhouse / f"fdn_retrieval-{plan.version}-py3-none-any.whl").write_bytes(b"")
+    offline = deps.make_plan(MODULE_DIR, wheelhouse)
+    assert offline.dependency_pip_args(["monai>=1.4"])[:3] == ["--no-index", "--find-links", str(wheelhouse)]
+    assert offline.package_pip_args()[-1] == f"fdn-retrieval=={plan.version}"
+    with pytest.raises(deps.DependencyError, match="does not exist"):
+        deps.make_plan(MODULE_DIR, tmp_path / "nowhere")
+
+
+def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> None:
+    calls: list[tuple] = []
+    plan = deps.make_plan(MODULE_DIR)
+    # everything (numpy, monai, ... and fdn-retrieval itself) is installed in the test environment
+    assert (
+        deps.ensure_installed(
+            plan,
+            install_torch=lambda spec: calls.append(("torch", spec)) or True,
+            confirm=lambda title, text: calls.append(("confirm",)) or True,
+            pip_install=lambda args: calls.append(("pip", args)),
+        )
+        == []
+    )
+    assert calls == [("torch", plan.torch_requirement)]
+    missing = deps.InstallPlan(
+        version="0.0.0-not-installed", torch_requirement="", requirements=("surely-absent-pkg>=1",),
+        source_dir=MODULE_DIR.parent, wheelhouse=None,
+    )  # fmt: skip
+    with pytest.raises(deps.DependencyError, match="declined"):
+        deps.ensure_installed(
+            missing, install_torch=lambda s: True, confirm=lambda t, x: False, pip_install=print
+        )
+    with pytest.raises(deps.DependencyError, match="PyTorch"):
+        deps.ensure_installed(
+            missing, install_torch=lambda s: False, confirm=lambda t, x: True, pip_install=print
+        )
+    recorded: list[list[str]] = []
+    with pytest.raises(deps.DependencyError, match="still missing"):
+        deps.ensure_installed(
+            missing, install_torch=lambda s: True, confirm=lambda t, x: True, pip_install=recorded.append
+        )
+    assert recorded == [["surely-absent-pkg>=1"]]
+
+
+def test_wheelhouse_pins_skip_slicer_provided_packages() -> None:
+    report = {
+        "install": [
+            {"metadata": {"name": "monai", "version": "1.6.1"}},
+            {"metadata": {"name": "torch", "version": "2.13.0"}},
+            {"metadata": {"name": "nvidia-cudnn-cu12", "version": "9.1"}},
+            {"metadata": {"name": "SimpleITK", "version": "2.5.7"}},
+            {"metadata": {"name": "Nibabel", "version": "5.4.0"}},
+        ]
+    }
+    assert deps.pins_from_report(report) == ["monai==1.6.1", "Nibabel==5.4.0"]
+    with pytest.raises(deps.DependencyError):
+        deps.pins_from_report({"install": [{"metadata": {"name": "x"}}]})
+
+
+def test_default_resource_paths(tmp_path: Path) -> None:
+    module = tmp_path / "SlicerFDNRetrieval"
+    (module / "Resources" / "models" / "demo" / "db").mkdir(parents=True)
+    assert deps.default_resource_paths(module)[0] in (None, MODULE_DIR.parent / "models" / "demo")
+    demo = module / "Resources" / "models" / "demo"
+    (demo / "bundle.json").write_text("{}")
+    (demo / "db" / "manifest.json").write_text("{}")
+    assert deps.default_resource_paths(module) == (demo, demo / "db")
+
+
+def test_layout_xml_is_well_formed() -> None:
+    for k in (1, 3, 10, 20):
+        root = ET.fromstring(sc.results_layout_xml(k))
+        views = [v.get("singletontag") for v in root.iter("view")]
+        assert views == [sc.QUERY_VIEW, *sc.result_view_names(k), "FDNTable"]
+    with pytest.raises(Exception, match="top-K"):
+        sc.results_layout_xml(0)
+
+
+def test_module_files_are_valid() -> None:
+    py_compile.compile(str(MODULE_DIR / "SlicerFDNRetrieval.py"), doraise=True)
+    ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "SlicerFDNRetrieval.ui").getroot()
+    bound = {p.find("string").text for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    source = (MODULE_DIR / "SlicerFDNRetrieval.py").read_text(encoding="utf-8")
+    body = source.split("class SlicerFDNRetrievalParameterNode")[1].split("#\n# Widget")[0]
+    declared = {
+        line.split(":")[0].strip() for line in body.splitlines() if line.startswith("    ") and ":" in line
+    }
+    declared = {d for d in declared if d.isidentifier()}
+    assert bound == declared, f"ui binds {sorted(bound)}, dataclass declares {sorted(declared)}"
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    for path in MODULE_DIR.rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".ui", ".png"):
+            rel = path.relative_to(MODULE_DIR).as_posix()
+            assert rel in cmake or rel.replace("SlicerFDNRetrieval", "${MODULE_NAME}") in cmake, rel
+    for name in ("scene", "workflow", "scenario", "deps", "naming"):
+        text = (MODULE_DIR / "FDNRetrievalLib" / f"{name}.py").read_text(encoding="utf-8")
+        assert "import qt" not in text and "slicer.app" not in text, name
+    assert len(MODALITIES) == 4
+
+
+def _load_module_with_standins(
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext
+) -> types.ModuleType:
+    """Execute SlicerFDNRetrieval.py with minimal stand-ins for what only the Slicer application has (Qt,
+    the scripted-module base classes, parameterNodeWrapper, slicer.modules) over the real slicer-core
+    scene, so that the module's Logic class runs for real."""
+    import slicer
+
+    qt = types.ModuleType("qt")
+    qt.QTimer = type("QTimer", (), {})
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"):
+        setattr(base, name, type(name, (), {"__init__": lambda self, *a: None}))
+    base.ScriptedLoadableModuleLogic = type(
+        "ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None}
+    )
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    for name in ("Choice", "Minimum", "WithinRange"):
+        setattr(wrapper, name, lambda *args: args)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    logics = types.SimpleNamespace(
+        volumes=types.SimpleNamespace(logic=lambda: ctx.volumes_logic),
+        segmentations=types.SimpleNamespace(logic=lambda: ctx.segmentations_logic),
+    )
+    monkeypatch.setattr(slicer, "modules", logics, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", ctx.scene, raising=False)
+    torch_utils = types.ModuleType("PyTorchUtils")
+    torch_utils.PyTorchUtilsLogic = type(
+        "PyTorchUtilsLogic", (), {"torchInstalled": staticmethod(lambda: True)}
+    )
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    spec = importlib.util.spec_from_file_location("SlicerFDNRetrieval", MODULE_DIR / "SlicerFDNRetrieval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_logic_runs_on_a_real_scene(
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, fixture: scenario.Fixture
+) -> None:
+    """The module's thin Logic class, driven like the widget drives it (encode, publish, search, show)."""
+    module = _load_module_with_standins(monkeypatch, ctx)
+    logic = module.SlicerFDNRetrievalLogic()
+    assert logic.ensureDependencies() == []  # everything is installed here: nothing to do, no prompt
+    case = sorted(find_cases(fixture.cohort_dir), key=lambda c: c.case_id)[0]
+    nodes = scenario.load_case_nodes(ctx, case)
+    study = logic.readStudy(nodes)
+    resources = logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu")
+    assert logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu") is resources  # cached
+    assert "CPU" in logic.deviceWarning(study) and "cases" in logic.resourcesSummary()
+    task = logic.encodeTask(study, resources).start()
+    assert task.wait(timeout=300).error is None
+    published = logic.publishEncoding(task.result())
+    assert logic.indexedCase == case.case_id
+    assert published["segmentation"].GetSegmentation().GetNumberOfSegments() == 3
+    assert len(published["reconstruction"]) == 4
+    k = study.shape[2] // 2
+    red = sc.slice_node_by_layout_name(ctx.scene, "Red")
+    red.JumpSliceByCentering(*sc.ras_of_axial_slice(study.affine, study.shape, k))
+    assert logic.querySliceFromRedView() == k
+    settings = logic.searchSettings(k, "both", "euclidean", 2, True, None)
+    search = logic.searchTask(settings).start()
+    assert search.wait(timeout=60).error is None
+    hits = search.result()
+    assert len(hits) == 2 and all(h.case_id != case.case_id for h in hits)
+    table = logic.publishHits(hits)
+    assert table.GetTable().GetNumberOfRows() == 2
+    ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))
+    logic.showTable()
+    fitted: list[str] = []
+    logic.showQuery(nodes["flair"], k, fitted.append)
+    for hit in hits:
+        logic.showHit(hit, "t2", fitted.append)
+        view = sc.result_view_names(hit.rank)[-1]
+        shown = sc.displayed_axial_index(ctx.scene, view, logic_volume(ctx, hit.case_id))
+        assert shown == hit.slice_index
+    assert fitted == [sc.QUERY_VIEW, *sc.result_view_names(len(hits))]
+    logic.linkResultViews()
+    logic.clearResults()
+    assert logic.encoded is None and logic.study is None
+
+
+def logic_volume(ctx: scenario.SceneContext, case_id: str):
+    """The reference volume node the module loaded for ``case_id``."""
+    for i in range(ctx.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = ctx.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if (
+            node.GetAttribute(sc.CASE_ATTRIBUTE) == case_id
+            and node.GetAttribute(naming.ROLE_ATTRIBUTE) == "reference:t2"
+        ):
+            return node
+    raise AssertionError(f"no reference volume loaded for {case_id}")
+
+
+def test_module_file_imports_only_slicer_at_top_level() -> None:
+    tree = ast.parse((MODULE_DIR / "SlicerFDNRetrieval.py").read_text(encoding="utf-8"))
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top.add((node.module or "").split(".")[0])
+    assert top <= {"__future__", "logging", "pathlib", "tempfile", "typing", "qt", "slicer", "vtk"}, top
