@@ -1,0 +1,455 @@
+"""End to end on the tiny phantom cohort: ``fdn index``, ``fdn query``, ``fdn eval-retrieval`` and the library
+behind them, with tiny untrained bundles (a freshly initialised, seeded FDN saved as a real bundle: retrieval
+runs mechanically on it; scores mean nothing)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fdn_training.cli import main
+
+from fdn_core.errors import DataError, ModelMismatchError
+
+TINY_MODEL = {
+    "image_size": 64,
+    "latent_size": 8,
+    "stem_channels": 8,
+    "encoder_channels": (8, 16),
+    "code_dim": 8,
+    "num_codes": 16,
+    "spade_hidden_channels": 8,
+    "critic_channels": 8,
+}
+
+
+def _make_bundle(out: Path, seed: int) -> Path:
+    import torch
+
+    from fdn_core.data.preprocess import PreprocessConfig
+    from fdn_core.model.bundle import save_bundle
+    from fdn_core.model.fdn import FDN, FDNConfig
+
+    torch.manual_seed(seed)
+    return save_bundle(
+        FDN(FDNConfig(**TINY_MODEL)), PreprocessConfig(64), out, {"seed": seed, "trained": False}
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two bundles (different seeds), the cohort's tumour/healthy split, a database of all but two cases."""
+    from fdn_core.data.readers import find_cases, load_case
+
+    work = tmp_path_factory.mktemp("retrieval")
+    tumour, healthy = [], []
+    for files in find_cases(tiny_cohort):
+        case = load_case(files)
+        (tumour if case.seg is not None and case.seg.any() else healthy).append(case.case_id)
+    assert len(tumour) >= 3 and healthy, "the tiny cohort should have tumour and healthy cases"
+    held_out = [tumour[-1], healthy[-1]]
+    refs = [c for c in tumour + healthy if c not in held_out]
+    bundle = _make_bundle(work / "bundle", seed=0)
+    other = _make_bundle(work / "other_bundle", seed=1)
+    db = work / "db"
+    rc = main(["index", "build", "--model", str(bundle), "--data", str(tiny_cohort), "--db", str(db),
+               "--cases", *refs, "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    return {
+        "work": work,
+        "cohort": tiny_cohort,
+        "bundle": bundle,
+        "other": other,
+        "db": db,
+        "refs": sorted(refs),
+        "held_out": held_out,
+        "tumour": tumour,
+        "healthy": healthy,
+    }
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _largest_tumour_slice(cohort: Path, case_id: str) -> int:
+    from fdn_core.data.readers import load_case
+    from fdn_core.retrieval import case_files_from_paths
+
+    seg = load_case(case_files_from_paths([cohort / case_id])).seg
+    return int(np.argmax(seg.reshape(-1, seg.shape[-1]).astype(bool).sum(0)))
+
+
+# ------------------------------------------------------------------------------------------- fdn index
+
+
+def test_index_build_info_add_remove(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(capsys, "index", "info", str(setup["db"]), "--cases")
+    assert rc == 0, out
+    assert f"cases         {len(setup['refs'])}" in out
+    assert "integrity     OK" in out
+    assert "hamming normal" in out and "hamming abnormal" in out
+    for case in setup["refs"]:
+        assert f"  {case}: 40 slices" in out
+
+    db = setup["work"] / "db_edit"
+    shutil.copytree(setup["db"], db)
+    common = [
+        "--model",
+        str(setup["bundle"]),
+        "--data",
+        str(setup["cohort"]),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    rc, out, _ = _run(capsys, "index", "add", "--db", str(db), *common)
+    assert rc == 0 and "added 2 case(s)" in out
+    rc, out, _ = _run(capsys, "index", "add", "--db", str(db), *common)
+    assert rc == 0 and "nothing to add" in out
+    rc, _, err = _run(capsys, "index", "add", "--db", str(db), *common, "--cases", setup["refs"][0])
+    assert rc == 2 and "already in the database" in err
+
+    removed = setup["held_out"][0]
+    rc, out, _ = _run(capsys, "index", "remove", "--db", str(db), "--case", removed)
+    assert rc == 0 and f"removed {removed}" in out
+    from fdn_core.codes.database import CodeDatabase
+
+    opened = CodeDatabase.open(db)
+    assert removed not in opened and len(opened.cases) == len(setup["refs"]) + 1
+    assert len(opened) == 40 * (len(setup["refs"]) + 1)
+    rc, _, err = _run(capsys, "index", "remove", "--db", str(db), "--case", removed)
+    assert rc == 2 and f"no case(s) ['{removed}']" in err
+
+    # A build never silently replaces an existing database, nor a folder that is not one.
+    rc, _, err = _run(capsys, "index", "build", "--db", str(db), *common)
+    assert rc == 2 and "already exists" in err and "--overwrite" in err
+    stranger = setup["work"] / "not_a_db"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    rc, _, err = _run(capsys, "index", "build", "--db", str(stranger), *common, "--overwrite")
+    assert rc == 2 and "not a code database" in err
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_index_info_reports_corruption(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    db = setup["work"] / "db_corrupt"
+    shutil.copytree(setup["db"], db)
+    target = next(db.glob("v*/normal_codes.npy"))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    rc, _, err = _run(capsys, "index", "info", str(db))
+    assert rc == 1
+    assert "INTEGRITY CHECK FAILED" in err and "normal_codes.npy" in err
+
+    db2 = setup["work"] / "db_corrupt_hamming"
+    shutil.copytree(setup["db"], db2)
+    bits = db2 / "hamming" / "abnormal.bits.npy"
+    data = bytearray(bits.read_bytes())
+    data[-1] ^= 0x01
+    bits.write_bytes(bytes(data))
+    rc, _, err = _run(capsys, "index", "info", str(db2))
+    assert rc == 1 and "abnormal.bits.npy" in err
+
+    rc, _, err = _run(capsys, "index", "info", str(setup["work"] / "nowhere"))
+    assert rc == 2 and "not a code database" in err
+
+
+# ------------------------------------------------------------------------------------------- fdn query
+
+
+def _table_rows(out: str) -> list[tuple[int, str, int, float]]:
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].isdigit():
+            rows.append((int(parts[0]), parts[1], int(parts[2]), float(parts[3])))
+    return rows
+
+
+def test_query_database_case_excludes_its_volume_and_writes_a_montage(
+    setup: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import matplotlib.image as mpimg
+
+    case = setup["tumour"][0]
+    k = _largest_tumour_slice(setup["cohort"], case)
+    png, js = setup["work"] / "q.png", setup["work"] / "q.json"
+    rc, out, err = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--case", case,
+        "--slice", str(k), "--mode", "sum", "--distance", "euclidean", "--top", "10",
+        "--montage", str(png), "--json", str(js), "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "in the database, excluded from results" in out
+    rows = _table_rows(out)
+    assert [r[0] for r in rows] == list(range(1, len(setup["refs"])))
+    assert {r[1] for r in rows} == set(setup["refs"]) - {case}  # volume-wise: every other volume once
+    assert all(a[3] <= b[3] for a, b in itertools.pairwise(rows))
+    hits = json.loads(js.read_text())["hits"]
+    assert [(h["case_id"], h["slice_index"]) for h in hits] == [(r[1], r[2]) for r in rows]
+    for h in hits:  # S_sum = D_normal + D_abnormal
+        assert h["distance"] == pytest.approx(h["distance_normal"] + h["distance_abnormal"])
+    image = mpimg.imread(png)
+    assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100
+
+    # Slice-wise: slices may repeat volumes, never the query's own.
+    rc, out, _ = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--case", case,
+        "--slice", str(k), "--mode", "normal", "--distance", "hamming", "--top", "25", "--slice-wise",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0
+    rows = _table_rows(out)
+    assert len(rows) == 25 and case not in {r[1] for r in rows}
+    assert len({r[1] for r in rows}) < 25
+
+
+def test_query_new_case_as_folder_or_files(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    case = setup["held_out"][0]
+    folder = setup["cohort"] / case
+    k = _largest_tumour_slice(setup["cohort"], case)
+    common = ["--db", str(setup["db"]), "--model", str(setup["bundle"]), "--slice", str(k), "--mode",
+              "sum-normalized", "--distance", "angular", "--device", "cpu"]  # fmt: skip
+    rc, out_folder, err = _run(
+        capsys, "query", "--case", str(folder), *common, "--montage", str(folder.parent.parent / "n.png")
+    )
+    assert rc == 0, err
+    assert "not in the database" in out_folder
+    files = sorted(str(p) for p in folder.glob("*.nii.gz"))
+    rc, out_files, err = _run(capsys, "query", "--case", *files, *common)
+    assert rc == 0, err
+    assert _table_rows(out_files) == _table_rows(out_folder)
+    assert len(_table_rows(out_files)) == len(setup["refs"])
+
+    rc, _, err = _run(capsys, "query", "--case", *files[:3], *common)
+    assert rc == 2 and "missing modality" in err
+
+
+def test_composite_query_takes_abnormal_codes_from_another_slice(setup: dict) -> None:
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import Retriever
+
+    retriever = Retriever.open(setup["db"], load_bundle(setup["bundle"], "cpu"))
+    a, b = setup["refs"][0], setup["refs"][1]
+    qa = retriever.slice_from_database(a, 20)
+    qb = retriever.slice_from_database(b, 22)
+    both = {a, b}
+    for mode, source in (("normal", qa), ("abnormal", qb)):
+        composite = retriever.search(
+            qa, mode=mode, distance="euclidean", top=20, slice_wise=True, abnormal_from=qb
+        )
+        direct = retriever.search(
+            source, mode=mode, distance="euclidean", top=20, slice_wise=True, exclude_cases=[a, b]
+        )
+        assert [(h.case_id, h.slice_index, h.distance) for h in composite] == [
+            (h.case_id, h.slice_index, h.distance) for h in direct
+        ]
+        assert not both & {h.case_id for h in composite}
+
+
+def test_composite_query_cli(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = setup["refs"][0], setup["refs"][1]
+    png = setup["work"] / "composite.png"
+    rc, out, err = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--case", a,
+        "--slice", "20", "--abnormal-from", f"{b}:22", "--mode", "sum", "--montage", str(png),
+        "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"abnormal codes from {b}:22" in out
+    rows = _table_rows(out)
+    assert rows and not {a, b} & {r[1] for r in rows}
+    assert png.stat().st_size > 1000
+
+
+def test_hamming_codes_are_fitted_on_first_use_when_build_skipped_them(
+    setup: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import Retriever
+
+    db = setup["work"] / "db_lazy"
+    rc, _, err = _run(
+        capsys, "index", "build", "--model", str(setup["bundle"]), "--data", str(setup["cohort"]),
+        "--db", str(db), "--cases", *setup["refs"][:2], "--no-hamming", "--workers", "1", "--device", "cpu",
+        "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    rc, out, _ = _run(capsys, "index", "info", str(db))
+    assert rc == 0 and "none stored" in out
+    from fdn_core.codes.database import CodeDatabase
+
+    # Loading without prefetch threads gives exactly the codes of the prefetching build.
+    small, full = CodeDatabase.open(db), CodeDatabase.open(setup["db"])
+    for case in setup["refs"][:2]:
+        for name in ("normal_codes", "abnormal_codes", "has_abnormal", "slice_indices"):
+            np.testing.assert_array_equal(
+                getattr(small, name)[small.case_rows(case)], getattr(full, name)[full.case_rows(case)]
+            )
+    retriever = Retriever.open(db, load_bundle(setup["bundle"], "cpu"))
+    assert retriever.hamming is None
+    hits = retriever.search(retriever.slice_from_database(setup["refs"][0], 20), distance="hamming", top=5)
+    assert len(hits) == 1 and hits[0].case_id == setup["refs"][1]
+    rc, out, _ = _run(capsys, "index", "info", str(db))
+    assert rc == 0 and "hamming normal" in out
+
+
+def test_query_refuses_a_database_of_another_model(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["other"]), "--case", setup["refs"][0],
+        "--slice", "20", "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 2
+    assert "was built with model" in err and "rebuild the database" in err
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import Retriever
+
+    with pytest.raises(ModelMismatchError):
+        Retriever.open(setup["db"], load_bundle(setup["other"], "cpu"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--case", "no_such_case", "--slice", "3"], "neither a case"),
+        (["--case", "{ref}", "--slice", "400"], "has no slice 400"),
+        (["--case", "{ref}", "--slice", "3", "--abnormal-from", "nocolon"], "is not CASE:SLICE"),
+        (["--case", "{ref}", "--slice", "3", "--abnormal-from", "ghost:3"], "not in"),
+        (["--case", "{ref}", "--slice", "3", "--top", "0"], "--top 0"),
+    ],
+)
+def test_query_bad_input(
+    setup: dict, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    extra = [e.replace("{ref}", setup["refs"][0]) for e in extra]
+    rc, _, err = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--device", "cpu", *extra
+    )
+    assert rc == 2 and message in err, err
+
+
+def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
+    from fdn_core.retrieval import case_files_from_paths, normalize_mode, parse_case_slice
+
+    assert parse_case_slice("BraTS19_2013_0_1:72") == ("BraTS19_2013_0_1", 72)
+    assert parse_case_slice("a:b:3") == ("a:b", 3)
+    for bad in ("72", ":3", "case:", "case:x", "case:-1"):
+        with pytest.raises(DataError):
+            parse_case_slice(bad)
+    assert normalize_mode("sum-normalised") == "sum_normalized"
+    with pytest.raises(DataError, match="unknown search mode"):
+        normalize_mode("both")
+    with pytest.raises(DataError, match="no such file"):
+        case_files_from_paths([tmp_path / "missing"])
+    odd = tmp_path / "scan.nii.gz"
+    odd.write_bytes(b"")
+    with pytest.raises(DataError, match="not a file named"):
+        case_files_from_paths([odd, odd])
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _labels_at_model_size(cohort: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
+    from fdn_core.data.preprocess import PreprocessConfig, volume_to_slices
+    from fdn_core.data.readers import load_case
+    from fdn_core.retrieval import case_files_from_paths
+
+    stack = volume_to_slices(load_case(case_files_from_paths([cohort / case_id])), PreprocessConfig(64))
+    return stack.seg, stack.anat
+
+
+def test_eval_retrieval_cli_table2_protocol(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from fdn_core.evaluation.retrieval_eval import ABNORMAL_CLASSES, ANATOMY_CLASSES, multiclass_dice
+
+    out_dir = setup["work"] / "eval"
+    rc, out, err = _run(
+        capsys, "eval-retrieval", "--db", str(setup["db"]), "--data", str(setup["cohort"]), "--model",
+        str(setup["bundle"]), "--out", str(out_dir), "--top", "10", "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "| Method | S_normal | S_abnormal | S_sum | S_sum_normalized |" in out
+    result = json.loads((out_dir / "retrieval_eval.json").read_text())
+    assert (out_dir / "retrieval_eval.md").read_text().startswith("# Retrieval evaluation")
+    # Queries: held-out cases with a tumour (the healthy held-out case is skipped and said so).
+    assert [q["case_id"] for q in result["queries"]] == [setup["held_out"][0]]
+    assert any(setup["held_out"][1] in n and "skipped" in n for n in result["notes"])
+    summary = result["summary"]
+    assert set(summary) == {"euclidean", "angular", "hamming", "oracle"}
+    for method in summary.values():
+        assert set(method) == {"S_normal", "S_abnormal", "S_sum", "S_sum_normalized"}
+        for cell in method.values():
+            assert 0.0 <= cell["mean_dice"] <= 1.0 and cell["ratio_to_oracle"] <= 1.0 + 1e-12
+    assert all(summary["oracle"][c]["ratio_to_oracle"] == pytest.approx(1.0) for c in summary["oracle"])
+
+    query = result["queries"][0]
+    assert query["slice_index"] == _largest_tumour_slice(setup["cohort"], query["case_id"])
+    assert query["k_effective"] == len(setup["refs"])
+    q_seg, q_anat = _labels_at_model_size(setup["cohort"], query["case_id"])
+    labels = {c: _labels_at_model_size(setup["cohort"], c) for c in setup["refs"]}
+    k = query["slice_index"]
+    for method, cols in query["results"].items():
+        for col, res in cols.items():
+            got = res["retrieved"]
+            assert len(got) == len(setup["refs"]) and len({c for c, _ in got}) == len(got)  # volume-wise
+            assert query["case_id"] not in {c for c, _ in got}
+            # Recompute the reported score from the labels: anatomy Dice, tumour Dice, or their average.
+            tum = [multiclass_dice(q_seg[k], labels[c][0][s], ABNORMAL_CLASSES) for c, s in got]
+            ana = [multiclass_dice(q_anat[k], labels[c][1][s], ANATOMY_CLASSES) for c, s in got]
+            expected = {
+                "S_normal": np.mean(ana),
+                "S_abnormal": np.mean(tum),
+                "S_sum": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
+                "S_sum_normalized": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
+            }[col]
+            assert res["dice"] == pytest.approx(expected, abs=1e-12), (method, col)
+            # The oracle is an upper bound for the same number of results.
+            assert res["dice"] <= query["results"]["oracle"][col]["dice"] + 1e-12
+
+
+def test_eval_retrieval_with_a_database_query_excludes_its_own_volume(setup: dict) -> None:
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report
+    from fdn_core.model.bundle import load_bundle
+
+    bundle = load_bundle(setup["bundle"], "cpu")
+    query = setup["tumour"][0]
+    assert query in setup["refs"]
+    result = evaluate_retrieval(
+        bundle, setup["db"], setup["cohort"], queries=[query], top=3, distances=["angular"]
+    )
+    assert result.queries[0].in_database
+    assert result.k_effective == [3]
+    for cols in result.retrieved.values():
+        for col, per_query in cols.items():
+            assert len(per_query[0]) == 3 and query not in {c for c, _ in per_query[0]}, col
+    assert set(result.scores) == {"angular", "oracle"}
+    assert "mAP@3" in markdown_report(result)
+
+    other = load_bundle(setup["other"], "cpu")
+    with pytest.raises(ModelMismatchError):
+        evaluate_retrieval(other, setup["db"], setup["cohort"], queries=[query])
+    with pytest.raises(DataError, match="not found"):
+        evaluate_retrieval(bundle, setup["db"], setup["cohort"], queries=["ghost"])
+    with pytest.raises(DataError, match="no tumour"):
+        evaluate_retrieval(bundle, setup["db"], setup["cohort"], queries=[setup["healthy"][0]])
+
+
+def test_eval_retrieval_needs_held_out_cases(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    only_refs = setup["work"] / "refs_only"
+    only_refs.mkdir()
+    for case in setup["refs"]:
+        (only_refs / case).symlink_to(setup["cohort"] / case, target_is_directory=True)
+    rc, _, err = _run(
+        capsys, "eval-retrieval", "--db", str(setup["db"]), "--data", str(only_refs), "--model",
+        str(setup["bundle"]), "--out", str(setup["work"] / "eval2"), "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert rc == 2 and "no held-out query case" in err and "--queries" in err

@@ -1,0 +1,72 @@
+"""``fdn eval-retrieval``: the paper's retrieval evaluation (Table 2 protocol, oracle, mAP@k)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval-retrieval`` subcommand."""
+    from fdn_core.codes.search import DISTANCES
+
+    parser = subparsers.add_parser(
+        "eval-retrieval",
+        help="evaluate retrieval as in the paper's Table 2 (Dice of retrieved slices, oracle, mAP@k)",
+        description=(
+            "Query the database with the largest-tumour slice of each query volume (default: every case "
+            "of --data that is not in the database), retrieve the volume-wise top-k (own volume excluded) "
+            "for each distance and similarity, and score the results by the Dice of their ground-truth "
+            "labels against the query's, beside the oracle that maximises that Dice directly. Writes "
+            "retrieval_eval.json and retrieval_eval.md."
+        ),
+    )
+    parser.add_argument("--db", required=True, type=Path, help="code database of the reference volumes")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="labelled cohort folder (queries and references)"
+    )
+    parser.add_argument(
+        "--model", required=True, type=Path, help="inference bundle the database was built with"
+    )
+    parser.add_argument(
+        "--queries", nargs="+", default=None, help="query case ids (default: cases not in --db)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for retrieval_eval.json / .md")
+    parser.add_argument("--top", type=int, default=10, help="k of the volume-wise top-k (paper: 10)")
+    parser.add_argument(
+        "--distances", nargs="+", choices=DISTANCES, default=list(DISTANCES), help="distances to evaluate"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fdn eval-retrieval``."""
+    from fdn_core.errors import ConfigError
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report, write_retrieval_report
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.progress import tqdm_progress
+
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    bundle = load_bundle(args.model, device=args.device)
+    result = evaluate_retrieval(
+        bundle,
+        args.db,
+        args.data,
+        queries=args.queries,
+        top=args.top,
+        distances=list(dict.fromkeys(args.distances)),
+        progress=tqdm_progress(disable=args.no_progress),
+        batch_size=args.batch_size,
+    )
+    json_path, md_path = write_retrieval_report(result, args.out)
+    print(markdown_report(result))
+    print(f"wrote {json_path} and {md_path}")
+    return 0

@@ -1,0 +1,177 @@
+"""``fdn query``: the slices of a database closest to one query slice, as a ranked table and a PNG montage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``query`` subcommand."""
+    from fdn_core.codes.search import DISTANCES
+    from fdn_core.retrieval import MODES
+
+    parser = subparsers.add_parser(
+        "query",
+        help="retrieve the slices closest to a query slice",
+        description=(
+            "Search a code database with one axial slice. The query case is a case id of the database, a "
+            "BraTS-style case folder, or its image files <case>_{t1,t1ce,t2,flair}.nii.gz (optionally with "
+            "_seg/_anat). The query's own volume is never returned. Modes: normal (S_normal), abnormal "
+            "(S_abnormal), sum (S_sum) and sum-normalized (each distance divided by its typical size)."
+        ),
+    )
+    parser.add_argument("--db", required=True, type=Path, help="code database folder (fdn index build)")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="inference bundle the database was built with"
+    )
+    parser.add_argument(
+        "--case",
+        required=True,
+        nargs="+",
+        metavar="CASE",
+        help="database case id, case folder, or image files",
+    )
+    parser.add_argument("--slice", required=True, type=int, help="axial slice index k (volume[..., k])")
+    parser.add_argument(
+        "--mode",
+        default="sum",
+        choices=MODES,
+        type=lambda s: s.replace("normalised", "normalized"),
+        help="similarity (default: sum; sum-normalised is accepted too)",
+    )
+    parser.add_argument(
+        "--distance", default="euclidean", choices=DISTANCES, help="distance (default: euclidean)"
+    )
+    parser.add_argument("--top", type=int, default=10, help="number of results (default 10)")
+    parser.add_argument(
+        "--abnormal-from",
+        metavar="CASE:SLICE",
+        default=None,
+        help="composite query: take the abnormal codes from this database slice instead",
+    )
+    parser.add_argument(
+        "--slice-wise", action="store_true", help="rank slices (default: volume-wise, best slice per volume)"
+    )
+    parser.add_argument("--montage", type=Path, default=None, help="write a PNG of the query and the results")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fdn query``."""
+    from fdn_core.data.readers import load_case
+    from fdn_core.errors import ConfigError, DataError
+    from fdn_core.fileio import atomic_write_json
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.report.montage import render_retrieval_montage
+    from fdn_core.retrieval import (
+        Retriever,
+        case_files_from_paths,
+        case_files_from_source,
+        parse_case_slice,
+    )
+
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: must be >= 1")
+    if args.slice < 0:
+        raise ConfigError(f"--slice {args.slice}: must be >= 0")
+    bundle = load_bundle(args.model, device=args.device)
+    retriever = Retriever.open(args.db, bundle)
+    db = retriever.db
+
+    case_arg = args.case
+    if len(case_arg) == 1 and not Path(case_arg[0]).exists():
+        if case_arg[0] not in db:
+            raise DataError(
+                f"--case {case_arg[0]}: neither a case of {args.db} nor an existing file or folder; give a "
+                "database case id (fdn index info --cases), a case folder, or the case's image files"
+            )
+        query = retriever.slice_from_database(case_arg[0], args.slice)
+        volume = None
+    else:
+        volume = load_case(case_files_from_paths(case_arg))
+        query = retriever.slice_from_case(volume, args.slice)
+
+    abnormal_from = None
+    if args.abnormal_from is not None:
+        case_id, k = parse_case_slice(args.abnormal_from)
+        if case_id not in db:
+            raise DataError(f"--abnormal-from {args.abnormal_from}: case {case_id!r} is not in {args.db}")
+        abnormal_from = retriever.slice_from_database(case_id, k)
+
+    hits = retriever.search(
+        query,
+        mode=args.mode,
+        distance=args.distance,
+        top=args.top,
+        slice_wise=args.slice_wise,
+        abnormal_from=abnormal_from,
+    )
+    unit = "slice-wise" if args.slice_wise else "volume-wise"
+    composite = f", abnormal codes from {args.abnormal_from}" if abnormal_from is not None else ""
+    where = "in the database, excluded from results" if query.in_database else "not in the database"
+    print(f"query {query.case_id}:{query.slice_index} ({where}){composite}")
+    print(f"mode {args.mode}, distance {args.distance}, {unit} top {args.top}: {len(hits)} result(s)")
+    print(f"{'rank':>4}  {'case':<24} {'slice':>5}  {'distance':>12}")
+    for h in hits:
+        print(f"{h.rank:>4}  {h.case_id:<24} {h.slice_index:>5}  {h.distance:>12.6g}")
+    if args.json is not None:
+        atomic_write_json(
+            args.json,
+            {
+                "query": {
+                    "case_id": query.case_id,
+                    "slice_index": query.slice_index,
+                    "in_database": query.in_database,
+                },
+                "abnormal_from": args.abnormal_from,
+                "mode": args.mode,
+                "distance": args.distance,
+                "per": unit,
+                "top": args.top,
+                "database": str(db.path),
+                "model_fingerprint": bundle.fingerprint,
+                "hits": [
+                    {
+                        "rank": h.rank,
+                        "case_id": h.case_id,
+                        "slice_index": h.slice_index,
+                        "distance": h.distance,
+                        "distance_normal": h.distance_normal,
+                        "distance_abnormal": h.distance_abnormal,
+                    }
+                    for h in hits
+                ],
+            },
+        )
+        print(f"wrote {args.json}")
+    if args.montage is not None:
+        if volume is None:
+            volume = load_case(case_files_from_source(query.case_id, db.sources(query.case_id)))
+        title = (
+            f"{query.case_id}:{query.slice_index} - {args.mode}, {args.distance}, {unit} top {args.top}"
+            f"{composite}"
+        )
+        extra = None
+        if abnormal_from is not None:
+            source = db.sources(abnormal_from.case_id)
+            extra = (
+                load_case(case_files_from_source(abnormal_from.case_id, source)),
+                abnormal_from.slice_index,
+            )
+        render_retrieval_montage(
+            db,
+            volume,
+            query.slice_index,
+            hits,
+            args.montage,
+            title=title,
+            show_anat=args.mode == "normal",
+            abnormal_from=extra,
+        )
+        print(f"wrote {args.montage}")
+    return 0
