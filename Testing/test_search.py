@@ -1,0 +1,348 @@
+"""Search engine: table-lookup scan == brute force on de-quantised latents, for every distance and mode."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fdn_core.codes.search import DISTANCES, MODES, Hit, Query, SearchEngine
+from fdn_core.codes.tables import dot_table, hamming_table, squared_euclidean_table
+from fdn_core.errors import ConfigError, DataError
+
+K, D, GRID, B = 24, 6, (3, 4), 19
+P = GRID[0] * GRID[1]
+
+
+def brute_force_distances(
+    q_normal: np.ndarray | None,
+    q_abnormal: np.ndarray | None,
+    db_normal: np.ndarray,
+    db_abnormal: np.ndarray,
+    books: tuple[np.ndarray, np.ndarray],
+    bits: tuple[np.ndarray, np.ndarray],
+    distance: str,
+    mode: str,
+    scales: tuple[float, float] = (1.0, 1.0),
+) -> np.ndarray:
+    """Reference: de-quantise each grid into its flattened latent (float64) and compare whole vectors."""
+
+    def term(q: np.ndarray, db: np.ndarray, book: np.ndarray, bit: np.ndarray) -> np.ndarray:
+        if distance == "hamming":
+            zq = bit[q].reshape(-1).astype(np.float64)
+            z = bit[db].reshape(len(db), -1).astype(np.float64)
+            return np.abs(z - zq).sum(axis=1)
+        zq = book.astype(np.float64)[q].reshape(-1)
+        z = book.astype(np.float64)[db].reshape(len(db), -1)
+        if distance == "euclidean":
+            return np.sqrt(((z - zq) ** 2).sum(axis=1))
+        denom = np.linalg.norm(z, axis=1) * np.linalg.norm(zq)
+        cos = np.divide(z @ zq, denom, out=np.zeros(len(db)), where=denom > 0)
+        return 1.0 - cos
+
+    dn = term(q_normal, db_normal, books[0], bits[0]) if mode != "abnormal" else 0.0
+    da = term(q_abnormal, db_abnormal, books[1], bits[1]) if mode != "normal" else 0.0
+    if mode == "sum_normalized":
+        return dn / scales[0] + da / scales[1]
+    return dn + da
+
+
+def brute_force_ranking(d: np.ndarray, case_ids: np.ndarray, exclude: set[str], per: str) -> list[int]:
+    """Rows ranked by distance (ties by row): every eligible slice, or each volume's best slice."""
+    rows = [r for r in np.argsort(d, kind="stable") if case_ids[r] not in exclude]
+    if per == "slice":
+        return rows
+    seen: set[str] = set()
+    best = []
+    for r in rows:
+        if case_ids[r] not in seen:
+            seen.add(case_ids[r])
+            best.append(int(r))
+    return best
+
+
+def assert_same_ranking(hits: list[Hit], d: np.ndarray, expected: list[int], top: int) -> None:
+    """Same distances in the same order as the brute force; same rows except inside float ties."""
+    assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+    assert len(hits) == min(top, len(expected))
+    got = np.array([h.distance for h in hits])
+    np.testing.assert_allclose(got, d[expected[: len(hits)]], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got, d[[h.row for h in hits]], rtol=1e-9, atol=1e-9)
+    for i, h in enumerate(hits):
+        if h.row != expected[i]:  # only allowed if the brute force ties these two within rounding
+            assert abs(d[h.row] - d[expected[i]]) < 1e-5 * max(1.0, abs(d[h.row]))
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict:
+    rng = np.random.default_rng(7)
+    books = []
+    for _ in range(2):
+        book = rng.normal(size=(K, D)).astype(np.float32)
+        book[[3, 11]] = 0.0  # "unused" codes: zero vectors, as a trained codebook has
+        books.append(book)
+    sizes = [9, 4, 12, 7, 1, 10, 6]
+    case_ids = np.repeat([f"case{i:02d}" for i in range(len(sizes))], sizes)
+    n = len(case_ids)
+    normal = rng.integers(0, K, (n, P)).astype(np.uint16)
+    abnormal = rng.integers(0, K, (n, P)).astype(np.uint16)
+    normal[5] = 3  # an all-zero latent: angular distance to it is 1 by convention
+    abnormal[20] = abnormal[21]  # exact duplicates: ties broken by row
+    normal[20] = normal[21]
+    slice_indices = np.concatenate([np.arange(s) + 2 for s in sizes]).astype(np.int32)
+    bits = (rng.random((K, B)) < 0.5, rng.random((K, B)) < 0.5)
+    engine = SearchEngine(
+        normal_codes=normal,
+        abnormal_codes=abnormal,
+        case_ids=case_ids,
+        slice_indices=slice_indices,
+        codebook_normal=books[0],
+        codebook_abnormal=books[1],
+        grid_shape=GRID,
+        hamming_bits=bits,
+        normalization_pairs=512,
+    )
+    return {
+        "engine": engine,
+        "books": tuple(books),
+        "bits": bits,
+        "normal": normal,
+        "abnormal": abnormal,
+        "case_ids": case_ids,
+        "slice_indices": slice_indices,
+        "rng": rng,
+    }
+
+
+def _brute(s: dict, qn, qa, distance: str, mode: str) -> np.ndarray:
+    eng: SearchEngine = s["engine"]
+    scales = (
+        (eng.scale(distance, "normal"), eng.scale(distance, "abnormal"))
+        if mode == "sum_normalized"
+        else (1, 1)
+    )
+    return brute_force_distances(
+        qn, qa, s["normal"], s["abnormal"], s["books"], s["bits"], distance, mode, scales
+    )
+
+
+@pytest.mark.parametrize(("distance", "mode"), list(itertools.product(DISTANCES, MODES)))
+def test_distances_match_brute_force(setup: dict, distance: str, mode: str) -> None:
+    eng: SearchEngine = setup["engine"]
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        qn = rng.integers(0, K, GRID)
+        qa = rng.integers(0, K, P)
+        got = eng.distances(Query(normal=qn, abnormal=qa), distance=distance, mode=mode)
+        want = _brute(setup, qn.reshape(-1), qa, distance, mode)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("distance", "mode", "per"), list(itertools.product(DISTANCES, MODES, ("slice", "volume")))
+)
+def test_search_matches_brute_force(setup: dict, distance: str, mode: str, per: str) -> None:
+    eng: SearchEngine = setup["engine"]
+    ids = setup["case_ids"]
+    for row in (0, 5, 21, 40):
+        query = eng.query_from_rows(row)
+        qn, qa = setup["normal"][row], setup["abnormal"][row]
+        d = _brute(setup, qn, qa, distance, mode)
+        expected = brute_force_ranking(d, ids, {ids[row]}, per)
+        for top in (1, 4, 100):
+            hits = eng.search(query, distance=distance, mode=mode, top=top, per=per)
+            assert_same_ranking(hits, d, expected, top)
+            assert all(h.case_id != ids[row] for h in hits)
+            for h in hits:
+                assert h.case_id == ids[h.row] and h.slice_index == setup["slice_indices"][h.row]
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_composite_query(setup: dict, distance: str) -> None:
+    """Normal code of one slice with the abnormal code of another, both volumes excluded."""
+    eng: SearchEngine = setup["engine"]
+    ids = setup["case_ids"]
+    a, b = 2, 30
+    query = eng.query_from_rows(a, b)
+    assert query.exclude_cases == (ids[a], ids[b])
+    np.testing.assert_array_equal(query.normal, setup["normal"][a])
+    np.testing.assert_array_equal(query.abnormal, setup["abnormal"][b])
+    for mode in ("sum", "sum_normalized"):
+        d = _brute(setup, setup["normal"][a], setup["abnormal"][b], distance, mode)
+        for per in ("slice", "volume"):
+            hits = eng.search(query, distance=distance, mode=mode, top=5, per=per)
+            assert_same_ranking(hits, d, brute_force_ranking(d, ids, {ids[a], ids[b]}, per), 5)
+            assert {h.case_id for h in hits}.isdisjoint({ids[a], ids[b]})
+
+
+def test_own_volume_and_given_cases_excluded(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    ids = setup["case_ids"]
+    n = len(ids)
+    query = eng.query_from_rows(0)
+    hits = eng.search(query, per="slice", top=n)
+    assert len(hits) == n - int((ids == ids[0]).sum())
+    vols = eng.search(query, per="volume", top=100)
+    assert sorted(h.case_id for h in vols) == sorted(set(ids) - {ids[0]})
+    extra = Query(normal=query.normal, abnormal=query.abnormal, exclude_cases=(ids[0], "case03", "not-in-db"))
+    vols = eng.search(extra, per="volume", top=100)
+    assert {h.case_id for h in vols} == set(ids) - {ids[0], "case03"}
+    # An external query (no exclusion) finds the slice itself first, at distance 0.
+    own = eng.search(Query(normal=query.normal, abnormal=query.abnormal), per="slice", top=1)
+    assert own[0].row == 0 and own[0].distance == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ties_and_zero_latents(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    # Rows 20 and 21 are identical: an external query equal to them ranks 20 before 21.
+    query = Query(normal=setup["normal"][21], abnormal=setup["abnormal"][21])
+    for distance in DISTANCES:
+        hits = eng.search(query, distance=distance, per="slice", top=2)
+        assert [h.row for h in hits] == [20, 21]
+        assert hits[0].distance == hits[1].distance
+        assert [h.row for h in eng.search(query, distance=distance, per="slice", top=1)] == [20]
+    # Row 5's normal latent is all zeros: cosine undefined, angular distance taken as 1.
+    d = eng.distances(Query(normal=setup["normal"][0]), distance="angular", mode="normal")
+    assert d[5] == pytest.approx(1.0)
+    hit = eng.search(Query(normal=setup["normal"][5]), distance="angular", mode="normal", per="slice", top=1)
+    assert hit[0].distance == pytest.approx(1.0)
+
+
+def test_batched_equals_single(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    queries = [eng.query_from_rows(r, (r * 7) % len(eng)) for r in range(0, 50, 3)]
+    for distance, mode in (("euclidean", "sum"), ("angular", "normal"), ("hamming", "sum_normalized")):
+        many = eng.search_many(queries, distance=distance, mode=mode, top=6, per="volume", block=4)
+        assert many == [eng.search(q, distance=distance, mode=mode, top=6, per="volume") for q in queries]
+
+
+def test_normalisation_scale_is_median_of_pairs(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    normal = setup["normal"]
+    for distance in DISTANCES:
+        scale = eng.scale(distance, "normal")
+        all_pairs = np.concatenate(
+            [
+                brute_force_distances(
+                    normal[i],
+                    None,
+                    normal[i + 1 :],
+                    normal[i + 1 :],
+                    setup["books"],
+                    setup["bits"],
+                    distance,
+                    "normal",
+                )
+                for i in range(len(normal) - 1)
+            ]
+        )
+        assert np.quantile(all_pairs, 0.4) <= scale <= np.quantile(all_pairs, 0.6)
+        assert eng.scale(distance, "normal") == scale  # cached
+
+
+def test_tables_and_hamming_inputs(setup: dict) -> None:
+    rng = np.random.default_rng(3)
+    book = rng.normal(size=(10, 5))
+    np.testing.assert_allclose(squared_euclidean_table(book), ((book[:, None] - book[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(dot_table(book), book @ book.T)
+    bits = rng.random((10, 70001)) < 0.5
+    want = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    table = hamming_table(bits)
+    assert table.dtype == np.uint32 and np.array_equal(table, want)
+    small = bits[:, :33]
+    t16 = hamming_table(small)
+    assert t16.dtype == np.uint16
+    assert np.array_equal(
+        t16, hamming_table(np.where(small, 1, -1).astype(np.int8))
+    )  # paper's sgn convention
+    assert np.array_equal(t16, hamming_table(small.astype(np.uint8)))
+    with pytest.raises(DataError, match="bits must be"):
+        hamming_table(np.full((4, 3), 2))
+    with pytest.raises(DataError, match=r"\(K, B\)"):
+        hamming_table(np.zeros(5, bool))
+    # Giving ready tables is the same as giving the bits.
+    kw = {
+        "normal_codes": setup["normal"],
+        "abnormal_codes": setup["abnormal"],
+        "case_ids": setup["case_ids"],
+        "slice_indices": setup["slice_indices"],
+        "codebook_normal": setup["books"][0],
+        "codebook_abnormal": setup["books"][1],
+        "grid_shape": GRID,
+    }
+    tables = SearchEngine(**kw, hamming_tables=tuple(hamming_table(b) for b in setup["bits"]))
+    q = setup["engine"].query_from_rows(9)
+    assert tables.search(q, distance="hamming") == setup["engine"].search(q, distance="hamming")
+    no_bits = SearchEngine(**kw)
+    assert not no_bits.has_hamming
+    with pytest.raises(ConfigError, match="hamming_bits"):
+        no_bits.search(q, distance="hamming")
+    with pytest.raises(ConfigError, match="not both"):
+        SearchEngine(**kw, hamming_bits=setup["bits"], hamming_tables=(t16, t16))
+    bad = hamming_table(setup["bits"][0]).astype(np.int64)
+    bad[0, 1] += 1
+    with pytest.raises(DataError, match="symmetric"):
+        SearchEngine(**kw, hamming_tables=(bad, bad))
+
+
+def test_bad_inputs(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    q = eng.query_from_rows(0)
+    with pytest.raises(ConfigError, match="unknown distance"):
+        eng.search(q, distance="cosine")
+    with pytest.raises(ConfigError, match="unknown search mode"):
+        eng.search(q, mode="both")
+    with pytest.raises(ConfigError, match="per must be"):
+        eng.search(q, per="case")
+    with pytest.raises(ConfigError, match="top must be"):
+        eng.search(q, top=0)
+    with pytest.raises(DataError, match="abnormal codes"):
+        eng.search(Query(normal=q.normal), mode="sum")
+    with pytest.raises(DataError, match="shape"):
+        eng.search(Query(normal=np.zeros((4, 3), int)), mode="normal")
+    with pytest.raises(DataError, match=r"\[0, 24\)"):
+        eng.search(Query(normal=np.full(P, K)), mode="normal")
+    with pytest.raises(DataError, match="integer"):
+        eng.search(Query(normal=np.zeros(P)), mode="normal")
+    with pytest.raises(DataError, match="not one string"):
+        eng.search(Query(normal=q.normal, abnormal=q.abnormal, exclude_cases="case00"))
+    with pytest.raises(DataError, match="not in the database"):
+        eng.query_from_rows(10_000)
+    assert eng.row_of("case02", 2 + 3) == 9 + 4 + 3
+    with pytest.raises(DataError, match="no slice 99"):
+        eng.row_of("case02", 99)
+    kw = {
+        "normal_codes": setup["normal"],
+        "abnormal_codes": setup["abnormal"],
+        "case_ids": setup["case_ids"],
+        "slice_indices": setup["slice_indices"],
+        "codebook_normal": setup["books"][0],
+        "codebook_abnormal": setup["books"][1],
+        "grid_shape": GRID,
+    }
+    shuffled = setup["case_ids"].copy()
+    shuffled[[0, 15]] = shuffled[[15, 0]]
+    with pytest.raises(DataError, match="contiguous"):
+        SearchEngine(**{**kw, "case_ids": shuffled})
+    with pytest.raises(DataError, match="lie in"):
+        SearchEngine(**{**kw, "normal_codes": setup["normal"].astype(np.int64) + K})
+    with pytest.raises(DataError, match="grid_shape"):
+        SearchEngine(**{**kw, "grid_shape": (4, 4)})
+    with pytest.raises(DataError, match="NaN"):
+        SearchEngine(**{**kw, "codebook_normal": np.full((K, D), np.nan)})
+
+
+def test_empty_database() -> None:
+    eng = SearchEngine(
+        normal_codes=np.zeros((0, 4), np.uint16),
+        abnormal_codes=np.zeros((0, 4), np.uint16),
+        case_ids=np.zeros(0, str),
+        slice_indices=np.zeros(0, np.int32),
+        codebook_normal=np.eye(4),
+        codebook_abnormal=np.eye(4),
+        grid_shape=(2, 2),
+    )
+    assert eng.search(Query(normal=np.zeros(4, int), abnormal=np.zeros(4, int))) == []
+    assert eng.distances(Query(normal=np.zeros(4, int)), mode="normal").shape == (0,)
+    assert eng.scale("euclidean", "normal") == 1.0
