@@ -1,0 +1,403 @@
+"""The inference bundle: a trained FDN as a folder that can be verified, loaded and used without training.
+
+Layout of a bundle folder::
+
+    model.safetensors   every weight and buffer of the FDN (EMA codebooks, EMA statistics, BatchNorm running
+                        statistics) except the critic, which inference never uses
+    bundle.json         format/version, FDNConfig, PreprocessConfig, fingerprint, sha256 of model.safetensors,
+                        versions, free-form metadata (training config, seed, ...), and manifest_sha256 over
+                        the canonical JSON of everything else in the file
+
+The fingerprint (sha256 of both codebooks' float32 bytes and the canonical JSON of the FDNConfig) names the
+code space: databases store it and refuse codes of another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fdn_core.config import config_from_dict, config_to_dict
+from fdn_core.data.preprocess import PreprocessConfig
+from fdn_core.device import autocast_for, select_device
+from fdn_core.errors import ConfigError, DataError, IntegrityError
+from fdn_core.fileio import atomic_dir, sha256_file
+from fdn_core.model.fdn import FDN, FDNConfig
+from fdn_core.progress import Progress
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "EncodedSlices",
+    "InferenceBundle",
+    "compute_fingerprint",
+    "load_bundle",
+    "model_fingerprint",
+    "save_bundle",
+]
+
+BUNDLE_FORMAT = "fdn-inference-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+WEIGHTS_NAME = "model.safetensors"
+_EXCLUDED_PREFIX = "critic."
+_FIX = "re-export the bundle from its training checkpoint (fdn export) or download it again"
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+
+
+def compute_fingerprint(
+    codebook_normal: np.ndarray | torch.Tensor,
+    codebook_abnormal: np.ndarray | torch.Tensor,
+    config: FDNConfig,
+) -> str:
+    """Hex sha256 of both (K, D) codebooks (float32 little-endian, row-major) + canonical config JSON."""
+    h = hashlib.sha256(b"fdn-fingerprint-v1\0")
+    for cb in (codebook_normal, codebook_abnormal):
+        if isinstance(cb, torch.Tensor):
+            cb = cb.detach().to("cpu", torch.float32).numpy()
+        h.update(np.ascontiguousarray(cb, dtype="<f4").tobytes())
+    h.update(_canonical_json(config_to_dict(config)))
+    return h.hexdigest()
+
+
+def model_fingerprint(model: FDN) -> str:
+    """Fingerprint of a live model's codebooks and config."""
+    return compute_fingerprint(model.codebook("normal"), model.codebook("abnormal"), model.config)
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import safetensors
+
+    from fdn_core import __version__ as fdn_version
+
+    return {
+        "fdn_core": str(fdn_version),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def save_bundle(
+    model: FDN,
+    preprocess: PreprocessConfig,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the inference bundle of ``model`` to the folder ``out_dir`` atomically; returns the folder.
+
+    ``metadata`` (JSON-serialisable: training config, seed, step, ...) is stored as is. With ``overwrite``
+    an existing folder is replaced whole, otherwise an existing ``out_dir`` is an error.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, FDN):
+        inner = getattr(model, "module", None)  # a DistributedDataParallel wrapper
+        if not isinstance(inner, FDN):
+            raise TypeError(f"save_bundle needs an FDN model, got {type(model).__name__}")
+        model = inner
+    cfg = model.config
+    if preprocess.image_size != cfg.image_size:
+        raise ConfigError(
+            f"preprocess.image_size={preprocess.image_size} differs from model.image_size={cfg.image_size}; "
+            "the bundle's preprocessing must produce the model's input size"
+        )
+    metadata = dict(metadata or {})
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"bundle metadata is not plain JSON ({exc}); pass only str/number/bool/list/dict"
+        ) from exc
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another folder or pass overwrite=True")
+    state = {
+        k: v.detach().to("cpu").contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(_EXCLUDED_PREFIX)
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        weights = tmp / WEIGHTS_NAME
+        save_file(
+            state,
+            str(weights),
+            metadata={"format": BUNDLE_FORMAT, "format_version": str(BUNDLE_FORMAT_VERSION)},
+        )
+        manifest: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": config_to_dict(cfg),
+            "preprocess": config_to_dict(preprocess),
+            "fingerprint": model_fingerprint(model),
+            "files": {WEIGHTS_NAME: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
+            "includes_critic": False,
+            "versions": _versions(),
+            "metadata": metadata,
+        }
+        manifest["manifest_sha256"] = hashlib.sha256(_canonical_json(manifest)).hexdigest()
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+@dataclass
+class EncodedSlices:
+    """Codes of N slices: ``normal`` and ``abnormal`` uint16 (N, h, w) index grids in image (row, col) order,
+    ``seg`` uint8 (N, S, S) the predicted abnormal classes (argmax of the segmentation decoder)."""
+
+    normal: np.ndarray
+    abnormal: np.ndarray
+    seg: np.ndarray
+
+
+class InferenceBundle:
+    """A loaded, verified bundle. ``model`` is in eval mode on ``device``; nothing here trains."""
+
+    def __init__(
+        self,
+        model: FDN,
+        config: FDNConfig,
+        preprocess: PreprocessConfig,
+        fingerprint: str,
+        device: torch.device,
+        path: Path,
+        manifest: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.preprocess = preprocess
+        self.fingerprint = fingerprint
+        self.device = device
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The free-form metadata stored at export (training config, step, ...)."""
+        return dict(self.manifest.get("metadata", {}))
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of the code grids."""
+        return self.config.latent_shape
+
+    def codebooks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(normal, abnormal) codebooks as float32 (K, D) numpy arrays (copies)."""
+        return tuple(  # type: ignore[return-value]
+            self.model.codebook(w).detach().to("cpu", torch.float32).numpy().copy()
+            for w in ("normal", "abnormal")
+        )
+
+    def default_batch_size(self) -> int:
+        """Slices per forward pass by device: 256 on CUDA, 64 on MPS, 32 on CPU."""
+        return {"cuda": 256, "mps": 64}.get(self.device.type, 32)
+
+    def _check_images(self, images: Any) -> np.ndarray:
+        c = self.config
+        expected = f"(N, {c.in_channels}, {c.image_size}, {c.image_size})"
+        if not isinstance(images, np.ndarray):
+            raise DataError(f"images must be a numpy array {expected} float32, got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1:] != (c.in_channels, c.image_size, c.image_size):
+            raise DataError(
+                f"images have shape {images.shape}; this bundle expects {expected} "
+                f"(slices preprocessed with image_size={self.preprocess.image_size})"
+            )
+        if images.dtype != np.float32:
+            raise DataError(
+                f"images have dtype {images.dtype}; expected float32 (use images.astype(np.float32))"
+            )
+        return images
+
+    def _batches(
+        self,
+        images: np.ndarray,
+        batch_size: int | None,
+        progress: Progress | None,
+        message: str,
+        fn: Callable[[torch.Tensor], list[np.ndarray]],
+    ) -> list[np.ndarray]:
+        images = self._check_images(images)
+        n = images.shape[0]
+        bs = self.default_batch_size() if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        chunks: list[list[np.ndarray]] = []
+        if progress is not None:
+            progress.update(0, n, message)
+        channels_last = self.device.type == "cuda"
+        with torch.inference_mode():
+            for start in range(0, n, bs):
+                batch = np.ascontiguousarray(images[start : start + bs])
+                if not np.isfinite(batch).all():
+                    bad = start + int(
+                        np.nonzero(~np.isfinite(batch).reshape(batch.shape[0], -1).all(1))[0][0]
+                    )
+                    raise DataError(f"slice {bad} contains NaN or infinite values; check the input volume")
+                x = torch.from_numpy(batch).to(self.device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast_for(self.device):
+                    chunks.append(fn(x))
+                if progress is not None:
+                    progress.update(min(start + bs, n), n, message)
+        return [np.concatenate(parts, axis=0) for parts in zip(*chunks, strict=True)] if chunks else []
+
+    def encode_slices(
+        self, images: np.ndarray, batch_size: int | None = None, progress: Progress | None = None
+    ) -> EncodedSlices:
+        """Code grids and predicted labels of preprocessed slices ``images`` float32 (N, C, S, S)."""
+        model = self.model
+
+        def run(x: torch.Tensor) -> list[np.ndarray]:
+            idx_n, idx_a = model.encode(x)
+            seg = model.seg_decoder(model.vq_abnormal.lookup(idx_a)).argmax(1)
+            return [
+                t.to("cpu").numpy().astype(d)
+                for t, d in ((idx_n, np.uint16), (idx_a, np.uint16), (seg, np.uint8))
+            ]
+
+        out = self._batches(images, batch_size, progress, "Encoding slices", run)
+        if not out:
+            h, w = self.grid_shape
+            s = self.config.image_size
+            return EncodedSlices(
+                np.zeros((0, h, w), np.uint16), np.zeros((0, h, w), np.uint16), np.zeros((0, s, s), np.uint8)
+            )
+        return EncodedSlices(normal=out[0], abnormal=out[1], seg=out[2])
+
+    def reconstruct(
+        self, images: np.ndarray, batch_size: int | None = None, progress: Progress | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(recon_full float32 (N,C,S,S), recon_normal float32 (N,C,S,S), seg uint8 (N,S,S)) of ``images``."""
+        model = self.model
+
+        def run(x: torch.Tensor) -> list[np.ndarray]:
+            seg_logits, full, normal = model.decode_indices(*model.encode(x))
+            return [
+                full.float().to("cpu").numpy(),
+                normal.float().to("cpu").numpy(),
+                seg_logits.argmax(1).to("cpu").numpy().astype(np.uint8),
+            ]
+
+        out = self._batches(images, batch_size, progress, "Reconstructing slices", run)
+        if not out:
+            c, s = self.config.in_channels, self.config.image_size
+            empty = np.zeros((0, c, s, s), np.float32)
+            return empty, empty.copy(), np.zeros((0, s, s), np.uint8)
+        return out[0], out[1], out[2]
+
+
+def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    folder = path.parent if path.is_file() and path.name == MANIFEST_NAME else path
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DataError(
+            f"{folder}: not an FDN inference bundle (no {MANIFEST_NAME}); give the bundle folder written by "
+            "`fdn train` / `fdn export`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{manifest_path}: not valid JSON ({exc}); the file is damaged; {_FIX}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise DataError(
+            f"{manifest_path}: not an FDN inference bundle manifest (format is not {BUNDLE_FORMAT!r})"
+        )
+    version = manifest.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise DataError(
+            f"{manifest_path}: bundle format version {version!r} is not supported by this version of "
+            f"fdn_core (it reads version {BUNDLE_FORMAT_VERSION}); update SlicerFDNRetrieval/fdn_core or "
+            "re-export the bundle with this version"
+        )
+    stored = manifest.pop("manifest_sha256", None)
+    if stored != hashlib.sha256(_canonical_json(manifest)).hexdigest():
+        raise IntegrityError(
+            f"{manifest_path}: the file was edited or damaged (manifest hash mismatch); {_FIX}"
+        )
+    return folder, manifest
+
+
+def load_bundle(path: str | Path, device: str | torch.device | None = "auto") -> InferenceBundle:
+    """Load and verify the bundle folder ``path`` (or its bundle.json) onto ``device`` ("auto", "cpu", ..)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder, manifest = _read_manifest(Path(path))
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
+        raise IntegrityError(f"{folder / MANIFEST_NAME}: lists no {WEIGHTS_NAME}; {_FIX}")
+    for name, info in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise IntegrityError(f"{file}: missing from the bundle; {_FIX}")
+        if sha256_file(file) != info.get("sha256"):
+            raise IntegrityError(
+                f"{file}: contents do not match the sha256 recorded in {MANIFEST_NAME} "
+                f"(edited, truncated or corrupted); {_FIX}"
+            )
+    where = f"{folder / MANIFEST_NAME}"
+    for section in ("model", "preprocess"):
+        if not isinstance(manifest.get(section), dict):
+            raise IntegrityError(f"{where}: section {section!r} is missing or not a mapping; {_FIX}")
+    config = config_from_dict(FDNConfig, manifest.get("model"), where=f"{where}: model")
+    preprocess = config_from_dict(PreprocessConfig, manifest.get("preprocess"), where=f"{where}: preprocess")
+    try:
+        state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise IntegrityError(
+            f"{folder / WEIGHTS_NAME}: cannot be read as safetensors ({exc}); {_FIX}"
+        ) from exc
+    model = FDN(config)
+    expected = {k for k in model.state_dict() if not k.startswith(_EXCLUDED_PREFIX)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise IntegrityError(
+            f"{folder / WEIGHTS_NAME}: weights do not match the model config in {MANIFEST_NAME} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); {_FIX}"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise IntegrityError(
+            f"{folder / WEIGHTS_NAME}: weight shapes do not match the model config in {MANIFEST_NAME} "
+            f"({exc}); {_FIX}"
+        ) from exc
+    fingerprint = model_fingerprint(model)
+    if fingerprint != manifest.get("fingerprint"):
+        raise IntegrityError(
+            f"{folder}: the codebooks and config do not give the recorded fingerprint "
+            f"({fingerprint[:12]}... vs {str(manifest.get('fingerprint'))[:12]}...); {_FIX}"
+        )
+    dev = device if isinstance(device, torch.device) else select_device(device)
+    model = model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    _freeze(model)
+    return InferenceBundle(model, config, preprocess, fingerprint, dev, folder, manifest)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
