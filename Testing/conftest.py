@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: tiny deterministic phantom cohorts (and later tiny models), made once per session."""
+"""Shared pytest fixtures: a tiny deterministic phantom cohort and a tiny model bundle (once per session)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,37 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cohort") / "phantom"
     generate_cohort(out, n_cases=6, seed=1234, shape=TINY_SHAPE, workers=1)
     return out
+
+
+TINY_MODEL = {
+    "image_size": 64,
+    "latent_size": 8,
+    "stem_channels": 8,
+    "encoder_channels": (8, 16),
+    "code_dim": 8,
+    "num_codes": 16,
+    "spade_hidden_channels": 8,
+    "critic_channels": 8,
+}
+
+
+def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
+    """A freshly initialised, seeded tiny FDN saved as a real inference bundle (untrained: retrieval runs
+    mechanically on it, its scores mean nothing)."""
+    import torch
+
+    from fdn_core.data.preprocess import PreprocessConfig
+    from fdn_core.model.bundle import save_bundle
+    from fdn_core.model.fdn import FDN, FDNConfig
+
+    torch.manual_seed(seed)
+    model = FDN(FDNConfig(**TINY_MODEL))
+    return save_bundle(
+        model, PreprocessConfig(TINY_MODEL["image_size"]), out, {"seed": seed, "trained": False}
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny untrained bundle (seed 0) shared by the session."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", seed=0)
