@@ -51,6 +51,7 @@ __all__ = [
     "normalize_mode",
     "parse_case_slice",
     "remove_case",
+    "save_bundle_hamming_codes",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,15 +197,24 @@ def case_files_from_paths(paths: Sequence[str | Path]) -> CaseFiles:
 
 
 def fit_hamming_codes(
-    db: CodeDatabase, progress: Progress | None = None, save: bool = True
+    db: CodeDatabase,
+    progress: Progress | None = None,
+    save: bool = True,
+    bundle_dir: str | Path | None = None,
 ) -> tuple[BinaryCodes, BinaryCodes]:
     """Binarise and shorten both codebooks of ``db`` (Algorithm A.1); with ``save`` store them in
-    ``db/hamming`` (a read-only database keeps them in memory only, with a warning)."""
-    out = []
-    for name, book in (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal)):
-        codes = fit_binary_codes(np.asarray(book), progress)
-        log.info("%s codebook binarised: %s", name, codes.report.summary())
-        out.append(codes)
+    ``db/hamming`` (a read-only database keeps them in memory only, with a warning).
+
+    The codes depend only on the codebooks: when ``bundle_dir/hamming`` holds codes fitted on exactly these
+    codebooks (``fdn export`` / ``save_bundle_hamming_codes``), they are reused instead of fitted again.
+    """
+    out = None if bundle_dir is None else _stored_codes(Path(bundle_dir) / HAMMING_DIR, db)
+    if out is None:
+        out = []
+        for name, book in (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal)):
+            codes = fit_binary_codes(np.asarray(book), progress)
+            log.info("%s codebook binarised: %s", name, codes.report.summary())
+            out.append(codes)
     if save:
         try:
             for name, codes in zip(("normal", "abnormal"), out):
@@ -216,25 +226,44 @@ def fit_hamming_codes(
     return out[0], out[1]
 
 
-def load_hamming_codes(db: CodeDatabase) -> tuple[BinaryCodes, BinaryCodes] | None:
-    """The stored binarised codebooks of ``db`` (hashes verified), or None when there are none.
+def save_bundle_hamming_codes(bundle: InferenceBundle, progress: Progress | None = None) -> Path:
+    """Fit the binary codes of ``bundle``'s codebooks once and store them in ``bundle.path/hamming`` so every
+    database built with this model reuses them (fitting takes minutes for K = 512)."""
+    folder = bundle.path / HAMMING_DIR
+    for name, book in zip(("normal", "abnormal"), bundle.codebooks()):
+        codes = fit_binary_codes(np.asarray(book), progress)
+        log.info("%s codebook binarised: %s", name, codes.report.summary())
+        codes.save(folder, name=name)
+    return folder
 
-    Raises IntegrityError when a file is damaged and DataError when the codes were fitted on other codebooks.
-    """
-    folder = db.path / HAMMING_DIR
+
+def _stored_codes(folder: Path, db: CodeDatabase, strict: bool = False) -> list[BinaryCodes] | None:
+    """Binary codes stored in ``folder`` for exactly ``db``'s codebooks; None when there are none (or, unless
+    ``strict``, when they belong to other codebooks; ``strict`` raises DataError then)."""
     if not (folder / "normal.json").is_file() or not (folder / "abnormal.json").is_file():
         return None
     out = []
     for name, book in (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal)):
         codes = BinaryCodes.load(folder, name=name)
         if not codes.matches(np.asarray(book)):
-            raise DataError(
-                f"{folder / name}.json: these binary codes were fitted on another codebook than the "
-                "database's; "
-                "rebuild the database (fdn index build --overwrite)"
-            )
+            if strict:
+                raise DataError(
+                    f"{folder / name}.json: these binary codes were fitted on another codebook than the "
+                    "database's; rebuild the database (fdn index build --overwrite)"
+                )
+            log.warning("%s: binary codes of other codebooks; fitting new ones", folder / name)
+            return None
         out.append(codes)
-    return out[0], out[1]
+    return out
+
+
+def load_hamming_codes(db: CodeDatabase) -> tuple[BinaryCodes, BinaryCodes] | None:
+    """The stored binarised codebooks of ``db`` (hashes verified), or None when there are none.
+
+    Raises IntegrityError when a file is damaged and DataError when the codes were fitted on other codebooks.
+    """
+    out = _stored_codes(db.path / HAMMING_DIR, db, strict=True)
+    return None if out is None else (out[0], out[1])
 
 
 # -------------------------------------------------------------------------------------------- indexing
@@ -347,7 +376,7 @@ def index_cohort(
             grid_shape=(h, w),
         )
         if fit_hamming:
-            fit_hamming_codes(db, progress)
+            fit_hamming_codes(db, progress, bundle_dir=bundle.path)
         db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Indexing cases", workers))
     return CodeDatabase.open(db_path, expected_fingerprint=bundle.fingerprint, verify=False)
 

@@ -1,0 +1,218 @@
+"""Model evaluation (paper 4.4.1-4.4.4): metrics on hand-made cases, then a bundle on a tiny cohort."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fdn_core.evaluation.model_eval import (
+    LeakinessSettings,
+    abnormal_dice,
+    code_usage,
+    codebook_compactness,
+    dice,
+    evaluate_model,
+    leakiness,
+    markdown_report,
+    ppv,
+    reconstruction_errors,
+    roc_auc,
+    write_model_eval,
+)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_dice_hand_computed() -> None:
+    assert dice(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == pytest.approx(0.5)
+    assert dice(np.array([1, 1]), np.array([1, 1])) == 1.0
+    assert dice(np.array([1, 0]), np.array([0, 1])) == 0.0
+    assert math.isnan(dice(np.zeros(4), np.zeros(4)))  # undefined when both are empty
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice(np.zeros(3), np.zeros(4))
+
+
+def test_abnormal_dice_per_class_and_whole_tumour() -> None:
+    pred = np.array([[1, 2], [3, 0]])[..., None]
+    ref = np.array([[1, 2], [2, 0]])[..., None]
+    d = abnormal_dice(pred, ref)
+    assert d["ncr_net"] == 1.0
+    assert d["ed"] == pytest.approx(2 * 1 / (1 + 2))
+    assert d["et"] == 0.0  # predicted, not in the reference
+    assert d["whole_tumour"] == 1.0  # the same three voxels are tumour in both
+
+
+def test_reconstruction_errors_hand_computed() -> None:
+    images = np.zeros((1, 2, 2, 2), np.float32)
+    recon_full = np.ones_like(images)
+    recon_normal = np.full_like(images, 2.0)
+    seg = np.array([[[0, 0], [0, 3]]], np.uint8)  # one abnormal pixel -> 3 normal pixels x 2 channels
+    e = reconstruction_errors(images, recon_full, recon_normal, seg)
+    assert e["full_sum"][0] == pytest.approx(8.0)
+    assert e["full_mean"][0] == pytest.approx(1.0)
+    assert e["normal_sum"][0] == pytest.approx(2.0 * 6)
+    assert e["normal_mean"][0] == pytest.approx(2.0)
+    all_abnormal = reconstruction_errors(images, recon_full, recon_normal, np.ones((1, 2, 2), np.uint8))
+    assert all_abnormal["normal_sum"][0] == 0.0 and math.isnan(all_abnormal["normal_mean"][0])
+    with pytest.raises(ValueError, match="seg shape"):
+        reconstruction_errors(images, recon_full, recon_normal, np.zeros((1, 3, 3), np.uint8))
+
+
+def test_codebook_compactness_threshold() -> None:
+    book = np.array([[0.0, 0.0], [1e-6, 0.0], [1.0, 0.0], [0.0, 2e-5]])
+    assert codebook_compactness(book) == pytest.approx(0.5)  # two of four below 1e-5
+    assert codebook_compactness(book, threshold=1e-4) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="codebook"):
+        codebook_compactness(np.zeros(5))
+
+
+def test_code_usage_and_perplexity() -> None:
+    u = code_usage(np.array([2, 2, 0, 0]))
+    assert u == {"used": 2, "used_fraction": 0.5, "perplexity": pytest.approx(2.0)}
+    assert code_usage(np.array([5, 0, 0]))["perplexity"] == pytest.approx(1.0)
+    assert code_usage(np.ones(8))["perplexity"] == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="empty"):
+        code_usage(np.zeros(3))
+
+
+def test_ppv_and_auc_hand_computed() -> None:
+    assert ppv(np.array([1, 0, 1, 0]), np.array([1, 1, 0, 0])) == pytest.approx(0.5)
+    assert ppv(np.array([1, 1, 0]), np.array([1, 1, 0])) == 1.0
+    assert math.isnan(ppv(np.array([1, 0]), np.array([0, 0])))
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert roc_auc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    assert roc_auc(y, np.full(4, 0.5)) == 0.5
+    # One of four (positive, negative) pairs is ordered wrongly: 3/4.
+    assert roc_auc(y, np.array([0.1, 0.6, 0.5, 0.9])) == pytest.approx(0.75)
+    assert math.isnan(roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def _blob_samples(leaky: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """8 cases x 12 slices of noise (4 x 16 x 16); diseased slices get a bright blob when ``leaky``."""
+    rng = np.random.default_rng(seed)
+    samples, labels, cases = [], [], []
+    for c in range(8):
+        for k in range(12):
+            x = rng.normal(0, 1, (4, 16, 16)).astype(np.float32)
+            sick = c % 4 != 0 and k % 2 == 0  # cases 0 and 4 are healthy
+            if sick and leaky:
+                r, q = rng.integers(2, 11, size=2)
+                x[:, r : r + 4, q : q + 4] += 3.0
+            samples.append(x)
+            labels.append(sick)
+            cases.append(f"case{c}")
+    return np.stack(samples), np.array(labels), cases
+
+
+def test_leakiness_classifier_detects_leaks_and_not_noise() -> None:
+    settings = LeakinessSettings(input_size=16, epochs=8, batch_size=8, width=16, lr=3e-3, seed=0)
+    leaky = leakiness(*_blob_samples(leaky=True), settings=settings)
+    clean = leakiness(*_blob_samples(leaky=False), settings=settings)
+    assert leaky["ppv"] > 0.9 and leaky["auc"] > 0.9
+    assert 0.2 < clean["auc"] < 0.8  # nothing to learn: near chance
+    if math.isnan(clean["ppv"]):
+        assert "no slice" in clean["note"]
+    # Case-wise and balanced: both splits have equal classes, and no case is on both sides.
+    assert leaky["n_train"] % 2 == 0 and leaky["n_test"] % 2 == 0
+    assert leaky["train_cases"] + leaky["test_cases"] <= 8
+    quick = LeakinessSettings(input_size=16, epochs=1, batch_size=16, width=8, seed=3)
+    first, second = (leakiness(*_blob_samples(leaky=True), settings=quick) for _ in range(2))
+    assert repr(first) == repr(second)  # deterministic (repr: NaN compares equal to itself)
+
+
+def test_leakiness_without_both_classes_reports_why() -> None:
+    x, _, cases = _blob_samples(leaky=False)
+    result = leakiness(x, np.zeros(len(x), bool), cases, LeakinessSettings(input_size=16, epochs=1))
+    assert math.isnan(result["ppv"]) and "diseased" in result["note"]
+
+
+def test_report_writes_json_with_nulls_and_markdown(tmp_path: Path) -> None:
+    nan = float("nan")
+    summary = {"mean": 1.5, "std": 0.5, "n": 3}
+    results = {
+        "bundle": {"fingerprint": "abc", "image_size": 64, "latent_size": 8},
+        "data": {"dir": "x", "cases": ["a", "b"], "slices": 80},
+        "reconstruction": {k: summary for k in ("full_sum", "normal_sum", "full_mean", "normal_mean")},
+        "segmentation": {
+            k: {"mean": nan, "std": nan, "n": 0} for k in ("ncr_net", "ed", "et", "whole_tumour")
+        },
+        "codebooks": {
+            w: {"num_codes": 16, "compactness": 0.25, "used": 4, "used_fraction": 0.25, "perplexity": 3.2}
+            for w in ("normal", "abnormal")
+        },
+        "leakiness": {
+            "normal_appearing": {"ppv": 0.55, "auc": 0.6, "accuracy": 0.5, "n_train": 10, "n_test": 8},
+            "full_control": {"ppv": nan, "auc": nan, "note": "test split has 0 diseased"},
+        },
+    }
+    json_path, md_path = write_model_eval(results, tmp_path / "eval")
+    data = json.loads(json_path.read_text())
+    assert data["segmentation"]["et"]["mean"] is None
+    md = md_path.read_text()
+    assert "| normal | 0.25 | 4 / 16 |" in md and "n/a" in md and "test split has 0 diseased" in md
+    assert md == markdown_report(results)
+
+
+# ------------------------------------------------------------------------------- a bundle on a cohort
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) tiny FDN exported as an inference bundle: evaluation must work on any model."""
+    import torch
+    from fdn_training.train import build_model
+    from fdn_training.trainconfig import load_train_config
+
+    from fdn_core.model.bundle import save_bundle
+
+    cfg = load_train_config("tiny_test")
+    model = build_model(cfg, torch.device("cpu"))
+    return save_bundle(
+        model, cfg.preprocess, tmp_path_factory.mktemp("eval") / "bundle", {"note": "untrained"}
+    )
+
+
+def test_evaluate_model_on_a_cohort(tiny_bundle: Path, tiny_cohort: Path) -> None:
+    from fdn_core.data.readers import find_cases
+
+    settings = LeakinessSettings(input_size=16, epochs=2, width=8, slices_per_case=8)
+    results = evaluate_model(tiny_bundle, tiny_cohort, leak=settings)
+    cases = [c.case_id for c in find_cases(tiny_cohort)]
+    assert results["data"]["cases"] == cases
+    assert results["data"]["slices"] == 40 * len(cases)  # every slice of every 64x64x40 case
+    rec = results["reconstruction"]
+    assert rec["full_sum"]["n"] == 40 * len(cases) and rec["full_sum"]["mean"] > 0
+    assert rec["full_mean"]["mean"] == pytest.approx(rec["full_sum"]["mean"] / (4 * 64 * 64))
+    for case in results["segmentation_per_case"]:
+        for value in case["dice"].values():
+            assert math.isnan(value) or 0.0 <= value <= 1.0
+    assert results["segmentation"]["whole_tumour"]["n"] >= 1
+    for which in ("normal", "abnormal"):
+        book = results["codebooks"][which]
+        assert book["num_codes"] == 16 and 1 <= book["used"] <= 16
+        assert 1.0 <= book["perplexity"] <= book["used"] + 1e-9
+        assert 0.0 <= book["compactness"] <= 1.0
+    for key in ("normal_appearing", "full_control"):
+        leak = results["leakiness"][key]
+        assert leak["n_train"] > 0 and leak["n_test"] > 0, leak
+        assert 0.0 <= leak["auc"] <= 1.0
+
+
+def test_eval_model_cli(tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path, capsys) -> None:
+    from fdn_training.cli import main
+
+    from fdn_core.data.readers import find_cases
+
+    cases = [c.case_id for c in find_cases(tiny_cohort)][:3]
+    out = tmp_path / "eval"
+    args = ["eval-model", "--model", str(tiny_bundle), "--data", str(tiny_cohort), "--out", str(out)]
+    assert main([*args, "--cases", *cases, "--leak-epochs", "1", "--device", "cpu", "--no-progress"]) == 0
+    data = json.loads((out / "model_eval.json").read_text())
+    assert data["data"]["cases"] == cases
+    assert "## Leakiness" in (out / "model_eval.md").read_text()
+    assert main([*args, "--cases", "no_such_case"]) == 2
+    assert "no_such_case" in capsys.readouterr().err
+    assert main([*args, "--held-out"]) == 2  # an untrained bundle records no validation cases
+    assert "no validation cases" in capsys.readouterr().err

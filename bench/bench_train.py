@@ -1,0 +1,209 @@
+"""Training throughput benchmark: slices per second and peak memory of one FDN training step.
+
+Each measurement runs in a fresh subprocess (so CPU peak memory, the process's max RSS, belongs to that
+configuration alone) on a synthetic batch: random z-scored-like images, half the slices with a tumour
+blob, so the distribution-matching critic (m steps) runs as in training. A step is the full generator
+step of ``fdn_training.train.train_step`` (forward under autocast, m critic steps, losses, backward,
+gradient clipping, Adam). Data loading is measured separately with ``--data COHORT`` (slice cache +
+augmentation, in slices per second per loader process).
+
+    python bench/bench_train.py                       # CPU: tiny_test, demo_cpu, and the paper config
+    python bench/bench_train.py --device cuda         # also the paper config at batch 112 (256x256)
+    python bench/bench_train.py --data COHORT         # add the data-loading rate
+
+On CPU the paper config runs at a small batch (``--paper-cpu-batch``, default 4): batch 112 at 256x256
+needs tens of GB and minutes per step there; throughput per slice is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["bench_data", "bench_step", "main"]
+
+
+def bench_step(
+    config: str, device_name: str, batch_size: int | None, steps: int, warmup: int
+) -> dict[str, Any]:
+    """Time ``steps`` training steps (after ``warmup``) of a shipped config on a synthetic batch."""
+    import dataclasses
+
+    import torch
+    from fdn_training.train import _make_optimizers, build_model, train_step
+    from fdn_training.trainconfig import load_train_config
+
+    from fdn_core.device import select_device
+    from fdn_core.losses import FDNLoss
+
+    cfg = load_train_config(config)
+    if batch_size is not None:
+        cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, batch_size=batch_size))
+    device = select_device(device_name)
+    b, s = cfg.dataset.batch_size, cfg.model.image_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, cfg.model.in_channels, s, s, generator=g)
+    seg = torch.zeros(b, s, s, dtype=torch.int64)
+    for i in range(0, b, 2):  # every other slice has a tumour: ET core, ED rim
+        c = s // 2 + (i % 7) * s // 32
+        seg[i, c - s // 8 : c + s // 8, c - s // 8 : c + s // 8] = 2
+        seg[i, c - s // 16 : c + s // 16, c - s // 16 : c + s // 16] = 3
+    batch = {"image": images, "seg": seg}
+    model = build_model(cfg, device)
+    loss_fn = FDNLoss(cfg.loss).to(device)
+    opt_g, opt_c = _make_optimizers(cfg, model)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)
+    sync()
+    elapsed = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "config": config,
+        "device": str(device),
+        "image_size": s,
+        "latent_size": cfg.model.latent_size,
+        "batch_size": b,
+        "critic_steps": cfg.optimizer.critic_steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "s_per_step": elapsed / steps,
+        "slices_per_s": b * steps / elapsed,
+        "threads": torch.get_num_threads(),
+        # ru_maxrss is in KiB on Linux (bytes on macOS).
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / (1024.0 if sys.platform != "darwin" else 1024.0**2),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["gpu"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def bench_data(config: str, data_dir: str, items: int) -> dict[str, Any]:
+    """Augmented slices per second read from the slice cache of ``data_dir`` by one process."""
+    from fdn_training.trainconfig import load_train_config
+
+    from fdn_core.data.cache import SliceCache
+    from fdn_core.data.dataset import SliceDataset
+
+    cfg = load_train_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cache = SliceCache.build_or_open(data_dir, Path(tmp) / "cache", cfg.preprocess)
+        build_s = time.perf_counter() - t0
+        ds = SliceDataset(cache, cache.case_ids, augment=True)
+        n = min(items, len(ds))
+        ds[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[(i * 7919) % len(ds)]
+        elapsed = time.perf_counter() - t0
+    return {
+        "config": config,
+        "cache_build_s": build_s,
+        "slices_in_cache": len(cache),
+        "augmented_slices_per_s": n / elapsed,
+    }
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=dict(os.environ), check=False
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"], "args": args}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _print(row: dict[str, Any]) -> None:
+    if "error" in row:
+        print(f"  {' '.join(row['args'])}: FAILED {row['error']}")
+        return
+    if "augmented_slices_per_s" in row:
+        print(
+            f"  data loading ({row['config']}): {row['augmented_slices_per_s']:.1f} augmented slices/s per "
+            f"process; cache build {row['cache_build_s']:.1f} s for {row['slices_in_cache']} slices"
+        )
+        return
+    mem = f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+    if "peak_cuda_mib" in row:
+        mem += f", peak CUDA {row['peak_cuda_mib']:.0f} MiB ({row['gpu']})"
+    print(
+        f"  {row['config']:<11} {row['device']:<5} {row['image_size']}px {row['latent_size']}x"
+        f"{row['latent_size']} batch {row['batch_size']:>3}: {row['slices_per_s']:8.2f} slices/s "
+        f"({row['s_per_step']:.3f} s/step, {row['parameters'] / 1e6:.2f} M params, "
+        f"{row['threads']} threads), {mem}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark matrix (each measurement in its own process) and print one line per row."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (CPU rows always run)")
+    p.add_argument("--configs", nargs="+", default=["tiny_test", "demo_cpu", "fdn8x8_256"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--paper-cpu-batch", type=int, default=4, help="batch of the paper config on CPU")
+    p.add_argument("--data", default=None, help="a cohort folder: also measure slice loading + augmentation")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--one", nargs=3, metavar=("CONFIG", "DEVICE", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--one-data", nargs=2, metavar=("CONFIG", "DATA"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        config, device, batch = args.one
+        print(json.dumps(bench_step(config, device, int(batch) or None, args.steps, args.warmup)))
+        return 0
+    if args.one_data:
+        print(json.dumps(bench_data(args.one_data[0], args.one_data[1], items=64)))
+        return 0
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    plan: list[tuple[str, str, int]] = []
+    for config in args.configs:
+        plan.append((config, "cpu", args.paper_cpu_batch if config == "fdn8x8_256" else 0))
+    want_cuda = args.device in ("cuda", "auto") and torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: CPU rows only", file=sys.stderr)
+    if want_cuda:
+        plan += [(config, "cuda", 0) for config in args.configs]  # the paper row is batch 112 at 256x256
+    print(f"FDN training step benchmark (torch {torch.__version__}, {os.cpu_count()} CPUs)")
+    for config, device, batch in plan:
+        common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        row = _child(["--one", config, device, str(batch), *common])
+        rows.append(row)
+        _print(row)
+    if args.data:
+        for config in args.configs:
+            if config == "fdn8x8_256" and not want_cuda:
+                continue
+            row = _child(["--one-data", config, args.data])
+            rows.append(row)
+            _print(row)
+    if args.json:
+        from fdn_core.fileio import atomic_write_json
+
+        atomic_write_json(Path(args.json), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

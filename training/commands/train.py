@@ -1,0 +1,58 @@
+"""``fdn train``: train an FDN on a cohort (single process, or one process per GPU under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_train_arguments", "register", "run"]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``fdn train`` (shared with ``python -m fdn_training.train`` under torchrun)."""
+    parser.add_argument(
+        "--config",
+        help="training config: a YAML/JSON file or a shipped name (fdn8x8_256, demo_cpu, tiny_test); "
+        "optional with --resume (the run's own config is used)",
+    )
+    parser.add_argument(
+        "--data", required=True, type=Path, help="cohort folder (BraTS / MSD / phantom layout)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, bundle)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, cuda:N, mps or cpu")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many generator steps in total"
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="preprocessed-slice cache folder (default RUN/cache)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; use 1 when other jobs share the cores)",
+    )
+    parser.add_argument("--no-export", action="store_true", help="do not export RUN/bundle at the end")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train the feature decomposing network",
+        description="Train an FDN (checkpoints, CSV/TensorBoard logs, inference bundle in RUN/bundle). "
+        "Multi-GPU: torchrun --standalone --nproc_per_node=N -m fdn_training.train <same arguments>.",
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fdn train``."""
+    from fdn_training.train import run_from_args
+
+    return run_from_args(args)
