@@ -89,9 +89,8 @@ def test_ddp_ranks_stay_identical(ddp_run: tuple[Path, Path]) -> None:
 
 def test_ddp_rank0_writes_the_run(ddp_run: tuple[Path, Path]) -> None:
     run, _ = ddp_run
-    from fdn_training.train import load_checkpoint
-
     from fdn_core.model.bundle import load_bundle
+    from fdn_training.train import load_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["world_size"] == WORLD and ckpt["step"] == 3

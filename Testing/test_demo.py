@@ -11,6 +11,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from fdn_training.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -162,10 +162,10 @@ def test_report_writes_json_with_nulls_and_markdown(tmp_path: Path) -> None:
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained) tiny FDN exported as an inference bundle: evaluation must work on any model."""
     import torch
-    from fdn_training.train import build_model
-    from fdn_training.trainconfig import load_train_config
 
     from fdn_core.model.bundle import save_bundle
+    from fdn_training.train import build_model
+    from fdn_training.trainconfig import load_train_config
 
     cfg = load_train_config("tiny_test")
     model = build_model(cfg, torch.device("cpu"))
@@ -201,9 +201,8 @@ def test_evaluate_model_on_a_cohort(tiny_bundle: Path, tiny_cohort: Path) -> Non
 
 
 def test_eval_model_cli(tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path, capsys) -> None:
-    from fdn_training.cli import main
-
     from fdn_core.data.readers import find_cases
+    from fdn_training.cli import main
 
     cases = [c.case_id for c in find_cases(tiny_cohort)][:3]
     out = tmp_path / "eval"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fdn_training.cli import main
 
 from fdn_core.errors import DataError, ModelMismatchError
+from fdn_training.cli import main
 
 TINY_MODEL = {
     "image_size": 64,

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from FDNRetrievalLib import deps, naming, scenario
-from FDNRetrievalLib import scene as sc
-from FDNRetrievalLib import workflow as wf
 
 from fdn_core.data.readers import MODALITIES, find_cases, load_case, write_brats_case
 from fdn_core.progress import Cancelled
+from FDNRetrievalLib import deps, naming, scenario
+from FDNRetrievalLib import scene as sc
+from FDNRetrievalLib import workflow as wf
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "SlicerFDNRetrieval"
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fdn_training.trainconfig import CONFIG_DIR, TrainConfig, load_train_config, shipped_configs
 
 from fdn_core.errors import ConfigError, DataError
+from fdn_training.trainconfig import CONFIG_DIR, TrainConfig, load_train_config, shipped_configs
 
 
 def _tiny(**changes: dict[str, Any]) -> TrainConfig:
@@ -102,12 +102,12 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ training
 def test_a_few_steps_reduce_the_loss(cache_dir: Path) -> None:
-    from fdn_training.train import _make_optimizers, build_model, train_step
     from torch.utils.data import default_collate
 
     from fdn_core.data.cache import SliceCache
     from fdn_core.data.dataset import SliceDataset
     from fdn_core.losses import FDNLoss
+    from fdn_training.train import _make_optimizers, build_model, train_step
 
     cfg = _tiny()
     cache = SliceCache.open(cache_dir)
@@ -125,13 +125,13 @@ def test_a_few_steps_reduce_the_loss(cache_dir: Path) -> None:
 
 
 def test_non_finite_gradients_skip_the_step_and_nan_losses_stop(cache_dir: Path) -> None:
-    from fdn_training.train import _make_optimizers, build_model, train_step
     from torch.utils.data import default_collate
 
     from fdn_core.data.cache import SliceCache
     from fdn_core.data.dataset import SliceDataset
     from fdn_core.errors import FDNError
     from fdn_core.losses import FDNLoss
+    from fdn_training.train import _make_optimizers, build_model, train_step
 
     cfg = _tiny()
     ds = SliceDataset(SliceCache.open(cache_dir), SliceCache.open(cache_dir).case_ids, augment=False)
@@ -206,11 +206,10 @@ def test_too_few_cases_is_a_clear_error(tiny_cohort: Path, tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
-    from fdn_training.cli import main
-    from fdn_training.train import build_model, load_checkpoint
-
     from fdn_core.data.cache import SliceCache
     from fdn_core.model.bundle import load_bundle
+    from fdn_training.cli import main
+    from fdn_training.train import build_model, load_checkpoint
 
     run = tmp_path / "run"
     args = ["train", "--config", "tiny_test", "--data", str(tiny_cohort), "--out", str(run)]

@@ -38,11 +38,11 @@ def bench_step(
     import dataclasses
 
     import torch
-    from fdn_training.train import _make_optimizers, build_model, train_step
-    from fdn_training.trainconfig import load_train_config
 
     from fdn_core.device import select_device
     from fdn_core.losses import FDNLoss
+    from fdn_training.train import _make_optimizers, build_model, train_step
+    from fdn_training.trainconfig import load_train_config
 
     cfg = load_train_config(config)
     if batch_size is not None:
@@ -99,10 +99,9 @@ def bench_step(
 
 def bench_data(config: str, data_dir: str, items: int) -> dict[str, Any]:
     """Augmented slices per second read from the slice cache of ``data_dir`` by one process."""
-    from fdn_training.trainconfig import load_train_config
-
     from fdn_core.data.cache import SliceCache
     from fdn_core.data.dataset import SliceDataset
+    from fdn_training.trainconfig import load_train_config
 
     cfg = load_train_config(config)
     with tempfile.TemporaryDirectory() as tmp:

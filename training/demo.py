@@ -423,9 +423,7 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
     montages = Section("Query and top-5 retrieved slices")
     for column in ("S_normal", "S_abnormal", "S_sum"):
         name, dist = made[column]
-        montages.items.append(
-            Image(name, f"{_COLUMNS[column][0]}, {dist} distance (query outlined first)")
-        )
+        montages.items.append(Image(name, f"{_COLUMNS[column][0]}, {dist} distance (query outlined first)"))
     name, dist, qa, qb = made["composite"]
     montages.items.append(
         Image(

@@ -47,7 +47,6 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import yaml
-from fdn_training.trainconfig import TrainConfig, load_train_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -57,6 +56,7 @@ from fdn_core.fileio import atomic_path, atomic_write_bytes
 from fdn_core.losses import FDNLoss, abnormal_flags
 from fdn_core.model import FDN
 from fdn_core.progress import Progress
+from fdn_training.trainconfig import TrainConfig, load_train_config
 
 __all__ = [
     "CHECKPOINT_FORMAT",

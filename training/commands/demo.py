@@ -33,9 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed arguments."""
-    from fdn_training.demo import DemoSettings, run_demo
-
     from fdn_core.progress import tqdm_progress
+    from fdn_training.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         out=args.out,
