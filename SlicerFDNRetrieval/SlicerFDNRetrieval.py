@@ -60,9 +60,9 @@ class SlicerFDNRetrieval(ScriptedLoadableModule):
             '<a href="https://github.com/SlicerFDNRetrieval/SlicerFDNRetrieval#use-in-3d-slicer">documentation</a>.'
         )
         self.parent.acknowledgementText = (
-            "Implements the feature decomposing network of Kobayashi K. et al., 'Decomposing normal and "
-            "abnormal features of medical images for content-based image retrieval of glioma imaging', "
-            "Medical Image Analysis 74 (2021) 102227. Research use only: not a medical device."
+            "Implements the feature decomposing network of Kobayashi K. et al., 'Decomposing Normal and "
+            "Abnormal Features of Medical Images into Discrete Latent Codes for Content-Based Image "
+            "Retrieval' (2021), arXiv:2103.12328. Research use only: not a medical device."
         )
 
 
