@@ -235,33 +235,43 @@ def _binarization_figure(reports: dict[str, Any], png: Path) -> Path:
     return png
 
 
-def _training_curve(model_dir: Path, png: Path) -> Path | None:
-    """Plot the shipped model's training log (``training_log.csv`` beside the bundle), when present."""
+def _read_csv(path: Path) -> list[dict[str, str]]:
     import csv
 
-    log_path = model_dir / "training_log.csv"
-    if not log_path.is_file():
-        return None
-    with open(log_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "step" not in rows[0]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _training_curve(model_dir: Path, png: Path) -> Path | None:
+    """Plot the shipped model's training record (``train_log.csv``, ``val_log.csv`` beside the bundle)."""
+    curves = {
+        "train total": (_read_csv(model_dir / "train_log.csv"), "total"),
+        "validation loss": (_read_csv(model_dir / "val_log.csv"), "val_loss"),
+        "validation Dice": (_read_csv(model_dir / "val_log.csv"), "val_dice"),
+    }
+    if not any(rows for rows, _ in curves.values()):
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 3.0), dpi=100)
+    fig = Figure(figsize=(7.0, 3.0), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for key in ("total", "loss_total", "train_total", "val_loss"):
-        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan")]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=key, marker="o" if key == "val_loss" else None, ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Training curve of the shipped model", fontsize=9)
+    ax_loss = fig.add_subplot(1, 2, 1)
+    ax_dice = fig.add_subplot(1, 2, 2)
+    for label, (rows, key) in curves.items():
+        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan", "inf")]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax = ax_dice if "Dice" in label else ax_loss
+        ax.plot(xs, ys, label=label, marker="o" if "validation" in label else None, ms=3)
+    ax_loss.set_yscale("log")
+    for ax, title in ((ax_loss, "losses"), (ax_dice, "validation Dice (pooled)")):
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
