@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,6 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TINY_MODEL = {
-    "image_size": 64,
-    "latent_size": 8,
-    "stem_channels": 8,
-    "encoder_channels": (8, 16),
-    "code_dim": 8,
-    "num_codes": 16,
-    "spade_hidden_channels": 8,
-    "critic_channels": 8,
-}
-
-
 def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
     """A freshly initialised, seeded tiny FDN saved as a real inference bundle (untrained: retrieval runs
     mechanically on it, its scores mean nothing)."""
@@ -56,6 +45,7 @@ def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
     from fdn_core.data.preprocess import PreprocessConfig
     from fdn_core.model.bundle import save_bundle
     from fdn_core.model.fdn import FDN, FDNConfig
+    from FDNRetrievalLib.scenario import TINY_MODEL  # one tiny architecture for pytest and Slicer's self-test
 
     torch.manual_seed(seed)
     model = FDN(FDNConfig(**TINY_MODEL))
@@ -68,3 +58,9 @@ def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny untrained bundle (seed 0) shared by the session."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def bundle_factory() -> Callable[[Path, int], Path]:
+    """``make_tiny_bundle`` for tests that need several tiny bundles (e.g. two different models)."""
+    return make_tiny_bundle

@@ -15,33 +15,9 @@ import pytest
 from fdn_core.errors import DataError, ModelMismatchError
 from fdn_training.cli import main
 
-TINY_MODEL = {
-    "image_size": 64,
-    "latent_size": 8,
-    "stem_channels": 8,
-    "encoder_channels": (8, 16),
-    "code_dim": 8,
-    "num_codes": 16,
-    "spade_hidden_channels": 8,
-    "critic_channels": 8,
-}
-
-
-def _make_bundle(out: Path, seed: int) -> Path:
-    import torch
-
-    from fdn_core.data.preprocess import PreprocessConfig
-    from fdn_core.model.bundle import save_bundle
-    from fdn_core.model.fdn import FDN, FDNConfig
-
-    torch.manual_seed(seed)
-    return save_bundle(
-        FDN(FDNConfig(**TINY_MODEL)), PreprocessConfig(64), out, {"seed": seed, "trained": False}
-    )
-
 
 @pytest.fixture(scope="module")
-def setup(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory, bundle_factory) -> dict:
     """Two bundles (different seeds), the cohort's tumour/healthy split, a database of all but two cases."""
     from fdn_core.data.readers import find_cases, load_case
 
@@ -53,8 +29,8 @@ def setup(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert len(tumour) >= 3 and healthy, "the tiny cohort should have tumour and healthy cases"
     held_out = [tumour[-1], healthy[-1]]
     refs = [c for c in tumour + healthy if c not in held_out]
-    bundle = _make_bundle(work / "bundle", seed=0)
-    other = _make_bundle(work / "other_bundle", seed=1)
+    bundle = bundle_factory(work / "bundle", 0)
+    other = bundle_factory(work / "other_bundle", 1)
     db = work / "db"
     rc = main(["index", "build", "--model", str(bundle), "--data", str(tiny_cohort), "--db", str(db),
                "--cases", *refs, "--device", "cpu", "--no-progress"])  # fmt: skip

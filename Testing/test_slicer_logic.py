@@ -238,6 +238,18 @@ def test_default_resource_paths(tmp_path: Path) -> None:
     assert deps.default_resource_paths(module) == (demo, demo / "db")
 
 
+def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
+    module = tmp_path / "SlicerFDNRetrieval"
+    demo = tmp_path / "models" / "demo"
+    demo.mkdir(parents=True)
+    module.mkdir()
+    (demo / "bundle.json").write_text("{}")
+    assert deps.default_resource_paths(module) == (demo, None)
+    (tmp_path / "demo_out" / "db").mkdir(parents=True)
+    (tmp_path / "demo_out" / "db" / "manifest.json").write_text("{}")
+    assert deps.default_resource_paths(module) == (demo, tmp_path / "demo_out" / "db")
+
+
 def test_layout_xml_is_well_formed() -> None:
     for k in (1, 3, 10, 20):
         root = ET.fromstring(sc.results_layout_xml(k))

@@ -85,10 +85,12 @@ def find_bundled_source(module_dir: str | Path) -> Path | None:
 
 
 def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """The shipped demo model (``models/demo``) and database (``models/demo/db``), where they exist.
+    """The shipped demo model (``models/demo``) and a database for it, where they exist.
 
-    Looked for in the module's Resources (an installed extension), beside the module (a source checkout)
-    and beside an installed ``fdn_core`` (editable install); (None, None) when there is no demo model.
+    The model is looked for in the module's Resources (an installed extension), beside the module (a source
+    checkout) and beside an installed ``fdn_core`` (editable install); (None, None) when there is none.
+    The database is ``models/demo/db`` when shipped, else the one ``make demo`` / ``fdn demo`` wrote in the
+    checkout (``demo_out/db``, whose reference volumes are the demo's phantom cohort).
     """
     module_dir = Path(module_dir)
     roots = [module_dir / "Resources" / "models" / "demo", module_dir.parent / "models" / "demo"]
@@ -97,8 +99,8 @@ def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | 
         roots.append(Path(spec.origin).resolve().parents[1] / "models" / "demo")
     for root in roots:
         if (root / "bundle.json").is_file():
-            db = root / "db"
-            return root, (db if (db / "manifest.json").is_file() else None)
+            dbs = [root / "db", root.parents[1] / "demo_out" / "db"]
+            return root, next((db for db in dbs if (db / "manifest.json").is_file()), None)
     return None, None
 
 
