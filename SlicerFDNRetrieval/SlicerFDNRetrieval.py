@@ -64,6 +64,26 @@ class SlicerFDNRetrieval(ScriptedLoadableModule):
             "Abnormal Features of Medical Images into Discrete Latent Codes for Content-Based Image "
             "Retrieval' (2021), arXiv:2103.12328. Research use only: not a medical device."
         )
+        # Sample data (the demo's phantom cohort) is registered once the application has started.
+        slicer.app.connect("startupCompleted()", _register_sample_data)
+
+
+def _register_sample_data() -> None:
+    """Offer the phantom cases written by ``make demo`` in the Sample Data module (category FDN Retrieval)."""
+    import SampleData
+
+    from FDNRetrievalLib import deps
+
+    for study in deps.demo_sample_studies(MODULE_DIR):
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="FDN Retrieval",
+            sampleName=f"FDN phantom {study.case_id}",
+            uris=study.uris,
+            fileNames=study.file_names,
+            nodeNames=study.node_names,
+            checksums=study.checksums,
+            thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "SlicerFDNRetrieval.png"),
+        )
 
 
 #

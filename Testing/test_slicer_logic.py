@@ -387,3 +387,29 @@ def test_module_file_imports_only_slicer_at_top_level() -> None:
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
     assert top <= {"__future__", "logging", "pathlib", "tempfile", "typing", "qt", "slicer", "vtk"}, top
+
+
+def test_demo_sample_studies(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    module = tmp_path / "SlicerFDNRetrieval"
+    module.mkdir()
+    (tmp_path / "models" / "demo").mkdir(parents=True)
+    (tmp_path / "models" / "demo" / "bundle.json").write_text("{}")
+    assert deps.demo_sample_studies(module) == []  # no demo cohort yet
+    cohort = tmp_path / "demo_out" / "cohort"
+    cases = [("p0", True), ("p1", False), ("p2", False), ("p3", False)]
+    for cid, _ in cases:
+        (cohort / cid).mkdir(parents=True)
+        for seq in ("t1", "t1ce", "t2", "flair"):
+            (cohort / cid / f"{cid}_{seq}.nii.gz").write_bytes(f"{cid}-{seq}".encode())
+    (cohort / "p2" / "p2_t2.nii.gz").unlink()  # an incomplete case is not offered
+    meta = {"cases": [{"case_id": c, "healthy": h} for c, h in cases]}
+    (cohort / "cohort.json").write_text(json.dumps(meta))
+    studies = deps.demo_sample_studies(module, limit=2)
+    assert [s.case_id for s in studies] == ["p1", "p3"]  # healthy p0 and incomplete p2 skipped
+    first = studies[0]
+    assert first.file_names == ["p1_t1.nii.gz", "p1_t1ce.nii.gz", "p1_t2.nii.gz", "p1_flair.nii.gz"]
+    assert first.uris[1] == (cohort / "p1" / "p1_t1ce.nii.gz").resolve().as_uri()
+    assert first.checksums[0] == "SHA256:" + hashlib.sha256(b"p1-t1").hexdigest()

@@ -104,6 +104,55 @@ def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | 
     return None, None
 
 
+@dataclass(frozen=True)
+class SampleStudy:
+    """One phantom case of the demo cohort, described for SampleData's registerCustomSampleDataSource."""
+
+    case_id: str
+    uris: list[str]
+    file_names: list[str]
+    node_names: list[str]
+    checksums: list[str]
+
+
+def demo_sample_studies(module_dir: str | Path, limit: int = 2) -> list[SampleStudy]:
+    """The first ``limit`` tumour cases of the phantom cohort ``make demo`` wrote (``demo_out/cohort``
+    beside the shipped model), as local-file sample data; [] when there is no demo cohort.
+
+    Files are referenced in place (file:// URIs) with their SHA256 so SampleData verifies them.
+    """
+    import hashlib
+
+    model, _ = default_resource_paths(module_dir)
+    if model is None:
+        return []
+    cohort = model.parents[1] / "demo_out" / "cohort"
+    try:
+        meta = json.loads((cohort / "cohort.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    studies = []
+    for case in meta.get("cases", []):
+        if case.get("healthy", True):
+            continue
+        cid = str(case["case_id"])
+        files = [cohort / cid / f"{cid}_{seq}.nii.gz" for seq in ("t1", "t1ce", "t2", "flair")]
+        if not all(f.is_file() for f in files):
+            continue
+        studies.append(
+            SampleStudy(
+                case_id=cid,
+                uris=[f.resolve().as_uri() for f in files],
+                file_names=[f.name for f in files],
+                node_names=[f"{cid}_{seq}" for seq in ("t1", "t1ce", "t2", "flair")],
+                checksums=["SHA256:" + hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
+            )
+        )
+        if len(studies) >= limit:
+            break
+    return studies
+
+
 def installed_version(distribution: str = DISTRIBUTION) -> str | None:
     """Installed version of ``distribution`` in this Python, or None."""
     try:
