@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from fdn_core.data.readers import MODALITIES
 from fdn_core.errors import ConfigError, DataError
 from fdn_core.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
 from fdn_core.progress import Progress
@@ -83,7 +84,6 @@ __all__ = [
 GENERATOR_VERSION = "1.0"
 DEFAULT_SHAPE = (240, 240, 155)
 FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 SEG_LABELS = {1: "NCR/NET", 2: "ED", 4: "ET"}
 ANAT_LABELS = {
     1: "left cerebrum",
