@@ -263,3 +263,30 @@ def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: 
     # fdn train into a used run folder without --resume: exit code 2 and a message saying what to do.
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_path: Path) -> None:
+    from fdn_training.train import load_checkpoint, train
+
+    common = {"device": "cpu", "cache_dir": cache_dir, "export_bundle": False, "show_progress_bar": False}
+    first = train("tiny_test", tiny_cohort, tmp_path / "a", max_steps=2, **common)
+    warm = train(
+        "tiny_test", tiny_cohort, tmp_path / "b", max_steps=1, init_from=first.last_checkpoint, **common
+    )
+    cold = train("tiny_test", tiny_cohort, tmp_path / "c", max_steps=1, **common)
+    key = next(k for k in load_checkpoint(first.last_checkpoint)["model"] if k.endswith("embedding.weight"))
+    book = {name: load_checkpoint(r.last_checkpoint)["model"][key] for name, r in
+            (("first", first), ("warm", warm), ("cold", cold))}  # fmt: skip
+    # One EMA step (decay 0.99) moves the warm-started codebook a little from where the first run left it;
+    # a cold start is elsewhere entirely.
+    assert (book["warm"] - book["first"]).norm() < (book["cold"] - book["first"]).norm()
+    assert load_checkpoint(warm.last_checkpoint)["step"] == 1  # a new run: fresh schedule
+
+    with pytest.raises(ConfigError, match="cannot be combined with --resume"):
+        train(None, tiny_cohort, tmp_path / "a", resume=True, init_from=first.last_checkpoint, **common)
+    other = load_train_config("tiny_test").to_dict()
+    other["model"]["code_dim"] = other["model"]["code_dim"] * 2
+    with pytest.raises(ConfigError, match="same architecture"):
+        train(
+            load_train_config(other), tiny_cohort, tmp_path / "d", init_from=first.last_checkpoint, **common
+        )

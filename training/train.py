@@ -622,11 +622,14 @@ def train(
     export_bundle: bool = True,
     progress: Progress | None = None,
     show_progress_bar: bool = True,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) an FDN run in ``run_dir`` on the cohort in ``data_dir``.
 
     ``config`` may be None when resuming (the run's own config is used); ``max_steps`` overrides
-    ``run.max_steps``. Under torchrun (WORLD_SIZE > 1) this joins the process group itself.
+    ``run.max_steps``. ``init_from`` warm-starts a new run from another run's checkpoint (network, codebooks
+    and critic weights; fresh optimisers, schedule and logs). Under torchrun (WORLD_SIZE > 1) this joins
+    the process group itself.
     """
     dist, dev = _setup_distributed(device)
     try:
@@ -642,6 +645,7 @@ def train(
             export_bundle,
             progress,
             show_progress_bar,
+            init_from,
         )
     finally:
         if dist.distributed and torch_dist.is_initialized():
@@ -704,8 +708,13 @@ def _train(
     export_bundle: bool,
     progress: Progress | None,
     show_progress_bar: bool,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     cfg, payload = _resolve_config(config, run_dir, resume, max_steps)
+    if init_from is not None and resume:
+        raise ConfigError(
+            "--init-from starts a new run from another run's weights; it cannot be combined with --resume"
+        )
     if cfg.dataset.batch_size % dist.world_size:
         raise ConfigError(
             f"dataset.batch_size={cfg.dataset.batch_size} is not divisible by the {dist.world_size} "
@@ -728,6 +737,16 @@ def _train(
     metric = cfg.save.best_metric
     best_value: float | None = None
     best_step: int | None = None
+    if init_from is not None:
+        warm = load_checkpoint(init_from)
+        warm_cfg = load_train_config(warm["config"])
+        if warm_cfg.model != cfg.model:
+            raise ConfigError(
+                f"{init_from}: its model section differs from this config's; a warm start needs the same "
+                "architecture (copy the model section of the checkpoint's config)"
+            )
+        model.load_state_dict(warm["model"])
+        log.info("warm start from %s (step %s); fresh optimisers and schedule", init_from, warm["step"])
     if payload is not None:
         if int(payload["world_size"]) != dist.world_size:
             raise ConfigError(
@@ -979,6 +998,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         export_bundle=not args.no_export,
         show_progress_bar=not args.no_progress,
+        init_from=args.init_from,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         best = "none" if result.best_value is None else f"{result.best_value:.5g} ({result.best_metric})"

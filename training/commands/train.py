@@ -35,6 +35,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: torch's choice; use 1 when other jobs share the cores)",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm start: begin a new run from another run's checkpoint (weights only, same architecture)",
+    )
     parser.add_argument("--no-export", action="store_true", help="do not export RUN/bundle at the end")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
