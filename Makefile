@@ -14,7 +14,7 @@ lint: setup-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 setup-demo:
-	bash scripts/setup.sh phantom,train
+	bash scripts/setup.sh demo
 
 setup-test:
 	bash scripts/setup.sh test

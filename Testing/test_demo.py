@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fdn_training.cli import main
+from fdn_core.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -201,8 +201,8 @@ def test_evaluate_model_on_a_cohort(tiny_bundle: Path, tiny_cohort: Path) -> Non
 
 
 def test_eval_model_cli(tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path, capsys) -> None:
+    from fdn_core.cli import main
     from fdn_core.data.readers import find_cases
-    from fdn_training.cli import main
 
     cases = [c.case_id for c in find_cases(tiny_cohort)][:3]
     out = tmp_path / "eval"

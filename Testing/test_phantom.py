@@ -252,7 +252,7 @@ def test_missing_nilearn_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_cli_refuses_non_empty_folder_then_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from fdn_training.cli import main
+    from fdn_core.cli import main
 
     out = tmp_path / "cohort"
     out.mkdir()

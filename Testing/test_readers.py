@@ -350,7 +350,7 @@ def test_validate_cohort_loads_every_case(tmp_path: Path) -> None:
 
 
 def test_fdn_inspect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fdn_training.cli import main
+    from fdn_core.cli import main
 
     src = tmp_path / "brats"
     _brats_case(src, "healthy", seed=18, anat=True)

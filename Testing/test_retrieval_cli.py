@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fdn_core.cli import main
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_training.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,8 @@ def test_wheelhouse_pins_skip_slicer_provided_packages() -> None:
 def test_default_resource_paths(tmp_path: Path) -> None:
     module = tmp_path / "SlicerFDNRetrieval"
     (module / "Resources" / "models" / "demo" / "db").mkdir(parents=True)
-    assert deps.default_resource_paths(module)[0] in (None, MODULE_DIR.parent / "models" / "demo")
+    shipped = MODULE_DIR.parent / "fdn_core" / "resources" / "models" / "demo"
+    assert deps.default_resource_paths(module)[0] in (None, shipped)
     demo = module / "Resources" / "models" / "demo"
     (demo / "bundle.json").write_text("{}")
     (demo / "db" / "manifest.json").write_text("{}")
@@ -240,9 +241,8 @@ def test_default_resource_paths(tmp_path: Path) -> None:
 
 def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
     module = tmp_path / "SlicerFDNRetrieval"
-    demo = tmp_path / "models" / "demo"
+    demo = module / "Resources" / "models" / "demo"
     demo.mkdir(parents=True)
-    module.mkdir()
     (demo / "bundle.json").write_text("{}")
     assert deps.default_resource_paths(module) == (demo, None)
     (tmp_path / "demo_out" / "db").mkdir(parents=True)
@@ -395,8 +395,6 @@ def test_demo_sample_studies(tmp_path: Path) -> None:
 
     module = tmp_path / "SlicerFDNRetrieval"
     module.mkdir()
-    (tmp_path / "models" / "demo").mkdir(parents=True)
-    (tmp_path / "models" / "demo" / "bundle.json").write_text("{}")
     assert deps.demo_sample_studies(module) == []  # no demo cohort yet
     cohort = tmp_path / "demo_out" / "cohort"
     cases = [("p0", True), ("p1", False), ("p2", False), ("p3", False)]

@@ -206,9 +206,9 @@ def test_too_few_cases_is_a_clear_error(tiny_cohort: Path, tmp_path: Path) -> No
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
+    from fdn_core.cli import main
     from fdn_core.data.cache import SliceCache
     from fdn_core.model.bundle import load_bundle
-    from fdn_training.cli import main
     from fdn_training.train import build_model, load_checkpoint
 
     run = tmp_path / "run"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up (idempotently) the project's virtual environment: torch 2.13.0 first, then the project.
-# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "phantom,train" for the demo, "test" for the test suite.
+# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "demo" for the demo, "test" for the test suite.
+# "train" (alone or in the list) also installs the training harness (training/, distribution fdn-training);
+# "test" installs it too, since the suite tests it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-phantom,train}"
+EXTRAS="${1:-demo}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 
@@ -17,8 +19,13 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "== installing torch==2.13.0"
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-echo "== installing fdn-retrieval[$EXTRAS] (editable)"
-"$PY" -m pip install --quiet -e ".[$EXTRAS]"
+CORE_EXTRAS=$(echo ",$EXTRAS," | sed 's/,train,/,/g; s/^,//; s/,$//')
+TARGETS=(-e ".${CORE_EXTRAS:+[$CORE_EXTRAS]}")
+if [[ ",$EXTRAS," == *,train,* || ",$EXTRAS," == *,test,* ]]; then
+  TARGETS+=(-e ./training)
+fi
+echo "== installing fdn-retrieval${CORE_EXTRAS:+[$CORE_EXTRAS]} (editable)${TARGETS[3]:+ and fdn-training}"
+"$PY" -m pip install --quiet "${TARGETS[@]}"
 
 if [[ "$EXTRAS" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
   # The report test opens the demo's index.html in headless Chromium (Debian package).

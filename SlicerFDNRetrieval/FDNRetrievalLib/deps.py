@@ -18,6 +18,7 @@ module stays testable without Slicer.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import importlib.util
 import json
@@ -85,21 +86,21 @@ def find_bundled_source(module_dir: str | Path) -> Path | None:
 
 
 def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """The shipped demo model (``models/demo``) and a database for it, where they exist.
+    """The shipped demo model and a database for it, where they exist.
 
-    The model is looked for in the module's Resources (an installed extension), beside the module (a source
-    checkout) and beside an installed ``fdn_core`` (editable install); (None, None) when there is none.
-    The database is ``models/demo/db`` when shipped, else the one ``make demo`` / ``fdn demo`` wrote in the
-    checkout (``demo_out/db``, whose reference volumes are the demo's phantom cohort).
+    The model is looked for in the module's Resources (an installed extension) and in the installed
+    ``fdn_core`` package (``fdn_core/resources/models/demo``); (None, None) when there is none. The database
+    is ``<model>/db`` when shipped, else the one ``make demo`` / ``fdn demo`` wrote in the source checkout
+    beside the module (``demo_out/db``, whose reference volumes are the demo's phantom cohort).
     """
     module_dir = Path(module_dir)
-    roots = [module_dir / "Resources" / "models" / "demo", module_dir.parent / "models" / "demo"]
+    roots = [module_dir / "Resources" / "models" / "demo"]
     spec = importlib.util.find_spec("fdn_core")
     if spec is not None and spec.origin:
-        roots.append(Path(spec.origin).resolve().parents[1] / "models" / "demo")
+        roots.append(Path(spec.origin).resolve().parent / "resources" / "models" / "demo")
     for root in roots:
         if (root / "bundle.json").is_file():
-            dbs = [root / "db", root.parents[1] / "demo_out" / "db"]
+            dbs = [root / "db", module_dir.parent / "demo_out" / "db"]
             return root, next((db for db in dbs if (db / "manifest.json").is_file()), None)
     return None, None
 
@@ -123,10 +124,7 @@ def demo_sample_studies(module_dir: str | Path, limit: int = 2) -> list[SampleSt
     """
     import hashlib
 
-    model, _ = default_resource_paths(module_dir)
-    if model is None:
-        return []
-    cohort = model.parents[1] / "demo_out" / "cohort"
+    cohort = Path(module_dir).parent / "demo_out" / "cohort"
     try:
         meta = json.loads((cohort / "cohort.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -246,6 +244,23 @@ class InstallPlan:
         return installed_version(DISTRIBUTION) != self.version
 
 
+def _source_version(source: Path, project: dict) -> str:
+    """The bundled package's version: pyproject's static ``version``, else ``fdn_core.__version__``."""
+    if "version" in project:
+        return str(project["version"])
+    init = source / "fdn_core" / "__init__.py"
+    try:
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError) as exc:
+        raise DependencyError(f"cannot read the version of the bundled fdn_core ({init}): {exc}") from exc
+    for node in tree.body:
+        names = [getattr(t, "id", None) for t in node.targets] if isinstance(node, ast.Assign) else []
+        value = getattr(node, "value", None)
+        if "__version__" in names and isinstance(value, ast.Constant) and isinstance(value.value, str):
+            return value.value
+    raise DependencyError(f"{init} defines no __version__; reinstall the FDNRetrieval extension")
+
+
 def make_plan(module_dir: str | Path, wheelhouse: str | Path | None = None) -> InstallPlan:
     """Read the bundled ``pyproject.toml`` and plan the install (nothing is installed here)."""
     source = find_bundled_source(module_dir)
@@ -274,7 +289,7 @@ def make_plan(module_dir: str | Path, wheelhouse: str | Path | None = None) -> I
         elif _canonical(name) not in provided:
             requirements.append(requirement)
     return InstallPlan(
-        version=str(project["version"]),
+        version=_source_version(source, project),
         torch_requirement=torch_requirement,
         requirements=tuple(requirements),
         source_dir=source,

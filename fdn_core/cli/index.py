@@ -5,23 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fdn_core.cli.args import (
+    add_batch_size,
+    add_data,
+    add_db,
+    add_device,
+    add_model,
+    add_no_progress,
+    positive_int,
+)
+
+if TYPE_CHECKING:
+    from fdn_core.model.bundle import InferenceBundle
 
 __all__ = ["register", "run"]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    add_model(parser)
+    add_data(parser)
+    add_device(parser)
+    add_batch_size(parser)
     parser.add_argument(
-        "--model", required=True, type=Path, help="inference bundle folder (fdn train/export)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        help="threads that load and preprocess cases ahead of the encoder",
     )
-    parser.add_argument("--data", required=True, type=Path, help="cohort folder (BraTS or Decathlon layout)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cuda, cuda:N, mps or cpu")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="slices per forward pass (default: by device)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="threads that load and preprocess cases ahead of the encoder"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_model_args(build)
-    build.add_argument("--db", required=True, type=Path, help="database folder to create")
+    add_db(build, help="database folder to create")
     build.add_argument("--cases", nargs="+", default=None, help="case ids to index (default: all)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing database")
     build.add_argument(
@@ -60,13 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Encode cases and add them to an existing database (default: every case of --data not in it yet)."
         ),
     )
-    add.add_argument("--db", required=True, type=Path, help="existing database folder")
+    add_db(add, help="existing database folder")
     _add_model_args(add)
     add.add_argument("--cases", nargs="+", default=None, help="case ids to add (default: all new cases)")
     add.set_defaults(func=run)
 
     remove = actions.add_parser("remove", help="remove a case from a database")
-    remove.add_argument("--db", required=True, type=Path, help="database folder")
+    add_db(remove)
     remove.add_argument("--case", required=True, action="append", dest="cases", help="case id (repeatable)")
     remove.set_defaults(func=run)
 
@@ -83,14 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run)
 
 
-def _load_bundle(args: argparse.Namespace):
-    from fdn_core.errors import ConfigError
+def _load_bundle(args: argparse.Namespace) -> InferenceBundle:
     from fdn_core.model.bundle import load_bundle
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be >= 1")
     return load_bundle(args.model, device=args.device)
 
 

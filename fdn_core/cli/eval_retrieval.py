@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdn_core.cli.args import add_batch_size, add_data, add_db, add_device, add_model, add_no_progress
+
 __all__ = ["register", "run"]
 
 
@@ -23,13 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "retrieval_eval.json and retrieval_eval.md."
         ),
     )
-    parser.add_argument("--db", required=True, type=Path, help="code database of the reference volumes")
-    parser.add_argument(
-        "--data", required=True, type=Path, help="labelled cohort folder (queries and references)"
-    )
-    parser.add_argument(
-        "--model", required=True, type=Path, help="inference bundle the database was built with"
-    )
+    add_db(parser, help="code database of the reference volumes")
+    add_data(parser, help="labelled cohort folder (queries and references)")
+    add_model(parser, help="inference bundle the database was built with")
     parser.add_argument(
         "--queries", nargs="+", default=None, help="query case ids (default: cases not in --db)"
     )
@@ -38,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--distances", nargs="+", choices=DISTANCES, default=list(DISTANCES), help="distances to evaluate"
     )
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device(parser)
+    add_batch_size(parser)
+    add_no_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -53,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: must be >= 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     bundle = load_bundle(args.model, device=args.device)
     result = evaluate_retrieval(
         bundle,

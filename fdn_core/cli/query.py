@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdn_core.cli.args import add_db, add_device, add_model
+
 __all__ = ["register", "run"]
 
 
@@ -23,10 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(S_abnormal), sum (S_sum) and sum-normalized (each distance divided by its typical size)."
         ),
     )
-    parser.add_argument("--db", required=True, type=Path, help="code database folder (fdn index build)")
-    parser.add_argument(
-        "--model", required=True, type=Path, help="inference bundle the database was built with"
-    )
+    add_db(parser, help="code database folder (fdn index build)")
+    add_model(parser, help="inference bundle the database was built with")
     parser.add_argument(
         "--case",
         required=True,
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--montage", type=Path, default=None, help="write a PNG of the query and the results")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    add_device(parser)
     parser.set_defaults(func=run)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fdn_core.cli.args import add_no_progress
 from fdn_core.data.readers import CLASS_NAMES, CaseProblem, CaseSummary, detect_layout, validate_cohort
 from fdn_core.progress import tqdm_progress
 
@@ -32,7 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("dir", type=Path, help="cohort folder")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout instead of a table")
     p.add_argument("--workers", type=int, default=2, help="cases read in parallel (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(p)
     p.set_defaults(func=run)
 
 

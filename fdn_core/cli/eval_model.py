@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdn_core.cli.args import add_batch_size, add_data, add_device, add_model, add_no_progress
+
 __all__ = ["register", "run"]
 
 
@@ -15,10 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a trained model (reconstruction, Dice, compactness, leakiness)",
         description="Evaluate an inference bundle on labelled cases; writes model_eval.json and .md.",
     )
-    parser.add_argument(
-        "--model", required=True, type=Path, help="inference bundle folder (fdn train/export)"
-    )
-    parser.add_argument("--data", required=True, type=Path, help="cohort folder with abnormal labels")
+    add_model(parser)
+    add_data(parser, help="cohort folder with abnormal labels")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--cases", nargs="+", default=None, help="case ids to evaluate (default: all)")
     which.add_argument(
@@ -27,11 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate the validation cases recorded in the bundle by fdn train (never trained on)",
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for model_eval.json / model_eval.md")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    add_device(parser)
+    add_batch_size(parser, default=32)
     parser.add_argument("--leak-epochs", type=int, default=15, help="epochs of the leakiness classifier")
     parser.add_argument("--seed", type=int, default=0, help="seed of the leakiness split and classifier")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -47,8 +47,6 @@ def run(args: argparse.Namespace) -> int:
     from fdn_core.model.bundle import load_bundle
     from fdn_core.progress import tqdm_progress
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     try:
         settings = LeakinessSettings(epochs=args.leak_epochs, seed=args.seed)
     except ValueError as exc:

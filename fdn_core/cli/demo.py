@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdn_core.cli.args import add_device, add_model, add_no_progress
+
 __all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    from fdn_training.demo import DEFAULT_MODEL_DIR, DemoSettings
+    from fdn_core.demo import DEFAULT_MODEL_DIR, DemoSettings
 
     d = DemoSettings(out=Path("demo_out"))
     p = sub.add_parser(
@@ -23,18 +25,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"cohort seed (default {d.seed})")
     p.add_argument("--shape", type=int, nargs=3, default=list(d.shape), metavar=("X", "Y", "Z"))
     p.add_argument("--query-fraction", type=float, default=d.query_fraction)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="inference bundle folder")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    add_model(
+        p,
+        required=False,
+        default=DEFAULT_MODEL_DIR,
+        help="inference bundle folder (default: the shipped model)",
+    )
+    add_device(p)
     p.add_argument("--workers", type=int, default=None, help="phantom worker processes (default: all cores)")
     p.add_argument("--top", type=int, default=d.top)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed arguments."""
+    from fdn_core.demo import DemoSettings, run_demo
     from fdn_core.progress import tqdm_progress
-    from fdn_training.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         out=args.out,

@@ -23,13 +23,14 @@ import numpy as np
 from fdn_core.errors import DataError
 from fdn_core.fileio import atomic_path, atomic_write_json
 from fdn_core.progress import Progress
+from fdn_core.resources import shipped_model_dir
 
 __all__ = ["DEFAULT_MODEL_DIR", "DemoSettings", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-#: The shipped demo model (an inference bundle) inside the repository.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
+#: The shipped demo model (an inference bundle), installed with the package.
+DEFAULT_MODEL_DIR = shipped_model_dir("demo")
 
 #: Result columns of fdn_core.evaluation.retrieval_eval (keys) -> (title, search mode).
 _COLUMNS = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fdn_core.cli.args import add_data, add_device, add_no_progress
+
 __all__ = ["add_train_arguments", "register", "run"]
 
 
@@ -15,11 +17,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="training config: a YAML/JSON file or a shipped name (fdn8x8_256, demo_cpu, tiny_test); "
         "optional with --resume (the run's own config is used)",
     )
-    parser.add_argument(
-        "--data", required=True, type=Path, help="cohort folder (BraTS / MSD / phantom layout)"
-    )
+    add_data(parser)
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, bundle)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, cuda:N, mps or cpu")
+    add_device(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
@@ -42,7 +42,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="warm start: begin a new run from another run's checkpoint (weights only, same architecture)",
     )
     parser.add_argument("--no-export", action="store_true", help="do not export RUN/bundle at the end")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

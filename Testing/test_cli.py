@@ -1,0 +1,50 @@
+"""The ``fdn`` entry point: core commands, plugin commands through entry points, broken plugins, layering."""
+
+from __future__ import annotations
+
+import ast
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+
+from fdn_core import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_is_listed() -> None:
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    core = {"phantom", "inspect", "index", "query", "eval-retrieval", "eval-model", "demo"}
+    assert core <= names
+    assert {"train", "export"} <= names  # added by the installed fdn-training through fdn.commands
+
+
+def test_a_broken_plugin_is_listed_and_explains_itself(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = EntryPoint(name="broken", value="no_such_module_xyz:register", group=cli.ENTRY_POINT_GROUP)
+    shadow = EntryPoint(name="index", value="no_such_module_xyz:register", group=cli.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken, shadow])
+    assert cli.main(["broken"]) == 2
+    err = capsys.readouterr().err
+    assert "could not be loaded from no_such_module_xyz:register" in err and "reinstall" in err
+    parser = cli.build_parser()  # a plugin can never replace a core command
+    action = parser._subparsers._group_actions[0]  # type: ignore[union-attr]
+    helps = {a.dest: a.help or "" for a in action._choices_actions}
+    assert "cannot be loaded" in helps["broken"] and "cannot be loaded" not in helps["index"]
+
+
+def test_core_never_imports_training_slicer_or_the_web_viewer() -> None:
+    forbidden = ("fdn_training", "slicer", "FDNRetrievalLib", "FDNRetrievalWeb", "vtk", "qt", "trame")
+    for path in (ROOT / "fdn_core").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path}: imports {name}"

@@ -1,0 +1,92 @@
+"""The ``fdn`` command line: ``fdn <command> --help`` for each command.
+
+The commands of this package (phantom, inspect, index, query, eval-retrieval, eval-model, demo) are always
+there. Other installed distributions add theirs through the entry-point group ``fdn.commands``: each entry
+is a ``register(subparsers)`` callable (the training harness ``fdn-training`` adds ``train`` and
+``export``). An entry that cannot be loaded is still listed, and running it says why and how to repair it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from fdn_core.errors import FDNError
+
+__all__ = ["COMMAND_MODULES", "ENTRY_POINT_GROUP", "build_parser", "main"]
+
+#: The commands this package provides, one module each in ``fdn_core.cli`` exposing ``register``.
+COMMAND_MODULES = ("phantom", "inspect", "index", "query", "eval_retrieval", "eval_model", "demo")
+#: Entry-point group through which other distributions add commands.
+ENTRY_POINT_GROUP = "fdn.commands"
+
+
+def _broken_command(sub: Any, ep: EntryPoint, exc: BaseException) -> None:
+    """List a command whose module failed to load; running it reports the failure instead of hiding it."""
+    reason = f"{type(exc).__name__}: {exc}"
+    dist = ep.dist.name if ep.dist is not None else "the package that provides it"
+    parser = sub.add_parser(ep.name, help=f"(cannot be loaded: {reason})", add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        raise FDNError(
+            f"the command could not be loaded from {ep.value} ({reason}); reinstall {dist} "
+            "(for a source checkout: bash scripts/setup.sh)"
+        )
+
+    parser.set_defaults(func=run)
+
+
+def _plugin_commands() -> list[EntryPoint]:
+    eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    seen: dict[str, EntryPoint] = {}
+    for ep in eps:  # one distribution installed twice (e.g. editable + wheel) lists an entry twice
+        seen.setdefault(ep.name, ep)
+    return list(seen.values())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command of this package and of the installed plugins."""
+    parser = argparse.ArgumentParser(
+        prog="fdn",
+        description="Brain MR retrieval with normal/abnormal anatomy codes (feature decomposing network).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"fdn_core.cli.{name}").register(sub)
+    for ep in _plugin_commands():
+        if ep.name in sub.choices:
+            continue  # never let a plugin replace a core command
+        try:
+            register: Callable[[Any], None] = ep.load()
+            register(sub)
+        except Exception as exc:  # a broken plugin must not take the other commands down: it is listed
+            _broken_command(sub, ep, exc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fdn`` script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FDNError as exc:
+        print(f"fdn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fdn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
