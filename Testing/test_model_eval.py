@@ -11,40 +11,17 @@ import pytest
 
 from fdn_core.evaluation.model_eval import (
     LeakinessSettings,
-    abnormal_dice,
     code_usage,
     codebook_compactness,
-    dice,
     evaluate_model,
     leakiness,
     markdown_report,
-    ppv,
     reconstruction_errors,
-    roc_auc,
     write_model_eval,
 )
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def test_dice_hand_computed() -> None:
-    assert dice(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == pytest.approx(0.5)
-    assert dice(np.array([1, 1]), np.array([1, 1])) == 1.0
-    assert dice(np.array([1, 0]), np.array([0, 1])) == 0.0
-    assert math.isnan(dice(np.zeros(4), np.zeros(4)))  # undefined when both are empty
-    with pytest.raises(ValueError, match="shapes differ"):
-        dice(np.zeros(3), np.zeros(4))
-
-
-def test_abnormal_dice_per_class_and_whole_tumour() -> None:
-    pred = np.array([[1, 2], [3, 0]])[..., None]
-    ref = np.array([[1, 2], [2, 0]])[..., None]
-    d = abnormal_dice(pred, ref)
-    assert d["ncr_net"] == 1.0
-    assert d["ed"] == pytest.approx(2 * 1 / (1 + 2))
-    assert d["et"] == 0.0  # predicted, not in the reference
-    assert d["whole_tumour"] == 1.0  # the same three voxels are tumour in both
-
-
 def test_reconstruction_errors_hand_computed() -> None:
     images = np.zeros((1, 2, 2, 2), np.float32)
     recon_full = np.ones_like(images)
@@ -76,19 +53,6 @@ def test_code_usage_and_perplexity() -> None:
     assert code_usage(np.ones(8))["perplexity"] == pytest.approx(8.0)
     with pytest.raises(ValueError, match="empty"):
         code_usage(np.zeros(3))
-
-
-def test_ppv_and_auc_hand_computed() -> None:
-    assert ppv(np.array([1, 0, 1, 0]), np.array([1, 1, 0, 0])) == pytest.approx(0.5)
-    assert ppv(np.array([1, 1, 0]), np.array([1, 1, 0])) == 1.0
-    assert math.isnan(ppv(np.array([1, 0]), np.array([0, 0])))
-    y = np.array([0, 0, 1, 1])
-    assert roc_auc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
-    assert roc_auc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
-    assert roc_auc(y, np.full(4, 0.5)) == 0.5
-    # One of four (positive, negative) pairs is ordered wrongly: 3/4.
-    assert roc_auc(y, np.array([0.1, 0.6, 0.5, 0.9])) == pytest.approx(0.75)
-    assert math.isnan(roc_auc(np.ones(3), np.arange(3.0)))
 
 
 def _blob_samples(leaky: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from fdn_core.data import phantom
-from fdn_core.data.phantom import MODALITIES, draw_montage, generate_cohort
+from fdn_core.data.phantom import generate_cohort
 from fdn_core.errors import ConfigError, DataError
+from fdn_core.labels import MODALITIES
 from fdn_core.progress import Cancelled, Progress
+from fdn_core.report.montage import draw_cohort_montage
 
 TINY = (64, 64, 40)
 NAMES = (*MODALITIES, "seg", "anat")
@@ -269,10 +271,10 @@ def test_cli_refuses_non_empty_folder_then_overwrites(tmp_path: Path, capsys: py
 
 
 def test_montage(tiny_cohort: Path, tmp_path: Path) -> None:
-    png = draw_montage(tiny_cohort, tmp_path / "m.png")
+    png = draw_cohort_montage(tiny_cohort, tmp_path / "m.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 400_000
     with pytest.raises(DataError, match="no case"):
-        draw_montage(tiny_cohort, tmp_path / "n.png", cases=["nobody"])
+        draw_cohort_montage(tiny_cohort, tmp_path / "n.png", cases=["nobody"])
     with pytest.raises(DataError, match=r"cohort\.json"):
-        draw_montage(tmp_path, tmp_path / "n.png")
+        draw_cohort_montage(tmp_path, tmp_path / "n.png")

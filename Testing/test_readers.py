@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from fdn_core.data.readers import (
-    MODALITIES,
     CaseList,
     canonical_shape,
     find_cases,
@@ -25,6 +24,7 @@ from fdn_core.data.readers import (
     write_msd_copy,
 )
 from fdn_core.errors import DataError
+from fdn_core.labels import MODALITIES
 
 SHAPE = (16, 14, 8)
 LPS = np.array([[-1.0, 0, 0, 15], [0, -1.0, 0, 13], [0, 0, 2.0, -7], [0, 0, 0, 1]])  # BraTS-like, 2 mm slices

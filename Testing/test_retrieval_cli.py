@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fdn_core.cli import main
-from fdn_core.errors import DataError, ModelMismatchError
+from fdn_core.errors import ConfigError, DataError, ModelMismatchError
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,8 @@ def test_query_bad_input(
 
 
 def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
-    from fdn_core.retrieval import case_files_from_paths, normalize_mode, parse_case_slice
+    from fdn_core.labels import normalize_mode
+    from fdn_core.retrieval import case_files_from_paths, parse_case_slice
 
     assert parse_case_slice("BraTS19_2013_0_1:72") == ("BraTS19_2013_0_1", 72)
     assert parse_case_slice("a:b:3") == ("a:b", 3)
@@ -322,8 +323,9 @@ def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
         with pytest.raises(DataError):
             parse_case_slice(bad)
     assert normalize_mode("sum-normalised") == "sum_normalized"
-    with pytest.raises(DataError, match="unknown search mode"):
-        normalize_mode("both")
+    assert normalize_mode("both") == "sum_normalized"  # the panel's name
+    with pytest.raises(ConfigError, match="unknown search mode"):
+        normalize_mode("similar")
     with pytest.raises(DataError, match="no such file"):
         case_files_from_paths([tmp_path / "missing"])
     odd = tmp_path / "scan.nii.gz"
@@ -345,7 +347,8 @@ def _labels_at_model_size(cohort: Path, case_id: str) -> tuple[np.ndarray, np.nd
 
 
 def test_eval_retrieval_cli_table2_protocol(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    from fdn_core.evaluation.retrieval_eval import ABNORMAL_CLASSES, ANATOMY_CLASSES, multiclass_dice
+    from fdn_core.evaluation.metrics import multiclass_dice
+    from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES
 
     out_dir = setup["work"] / "eval"
     rc, out, err = _run(

@@ -8,57 +8,16 @@ import numpy as np
 import pytest
 
 from fdn_core.errors import DataError
+from fdn_core.evaluation.metrics import dice_matrix
 from fdn_core.evaluation.retrieval_eval import (
-    ABNORMAL_CLASSES,
-    ANATOMY_CLASSES,
     average_precision_at_k,
-    dice_matrix,
-    dice_per_class,
     largest_tumour_slice,
-    multiclass_dice,
     oracle_volume_wise,
     precision_at_k,
     volume_wise_best,
 )
+from fdn_core.labels import ABNORMAL_CLASSES
 from fdn_core.report.montage import MontagePanel, display_orientation, render_montage
-
-
-def test_dice_per_class_by_hand() -> None:
-    a = np.array([[1, 1, 0], [2, 0, 0]])
-    b = np.array([[1, 0, 0], [2, 2, 3]])
-    per = dice_per_class(a, b, (1, 2, 3, 4))
-    # class 1: |A|=2, |B|=1, overlap 1 -> 2/3; class 2: |A|=1, |B|=2, overlap 1 -> 2/3;
-    # class 3: only in b -> 0; class 4: in neither -> NaN (skipped).
-    assert per[:3] == pytest.approx([2 / 3, 2 / 3, 0.0])
-    assert math.isnan(per[3])
-    assert multiclass_dice(a, b, (1, 2, 3, 4)) == pytest.approx((2 / 3 + 2 / 3 + 0.0) / 3)
-
-
-def test_multiclass_dice_empty_and_identical_maps() -> None:
-    empty = np.zeros((4, 4), dtype=np.uint8)
-    tumour = empty.copy()
-    tumour[1:3, 1:3] = 2
-    assert multiclass_dice(empty, empty, ABNORMAL_CLASSES) == 1.0  # nothing to disagree about
-    assert multiclass_dice(tumour, empty, ABNORMAL_CLASSES) == 0.0
-    assert multiclass_dice(empty, tumour, ABNORMAL_CLASSES) == 0.0
-    assert multiclass_dice(tumour, tumour, ABNORMAL_CLASSES) == 1.0
-    with pytest.raises(DataError, match="differ in shape"):
-        multiclass_dice(tumour, tumour[:3], ABNORMAL_CLASSES)
-
-
-def test_dice_matrix_matches_the_pairwise_definition() -> None:
-    rng = np.random.default_rng(3)
-    queries = rng.integers(0, 7, size=(3, 6, 5)).astype(np.uint8)
-    refs = rng.integers(0, 7, size=(5, 6, 5)).astype(np.uint8)
-    refs[0] = 0  # an empty reference slice
-    queries[1] = 0
-    refs[1] = 0  # empty vs empty -> 1
-    m = dice_matrix(queries, refs, ANATOMY_CLASSES)
-    expected = np.array([[multiclass_dice(q, r, ANATOMY_CLASSES) for r in refs] for q in queries])
-    np.testing.assert_allclose(m, expected, rtol=0, atol=1e-12)
-    assert m[1, 1] == 1.0 and m[0, 0] == 0.0
-    with pytest.raises(DataError, match="label stacks"):
-        dice_matrix(queries, refs[:, :5], ANATOMY_CLASSES)
 
 
 def test_largest_tumour_slice_picks_the_lowest_index_on_ties() -> None:

@@ -7,9 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from fdn_core.codes.search import DISTANCES, MODES, Hit, Query, SearchEngine
+from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.codes.tables import dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
+from fdn_core.labels import DISTANCES, MODES
 
 K, D, GRID, B = 24, 6, (3, 4), 19
 P = GRID[0] * GRID[1]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fdn_core.data.readers import MODALITIES, find_cases, load_case, write_brats_case
+from fdn_core.data.readers import find_cases, load_case, write_brats_case
+from fdn_core.labels import MODALITIES
 from fdn_core.progress import Cancelled
 from FDNRetrievalLib import deps, naming, scenario
 from FDNRetrievalLib import scene as sc

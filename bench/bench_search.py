@@ -50,8 +50,9 @@ def _topk(d: np.ndarray, k: int) -> np.ndarray:
 
 def bench_size(n: int, args: argparse.Namespace, rows: list[list[str]]) -> None:
     """Benchmark one database size; appends table rows."""
-    from fdn_core.codes.search import DISTANCES, MODES, SearchEngine
+    from fdn_core.codes.search import SearchEngine
     from fdn_core.codes.tables import squared_euclidean_table
+    from fdn_core.labels import DISTANCES, MODES
 
     rng = np.random.default_rng(args.seed)
     p = args.grid[0] * args.grid[1]

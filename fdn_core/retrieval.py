@@ -27,17 +27,17 @@ import numpy as np
 
 from fdn_core.codes.binarize import BinaryCodes, fit_binary_codes
 from fdn_core.codes.database import CaseCodes, CodeDatabase, source_from_case_files
-from fdn_core.codes.search import DISTANCES, Hit, Query, SearchEngine
+from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import SliceStack, volume_to_slices
-from fdn_core.data.readers import MODALITIES, CaseFiles, CaseVolume, find_cases, load_case
+from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case
 from fdn_core.errors import DataError
 from fdn_core.fileio import atomic_dir
+from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
 from fdn_core.progress import Progress
 
 __all__ = [
     "HAMMING_DIR",
-    "MODES",
     "QuerySlice",
     "Retriever",
     "add_cases",
@@ -48,7 +48,6 @@ __all__ = [
     "fit_hamming_codes",
     "index_cohort",
     "load_hamming_codes",
-    "normalize_mode",
     "parse_case_slice",
     "remove_case",
     "save_bundle_hamming_codes",
@@ -58,26 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Folder inside a database that holds the binarised codebooks (``normal.*`` and ``abnormal.*``).
 HAMMING_DIR = "hamming"
-#: Search modes as users write them; ``sum-normalized`` is the engine's ``sum_normalized``.
-MODES: tuple[str, ...] = ("normal", "abnormal", "sum", "sum-normalized")
-_MODE_ALIASES = {
-    "normal": "normal",
-    "abnormal": "abnormal",
-    "sum": "sum",
-    "sum-normalized": "sum_normalized",
-    "sum-normalised": "sum_normalized",
-    "sum_normalized": "sum_normalized",
-    "sum_normalised": "sum_normalized",
-}
 _FILE_KIND = re.compile(r"^(?P<prefix>.+)_(?P<kind>t1ce|t1|t2|flair|seg|anat)\.nii(?:\.gz)?$", re.IGNORECASE)
-
-
-def normalize_mode(mode: str) -> str:
-    """User-facing mode name -> the search engine's (``sum-normalised`` -> ``sum_normalized``)."""
-    try:
-        return _MODE_ALIASES[mode.lower()]
-    except (KeyError, AttributeError):
-        raise DataError(f"unknown search mode {mode!r}; choose one of {list(MODES)}") from None
 
 
 # -------------------------------------------------------------------------------------------- encoding

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import vtk
 
-from fdn_core.data.readers import MODALITIES, CaseFiles, find_cases, load_case, to_canonical, write_brats_case
+from fdn_core.data.readers import CaseFiles, find_cases, load_case, to_canonical, write_brats_case
 from fdn_core.errors import DataError, ModelMismatchError
+from fdn_core.labels import MODALITIES
 
 from . import scene as sc
 from . import workflow as wf

@@ -20,8 +20,9 @@ import numpy as np
 import slicer
 import vtk
 
-from fdn_core.data.readers import MODALITIES, CaseFiles, from_canonical, load_case, to_canonical
+from fdn_core.data.readers import CaseFiles, from_canonical, load_case, to_canonical
 from fdn_core.errors import DataError
+from fdn_core.labels import ABNORMAL_COLORS, ABNORMAL_SEGMENT_IDS, MODALITIES
 
 from .naming import ROLE_ATTRIBUTE, SEQUENCE_LABELS, describe_missing
 
@@ -67,12 +68,9 @@ log = logging.getLogger(__name__)
 
 #: Node attribute naming the reference case a loaded node belongs to.
 CASE_ATTRIBUTE = "FDNRetrieval.Case"
-#: (segment id, name, colour) of the abnormal classes 1, 2, 3 in the colours BraTS figures and ITK-SNAP use
-#: for labels 1 (red), 2 (green) and 4 (yellow).
-ABNORMAL_SEGMENTS: tuple[tuple[str, str, tuple[float, float, float]], ...] = (
-    ("NCR_NET", "NCR/NET", (1.0, 0.0, 0.0)),
-    ("Oedema", "Oedema", (0.0, 1.0, 0.0)),
-    ("Enhancing", "Enhancing", (1.0, 1.0, 0.0)),
+#: (segment id, name, colour) of the abnormal classes 1, 2, 3, from the project's vocabulary.
+ABNORMAL_SEGMENTS: tuple[tuple[str, str, tuple[float, float, float]], ...] = tuple(
+    (*ABNORMAL_SEGMENT_IDS[c], ABNORMAL_COLORS[c]) for c in sorted(ABNORMAL_SEGMENT_IDS)
 )
 TABLE_COLUMNS: tuple[str, ...] = ("rank", "case", "slice", "distance")
 QUERY_VIEW = "FDNQuery"

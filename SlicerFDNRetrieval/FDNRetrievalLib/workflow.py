@@ -12,15 +12,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from fdn_core.codes.database import CodeDatabase
 from fdn_core.codes.search import Query, SearchEngine
 from fdn_core.data.preprocess import slices_to_volume
-from fdn_core.data.readers import MODALITIES, CaseFiles, CaseVolume
+from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
+from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
 from fdn_core.model.bundle import InferenceBundle, load_bundle
 from fdn_core.progress import Cancelled, Progress
 from fdn_core.retrieval import case_files_from_source, encode_case_stack, load_hamming_codes
@@ -45,10 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Mode = Literal["normal", "abnormal", "both"]
-Distance = Literal["euclidean", "angular", "hamming"]
+#: The panel's similarity choices ("both": each code's distance divided by its typical size, summed).
 MODES: tuple[str, ...] = ("normal", "abnormal", "both")
-DISTANCES: tuple[str, ...] = ("euclidean", "angular", "hamming")
 TOP_K_MAX = 20
 # Peak activation bytes per slice and pixel in inference (about 5 live float32 maps of 64 channels at full
 # resolution in the decoders); measured peaks stay below this on CPU.
@@ -251,6 +250,7 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise DataError(f"search mode {self.mode!r} is not one of {list(MODES)}")
+        normalize_mode(self.mode)
         if self.distance not in DISTANCES:
             raise DataError(f"distance {self.distance!r} is not one of {list(DISTANCES)}")
         if not 1 <= int(self.top_k) <= TOP_K_MAX:
@@ -273,9 +273,6 @@ def _check_slice(index: int, num_slices: int, what: str) -> int:
             f"{what} {index} is outside the study (slices 0..{num_slices - 1}); choose another slice"
         )
     return int(index)
-
-
-_ENGINE_MODES = {"normal": "normal", "abnormal": "abnormal", "both": "sum_normalized"}
 
 
 def make_search_engine(database: CodeDatabase) -> SearchEngine:
@@ -335,7 +332,7 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
     hits = engine.search(
         query,
         distance=settings.distance,
-        mode=_ENGINE_MODES[settings.mode],
+        mode=normalize_mode(settings.mode),
         top=int(settings.top_k),
         per="volume" if settings.volume_wise else "slice",
     )

@@ -12,7 +12,7 @@ __all__ = ["register", "run"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval-retrieval`` subcommand."""
-    from fdn_core.codes.search import DISTANCES
+    from fdn_core.labels import DISTANCES
 
     parser = subparsers.add_parser(
         "eval-retrieval",

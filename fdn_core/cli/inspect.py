@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fdn_core.cli.args import add_no_progress
-from fdn_core.data.readers import CLASS_NAMES, CaseProblem, CaseSummary, detect_layout, validate_cohort
+from fdn_core.data.readers import CaseProblem, CaseSummary, detect_layout, validate_cohort
+from fdn_core.labels import ABNORMAL_NAMES
 from fdn_core.progress import tqdm_progress
 
 __all__ = ["register", "run"]
@@ -49,7 +50,7 @@ def _table(summaries: list[CaseSummary]) -> str:
         "spacing (mm)",
         "status",
         "tumour slices",
-        *CLASS_NAMES[1:],
+        *ABNORMAL_NAMES[1:],
         "anatomy",
     ]
     rows = [header]
@@ -67,7 +68,7 @@ def _table(summaries: list[CaseSummary]) -> str:
                 "x".join(f"{v:g}" for v in s.spacing),
                 _status(s),
                 "-" if s.n_abnormal_slices is None else f"{s.n_abnormal_slices}/{s.n_slices}",
-                *[str(counts[c]) if c in counts else "-" for c in CLASS_NAMES[1:]],
+                *[str(counts[c]) if c in counts else "-" for c in ABNORMAL_NAMES[1:]],
                 anat,
             ]
         )

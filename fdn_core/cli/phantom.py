@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fdn_core.data.phantom import DEFAULT_SHAPE, draw_montage, generate_cohort
+from fdn_core.data.phantom import DEFAULT_SHAPE, generate_cohort
 from fdn_core.progress import tqdm_progress
 
 __all__ = ["register", "run"]
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         f"spacing {tuple(round(s, 3) for s in cohort['spacing'])} mm, seed {cohort['seed']}."
     )
     if args.montage is not None:
-        path = draw_montage(out, args.montage)
+        from fdn_core.report.montage import draw_cohort_montage
+
+        path = draw_cohort_montage(out, args.montage)
         print(f"Montage: {path}")
     return 0

@@ -12,8 +12,7 @@ __all__ = ["register", "run"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``query`` subcommand."""
-    from fdn_core.codes.search import DISTANCES
-    from fdn_core.retrieval import MODES
+    from fdn_core.labels import DISTANCES, MODE_CHOICES
 
     parser = subparsers.add_parser(
         "query",
@@ -38,9 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mode",
         default="sum",
-        choices=MODES,
+        choices=MODE_CHOICES,
         type=lambda s: s.replace("normalised", "normalized"),
-        help="similarity (default: sum; sum-normalised is accepted too)",
+        help="similarity: normal (S_normal), abnormal (S_abnormal), sum (S_sum), sum-normalized (each "
+        "distance divided by its typical size; 'both' in the Slicer panel) (default: sum)",
     )
     parser.add_argument(
         "--distance", default="euclidean", choices=DISTANCES, help="distance (default: euclidean)"

@@ -51,12 +51,10 @@ import numpy as np
 
 from fdn_core.codes.tables import check_codebook, dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
+from fdn_core.labels import CODE_TYPES, DISTANCES, MODES
 
-__all__ = ["CODE_TYPES", "DISTANCES", "MODES", "Hit", "Query", "SearchEngine"]
+__all__ = ["Hit", "Query", "SearchEngine"]
 
-DISTANCES = ("euclidean", "angular", "hamming")
-MODES = ("normal", "abnormal", "sum", "sum_normalized")
-CODE_TYPES = ("normal", "abnormal")
 _MODE_TYPES = {
     "normal": ("normal",),
     "abnormal": ("abnormal",),

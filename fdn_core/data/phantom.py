@@ -50,8 +50,6 @@ Multiprocessing uses "spawn": call ``generate_cohort`` with ``workers > 1`` from
 from __future__ import annotations
 
 import functools
-import gzip
-import io
 import json
 import math
 import multiprocessing
@@ -65,34 +63,27 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from fdn_core.data.readers import MODALITIES
+from fdn_core.data.readers import nifti_bytes
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
+from fdn_core.fileio import atomic_dir, atomic_write_json
+from fdn_core.labels import ABNORMAL_NAMES, ANATOMY_NAMES, CLASS_TO_BRATS_FILE, MODALITIES
 from fdn_core.progress import Progress
 
 __all__ = [
-    "ANAT_LABELS",
     "DEFAULT_SHAPE",
     "FIELD_OF_VIEW_MM",
     "GENERATOR_VERSION",
-    "MODALITIES",
-    "SEG_LABELS",
-    "draw_montage",
     "generate_cohort",
+    "read_cohort_json",
 ]
 
 GENERATOR_VERSION = "1.0"
 DEFAULT_SHAPE = (240, 240, 155)
 FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
-SEG_LABELS = {1: "NCR/NET", 2: "ED", 4: "ET"}
-ANAT_LABELS = {
-    1: "left cerebrum",
-    2: "right cerebrum",
-    3: "left cerebellum",
-    4: "right cerebellum",
-    5: "left lateral ventricle",
-    6: "right lateral ventricle",
-}
+#: Tumour labels as written to the ``_seg`` files (BraTS file codes) and anatomy labels of ``_anat``.
+SEG_LABELS = {CLASS_TO_BRATS_FILE[c]: ABNORMAL_NAMES[c] for c in range(1, len(ABNORMAL_NAMES))}
+ANAT_LABELS = dict(enumerate(ANATOMY_NAMES))
+del ANAT_LABELS[0]
 _TEMPLATE_NAME = "MNI ICBM152 2009a, 1 mm (nilearn.datasets GM, WM and brain-mask templates)"
 _MNI_CENTRE = np.array([0.0, -17.0, 8.0])  # MNI point placed at the centre of the field of view
 
@@ -776,17 +767,6 @@ def _render_case(p: _CaseParams) -> _Rendered:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _nifti_gz(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """Gzipped NIfTI-1 bytes with a fixed gzip timestamp, so equal arrays give equal files."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
 def _case_files(case_id: str) -> dict[str, str]:
     names = (*MODALITIES, "seg", "anat")
     return {name: f"{case_id}/{case_id}_{name}.nii.gz" for name in names}
@@ -804,7 +784,7 @@ def _write_case(root: str, seed: int, index: int, shape: tuple[int, int, int]) -
     try:
         (Path(root) / params.case_id).mkdir(parents=True, exist_ok=True)
         for name, rel in files.items():
-            (Path(root) / rel).write_bytes(_nifti_gz(arrays[name], rendered.affine))
+            (Path(root) / rel).write_bytes(nifti_bytes(arrays[name], rendered.affine))
     except OSError as exc:
         raise DataError(
             f"case {params.case_id}: cannot write into {root} ({exc.strerror or exc}); "
@@ -915,22 +895,9 @@ def generate_cohort(
     return cohort
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Montage
-# ----------------------------------------------------------------------------------------------------------
-
-_SEG_COLOURS = {1: (0.9, 0.1, 0.1), 2: (0.2, 0.85, 0.2), 4: (1.0, 0.9, 0.1)}
-_ANAT_COLOURS = {
-    1: (0.25, 0.5, 0.95),
-    2: (0.95, 0.55, 0.15),
-    3: (0.2, 0.75, 0.35),
-    4: (0.85, 0.25, 0.3),
-    5: (0.1, 0.9, 0.95),
-    6: (0.95, 0.2, 0.9),
-}
-
-
-def _read_cohort(cohort_dir: Path) -> dict[str, Any]:
+def read_cohort_json(cohort_dir: str | Path) -> dict[str, Any]:
+    """The ``cohort.json`` of a phantom cohort (case list, parameters, statistics), checked."""
+    cohort_dir = Path(cohort_dir)
     path = cohort_dir / "cohort.json"
     try:
         cohort = json.loads(path.read_text(encoding="utf-8"))
@@ -943,112 +910,3 @@ def _read_cohort(cohort_dir: Path) -> dict[str, Any]:
     if not isinstance(cohort, dict) or not isinstance(cohort.get("cases"), list):
         raise DataError(f"{path}: has no 'cases' list; regenerate the cohort with `fdn phantom`")
     return cohort
-
-
-def _load_canonical(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    if not path.is_file():
-        raise DataError(f"{path}: missing; the cohort is incomplete, regenerate it with `fdn phantom`")
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        return np.asanyarray(img.dataobj), tuple(float(z) for z in img.header.get_zooms()[:3])
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read as NIfTI ({exc}); regenerate the cohort") from exc
-
-
-def _display(slice_xy: np.ndarray) -> np.ndarray:
-    """Canonical slice (X: left->right, Y: posterior->anterior) -> radiological view (anterior up, R left)."""
-    return slice_xy[::-1, ::-1].T
-
-
-def _overlay(
-    gray: np.ndarray, labels: np.ndarray, colours: dict[int, tuple[float, float, float]]
-) -> np.ndarray:
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    for value, colour in colours.items():
-        hit = labels == value
-        rgb[hit] = 0.45 * rgb[hit] + 0.55 * np.array(colour)
-    return rgb
-
-
-def draw_montage(cohort_dir: str | Path, png_path: str | Path, cases: Sequence[str] | None = None) -> Path:
-    """Draw a PNG montage: one row per case (four contrasts, seg and anat overlays) through the tumour.
-
-    ``cases`` are case ids; by default up to three cases with tumours and one healthy case. The axial
-    slice shows the largest tumour cross-section (healthy: the largest ventricle cross-section). Images are
-    in radiological view (the subject's right on the left of each panel).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from PIL import Image
-
-    cohort_dir = Path(cohort_dir)
-    cohort = _read_cohort(cohort_dir)
-    entries = {c["case_id"]: c for c in cohort["cases"]}
-    if cases is None:
-        sick = [c["case_id"] for c in cohort["cases"] if not c["healthy"]][:3]
-        well = [c["case_id"] for c in cohort["cases"] if c["healthy"]][:1]
-        chosen = sick + well
-    else:
-        chosen = list(cases)
-        unknown = [c for c in chosen if c not in entries]
-        if unknown:
-            raise DataError(
-                f"{cohort_dir}: no case(s) {unknown} in cohort.json; known cases: {sorted(entries)[:5]}..."
-            )
-    if not chosen:
-        raise DataError(f"{cohort_dir}: cohort.json lists no cases to draw")
-
-    columns = ("T1", "T1ce", "T2", "FLAIR", "seg on FLAIR", "anat on T1")
-    fig = Figure(figsize=(1.9 * len(columns), 2.2 * len(chosen)), dpi=64)
-    for row, case_id in enumerate(chosen):
-        case_dir = cohort_dir / case_id
-        vols = {}
-        for name in (*MODALITIES, "seg", "anat"):
-            vols[name], zooms = _load_canonical(case_dir / f"{case_id}_{name}.nii.gz")
-        seg, anat = vols["seg"], vols["anat"]
-        if np.any(seg > 0):
-            k = int(np.argmax((seg > 0).sum(axis=(0, 1))))
-        else:
-            k = int(np.argmax((anat >= 5).sum(axis=(0, 1))))
-        # Crop every panel of the row to the head's in-plane bounding box (plus a margin).
-        footprint = np.any(vols["t1"] > 0, axis=2)
-        if footprint.any():
-            rows_any, cols_any = np.any(_display(footprint), axis=1), np.any(_display(footprint), axis=0)
-            r0, r1 = np.flatnonzero(rows_any)[[0, -1]]
-            c0, c1 = np.flatnonzero(cols_any)[[0, -1]]
-            margin = max(2, footprint.shape[0] // 40)
-            view = (slice(max(r0 - margin, 0), r1 + margin + 1), slice(max(c0 - margin, 0), c1 + margin + 1))
-        else:
-            view = (slice(None), slice(None))
-        panels = []
-        for name in MODALITIES:
-            vol = vols[name].astype(np.float32)
-            brain = vol[vol > 0]
-            top = float(np.percentile(brain, 99.5)) if brain.size else 1.0
-            panels.append(np.clip(_display(vol[:, :, k])[view] / max(top, 1e-6), 0.0, 1.0))
-        panels.append(_overlay(panels[3], _display(seg[:, :, k])[view], _SEG_COLOURS))
-        panels.append(_overlay(panels[0], _display(anat[:, :, k])[view], _ANAT_COLOURS))
-        for col, panel in enumerate(panels):
-            ax = fig.add_subplot(len(chosen), len(columns), row * len(columns) + col + 1)
-            ax.imshow(
-                panel, cmap="gray", vmin=0.0, vmax=1.0, aspect=zooms[1] / zooms[0], interpolation="nearest"
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col], fontsize=9)
-            if col == 0:
-                state = "healthy" if entries.get(case_id, {}).get("healthy") else "tumour"
-                ax.set_ylabel(f"{case_id}\n{state}, z={k}", fontsize=8)
-                ax.text(2, panel.shape[0] - 4, "R", color="yellow", fontsize=7)
-    fig.subplots_adjust(left=0.06, right=0.995, top=0.96, bottom=0.005, wspace=0.02, hspace=0.03)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]).save(buffer, format="png", optimize=True)
-    png_path = Path(png_path)
-    atomic_write_bytes(png_path, buffer.getvalue())
-    png_path.chmod(0o644)
-    return png_path

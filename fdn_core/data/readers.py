@@ -39,13 +39,18 @@ import numpy as np
 
 from fdn_core.errors import DataError
 from fdn_core.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
+from fdn_core.labels import (
+    ABNORMAL_NAMES,
+    ANATOMY_NAMES,
+    BRATS_FILE_TO_CLASS,
+    MODALITIES,
+    MSD_CHANNELS,
+    MSD_FILE_TO_CLASS,
+    MSD_MODALITY_NAMES,
+)
 from fdn_core.progress import Progress
 
 __all__ = [
-    "ANATOMY_LABELS",
-    "CLASS_NAMES",
-    "MODALITIES",
-    "MSD_CHANNELS",
     "CaseFiles",
     "CaseList",
     "CaseProblem",
@@ -56,6 +61,7 @@ __all__ = [
     "find_cases",
     "from_canonical",
     "load_case",
+    "nifti_bytes",
     "scan_cohort",
     "summarize_case",
     "to_canonical",
@@ -66,42 +72,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-CLASS_NAMES: tuple[str, ...] = ("background", "NCR/NET", "ED", "ET")
-ANATOMY_LABELS: tuple[str, ...] = (
-    "background",
-    "L cerebrum",
-    "R cerebrum",
-    "L cerebellum",
-    "R cerebellum",
-    "L lateral ventricle",
-    "R lateral ventricle",
-)
-#: Channel order of the Decathlon's 4D images (dataset.json "modality": FLAIR, T1w, t1gd, T2w).
-MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
-
-# File label value -> our class. 255 in a lookup table marks a value that is not allowed.
-BRATS_TO_CLASS: dict[int, int] = {0: 0, 1: 1, 2: 2, 4: 3}
-MSD_TO_CLASS: dict[int, int] = {0: 0, 1: 2, 2: 1, 3: 3}
-ANAT_TO_LABEL: dict[int, int] = {i: i for i in range(len(ANATOMY_LABELS))}
+_ANAT_TO_LABEL: dict[int, int] = {i: i for i in range(len(ANATOMY_NAMES))}
 _BRATS_DESC = "BraTS labels {0 background, 1 NCR/NET, 2 oedema, 4 enhancing}"
 _MSD_DESC = "Decathlon labels {0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour}"
 _ANAT_DESC = "anatomy labels {0 background, 1-6 (L/R cerebrum, L/R cerebellum, L/R lateral ventricle)}"
 
 _BRATS_NAME = re.compile(r"^(?P<prefix>.+)_(?P<kind>t1ce|t1|t2|flair|seg|anat)\.nii(?:\.gz)?$", re.IGNORECASE)
 _NIFTI_NAME = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$", re.IGNORECASE)
-# Names the Decathlon's dataset.json uses for its channels, mapped to ours.
-_MSD_MODALITY_NAMES = {
-    "flair": "flair",
-    "t2flair": "flair",
-    "t1": "t1",
-    "t1w": "t1",
-    "t1gd": "t1ce",
-    "t1ce": "t1ce",
-    "t1c": "t1ce",
-    "t2": "t2",
-    "t2w": "t2",
-}
 # Grids of a case's files must agree to this many millimetres (headers store float32 values).
 _AFFINE_TOL_MM = 1e-3
 
@@ -475,7 +452,7 @@ def _msd_channel_order(root: Path) -> tuple[str, ...]:
             path,
             f'cannot read its "modality" entry ({type(exc).__name__}: {exc}); fix or remove dataset.json',
         ) from exc
-    order = tuple(_MSD_MODALITY_NAMES.get(re.sub(r"[^a-z0-9]", "", n.lower()), "?") for n in names)
+    order = tuple(MSD_MODALITY_NAMES.get(re.sub(r"[^a-z0-9]", "", n.lower()), "?") for n in names)
     if sorted(order) != sorted(MODALITIES):
         raise _CaseError(
             path,
@@ -704,12 +681,12 @@ def _load_case(files: CaseFiles) -> CaseVolume:
     labels: list[np.ndarray | None] = [None, None]
     if heads.seg is not None:
         mapping, desc = (
-            (BRATS_TO_CLASS, _BRATS_DESC) if files.layout == "brats" else (MSD_TO_CLASS, _MSD_DESC)
+            (BRATS_FILE_TO_CLASS, _BRATS_DESC) if files.layout == "brats" else (MSD_FILE_TO_CLASS, _MSD_DESC)
         )
         seg = _read_labels(heads.seg, files.seg, mapping, "seg", desc)  # type: ignore[arg-type]
         labels[0] = np.ascontiguousarray(nib.orientations.apply_orientation(seg, transform))
     if heads.anat is not None:
-        anat = _read_labels(heads.anat, files.anat, ANAT_TO_LABEL, "anat", _ANAT_DESC)  # type: ignore[arg-type]
+        anat = _read_labels(heads.anat, files.anat, _ANAT_TO_LABEL, "anat", _ANAT_DESC)  # type: ignore[arg-type]
         labels[1] = np.ascontiguousarray(nib.orientations.apply_orientation(anat, transform))
     return CaseVolume(files.case_id, image, labels[0], labels[1], affine, _spacing(affine), files)
 
@@ -745,13 +722,13 @@ def summarize_case(case: CaseVolume) -> CaseSummary:
     seg_counts = anat_counts = None
     diseased = n_abn = None
     if case.seg is not None:
-        counts = np.bincount(case.seg.ravel(), minlength=len(CLASS_NAMES))
-        seg_counts = {CLASS_NAMES[i]: int(counts[i]) for i in range(len(CLASS_NAMES))}
+        counts = np.bincount(case.seg.ravel(), minlength=len(ABNORMAL_NAMES))
+        seg_counts = {ABNORMAL_NAMES[i]: int(counts[i]) for i in range(len(ABNORMAL_NAMES))}
         per_slice = (case.seg > 0).any(axis=(0, 1))
         diseased, n_abn = bool(per_slice.any()), int(per_slice.sum())
     if case.anat is not None:
-        counts = np.bincount(case.anat.ravel(), minlength=len(ANATOMY_LABELS))
-        anat_counts = {ANATOMY_LABELS[i]: int(counts[i]) for i in range(len(ANATOMY_LABELS))}
+        counts = np.bincount(case.anat.ravel(), minlength=len(ANATOMY_NAMES))
+        anat_counts = {ANATOMY_NAMES[i]: int(counts[i]) for i in range(len(ANATOMY_NAMES))}
     files = case.files
     mods = list(MODALITIES) if files.layout == "brats" else list(files.channel_order or MSD_CHANNELS)
     return CaseSummary(
@@ -817,9 +794,13 @@ def validate_cohort(
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
-    img.header.set_xyzt_units("mm")
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:
+    """NIfTI-1 bytes (gzipped with a fixed timestamp: equal arrays give equal files) with q- and sform set."""
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(np.asarray(array), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
     raw = img.to_bytes()
     return gzip.compress(raw, compresslevel=1, mtime=0) if gz else raw
 
@@ -862,17 +843,17 @@ def write_brats_case(
             info = np.iinfo(image_dtype)
             data = np.clip(np.rint(data), info.min, info.max)
         paths[mod] = case_dir / f"{case_id}_{mod}.nii.gz"
-        atomic_write_bytes(paths[mod], _nifti_bytes(data.astype(image_dtype), affine))
+        atomic_write_bytes(paths[mod], nifti_bytes(data.astype(image_dtype), affine))
     seg_path = anat_path = None
     if seg is not None:
         seg_path = case_dir / f"{case_id}_seg.nii.gz"
         atomic_write_bytes(
-            seg_path, _nifti_bytes(_to_file_labels(seg, BRATS_TO_CLASS, f"{case_id} seg"), affine)
+            seg_path, nifti_bytes(_to_file_labels(seg, BRATS_FILE_TO_CLASS, f"{case_id} seg"), affine)
         )
     if anat is not None:
         anat_path = case_dir / f"{case_id}_anat.nii.gz"
         atomic_write_bytes(
-            anat_path, _nifti_bytes(_to_file_labels(anat, ANAT_TO_LABEL, f"{case_id} anat"), affine)
+            anat_path, nifti_bytes(_to_file_labels(anat, _ANAT_TO_LABEL, f"{case_id} anat"), affine)
         )
     return CaseFiles(case_id, "brats", paths, None, seg_path, anat_path)
 
@@ -902,15 +883,15 @@ def write_msd_copy(
             name = f"{case.case_id}.nii.gz"
             order = [MODALITIES.index(m) for m in MSD_CHANNELS]
             image4d = np.moveaxis(case.image[order], 0, -1)
-            atomic_write_bytes(tmp / f"images{split}" / name, _nifti_bytes(image4d, case.affine))
+            atomic_write_bytes(tmp / f"images{split}" / name, nifti_bytes(image4d, case.affine))
             if case.seg is not None:
-                labels = _to_file_labels(case.seg, MSD_TO_CLASS, f"{case.case_id} seg")
-                atomic_write_bytes(tmp / "labelsTr" / name, _nifti_bytes(labels, case.affine))
+                labels = _to_file_labels(case.seg, MSD_FILE_TO_CLASS, f"{case.case_id} seg")
+                atomic_write_bytes(tmp / "labelsTr" / name, nifti_bytes(labels, case.affine))
                 training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
             else:
                 test.append(f"./imagesTs/{name}")
             if case.anat is not None:
-                atomic_write_bytes(tmp / f"anat{split}" / name, _nifti_bytes(case.anat, case.affine))
+                atomic_write_bytes(tmp / f"anat{split}" / name, nifti_bytes(case.anat, case.affine))
             if progress is not None:
                 progress.update(i, total, "writing Decathlon copy")
         atomic_write_json(

@@ -31,57 +31,26 @@ import torch
 from torch import nn
 
 from fdn_core.errors import DataError
+from fdn_core.evaluation.metrics import abnormal_dice, ppv, roc_auc
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
+from fdn_core.labels import ABNORMAL_DICE_GROUPS
 from fdn_core.progress import Progress
 
 __all__ = [
-    "ABNORMAL_CLASSES",
     "LeakinessSettings",
-    "abnormal_dice",
     "code_usage",
     "codebook_compactness",
-    "dice",
     "evaluate_model",
     "leakiness",
     "markdown_report",
-    "ppv",
     "reconstruction_errors",
-    "roc_auc",
     "write_model_eval",
 ]
-
-#: Name and label value(s) of each abnormal class scored by Dice; "whole_tumour" is every label > 0.
-ABNORMAL_CLASSES: dict[str, tuple[int, ...]] = {
-    "ncr_net": (1,),
-    "ed": (2,),
-    "et": (3,),
-    "whole_tumour": (1, 2, 3),
-}
 
 COMPACTNESS_THRESHOLD = 1e-5
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice ``2|P & R| / (|P| + |R|)`` of two boolean masks; NaN when both are empty (undefined)."""
-    pred = np.asarray(pred, dtype=bool)
-    ref = np.asarray(ref, dtype=bool)
-    if pred.shape != ref.shape:
-        raise ValueError(f"dice: shapes differ, prediction {pred.shape} vs reference {ref.shape}")
-    denom = int(pred.sum()) + int(ref.sum())
-    if denom == 0:
-        return float("nan")
-    return 2.0 * int(np.logical_and(pred, ref).sum()) / denom
-
-
-def abnormal_dice(pred_labels: np.ndarray, ref_labels: np.ndarray) -> dict[str, float]:
-    """Dice of each abnormal class (labels 0 bg, 1 NCR/NET, 2 ED, 3 ET) and of the whole tumour."""
-    return {
-        name: dice(np.isin(pred_labels, values), np.isin(ref_labels, values))
-        for name, values in ABNORMAL_CLASSES.items()
-    }
-
-
 def reconstruction_errors(
     images: np.ndarray, recon_full: np.ndarray, recon_normal: np.ndarray, seg: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -139,30 +108,6 @@ def code_usage(counts: np.ndarray) -> dict[str, float]:
         "used_fraction": float((counts > 0).mean()),
         "perplexity": float(math.exp(-(p * np.log(p)).sum())),
     }
-
-
-def ppv(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Positive predictive value TP / (TP + FP); NaN if nothing is predicted positive."""
-    y_true = np.asarray(y_true).astype(bool)
-    y_pred = np.asarray(y_pred).astype(bool)
-    predicted = int(y_pred.sum())
-    if predicted == 0:
-        return float("nan")
-    return int(np.logical_and(y_true, y_pred).sum()) / predicted
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U, tied scores count one half); NaN with one class only."""
-    from scipy.stats import rankdata
-
-    y_true = np.asarray(y_true).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)  # average ranks for ties
-    u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 # ------------------------------------------------------------------------------------------ leakiness
@@ -442,7 +387,7 @@ def evaluate_model(
         progress.update(len(files), len(files), "evaluating cases")
 
     reconstruction = {k: _summary(np.concatenate(v)) for k, v in rec.items()}
-    segmentation = {name: _summary([c["dice"][name] for c in per_case]) for name in ABNORMAL_CLASSES}
+    segmentation = {name: _summary([c["dice"][name] for c in per_case]) for name in ABNORMAL_DICE_GROUPS}
     codebook_normal = model.codebook("normal").detach().float().cpu().numpy()
     codebook_abnormal = model.codebook("abnormal").detach().float().cpu().numpy()
     codebooks = {

@@ -46,9 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fdn_core.codes.search import DISTANCES
 from fdn_core.errors import DataError, ModelMismatchError
+from fdn_core.evaluation.metrics import dice_matrix
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
+from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES
 
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
@@ -56,84 +57,20 @@ if TYPE_CHECKING:
     from fdn_core.progress import Progress
 
 __all__ = [
-    "ABNORMAL_CLASSES",
-    "ANATOMY_CLASSES",
     "COLUMNS",
     "DEFINITIONS",
     "ORACLE",
     "QueryInfo",
     "RetrievalEvaluation",
     "average_precision_at_k",
-    "dice_matrix",
-    "dice_per_class",
     "evaluate_retrieval",
     "largest_tumour_slice",
     "markdown_report",
-    "multiclass_dice",
     "oracle_volume_wise",
     "precision_at_k",
     "volume_wise_best",
     "write_retrieval_report",
 ]
-
-#: Normal-anatomy labels scored by the anatomy Dice (L/R cerebrum, L/R cerebellum, L/R lateral ventricle).
-ANATOMY_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-#: Abnormal classes scored by the tumour Dice (NCR/NET, ED, ET).
-ABNORMAL_CLASSES: tuple[int, ...] = (1, 2, 3)
-
-
-def dice_per_class(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Dice of each class between label maps ``a`` and ``b`` (same shape); NaN where absent from both."""
-    a = np.asarray(a)
-    b = np.asarray(b)
-    if a.shape != b.shape:
-        raise DataError(f"dice_per_class: label maps differ in shape {a.shape} vs {b.shape}")
-    out = np.full(len(classes), np.nan, dtype=np.float64)
-    for i, c in enumerate(classes):
-        ma, mb = a == c, b == c
-        total = int(ma.sum()) + int(mb.sum())
-        if total:
-            out[i] = 2.0 * np.logical_and(ma, mb).sum() / total
-    return out
-
-
-def multiclass_dice(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
-    """Mean per-class Dice over the classes present in ``a`` or ``b``; 1.0 when neither holds any class."""
-    per = dice_per_class(a, b, classes)
-    present = ~np.isnan(per)
-    return float(per[present].mean()) if present.any() else 1.0
-
-
-def dice_matrix(queries: np.ndarray, refs: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """``multiclass_dice`` of every query slice against every reference slice: (Nq,H,W) x (Nr,H,W) -> (Nq,Nr).
-
-    Vectorised as one matrix product of class indicator masks per class (counts are exact in float32 up to
-    2^24 pixels per slice).
-    """
-    q = np.asarray(queries)
-    r = np.asarray(refs)
-    if q.ndim != 3 or r.ndim != 3 or q.shape[1:] != r.shape[1:]:
-        raise DataError(
-            f"dice_matrix: expected (N,H,W) label stacks of equal slice size, got {q.shape} and {r.shape}"
-        )
-    nq, nr = q.shape[0], r.shape[0]
-    qf = q.reshape(nq, -1)
-    rf = r.reshape(nr, -1)
-    total = np.zeros((nq, nr), dtype=np.float64)
-    count = np.zeros((nq, nr), dtype=np.int64)
-    for c in classes:
-        qc = (qf == c).astype(np.float32)
-        rc = (rf == c).astype(np.float32)
-        sq = qc.sum(axis=1, dtype=np.float64)
-        sr = rc.sum(axis=1, dtype=np.float64)
-        denom = sq[:, None] + sr[None, :]
-        present = denom > 0
-        if not present.any():
-            continue
-        inter = (qc @ rc.T).astype(np.float64)
-        total += np.where(present, 2.0 * inter / np.where(present, denom, 1.0), 0.0)
-        count += present
-    return np.where(count > 0, total / np.maximum(count, 1), 1.0)
 
 
 def largest_tumour_slice(seg_slices: np.ndarray) -> tuple[int, int]:

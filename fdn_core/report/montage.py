@@ -15,6 +15,7 @@ import numpy as np
 
 from fdn_core.errors import DataError
 from fdn_core.fileio import atomic_path
+from fdn_core.labels import ABNORMAL_COLORS, ABNORMAL_NAMES, ANATOMY_COLORS, ANATOMY_NAMES, MODALITIES
 
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
@@ -22,30 +23,13 @@ if TYPE_CHECKING:
     from fdn_core.data.readers import CaseVolume
 
 __all__ = [
-    "ABNORMAL_COLORS",
-    "ANATOMY_COLORS",
     "MontagePanel",
     "case_panel",
     "display_orientation",
+    "draw_cohort_montage",
     "render_montage",
     "render_retrieval_montage",
 ]
-
-#: RGB colours of the abnormal classes 1 NCR/NET, 2 ED, 3 ET (the colours BraTS figures usually use).
-ABNORMAL_COLORS: dict[int, tuple[float, float, float]] = {
-    1: (0.90, 0.10, 0.10),
-    2: (0.10, 0.80, 0.10),
-    3: (1.00, 0.90, 0.00),
-}
-#: RGB colours of the normal anatomy labels 1..6 (L/R cerebrum, L/R cerebellum, L/R lateral ventricle).
-ANATOMY_COLORS: dict[int, tuple[float, float, float]] = {
-    1: (0.30, 0.55, 1.00),
-    2: (0.00, 0.85, 0.85),
-    3: (0.85, 0.45, 1.00),
-    4: (1.00, 0.50, 0.80),
-    5: (1.00, 0.65, 0.00),
-    6: (0.75, 0.25, 0.00),
-}
 
 
 @dataclass
@@ -128,8 +112,6 @@ def render_montage(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from fdn_core.data.readers import ANATOMY_LABELS, CLASS_NAMES
-
     if not panels:
         raise DataError(f"{png_path}: nothing to draw (no panels); give at least the query slice")
     n = len(panels)
@@ -151,9 +133,9 @@ def render_montage(
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:red")
                 spine.set_linewidth(2.0)
-    handles = [Patch(color=ABNORMAL_COLORS[c], label=CLASS_NAMES[c]) for c in sorted(ABNORMAL_COLORS)]
+    handles = [Patch(color=ABNORMAL_COLORS[c], label=ABNORMAL_NAMES[c]) for c in sorted(ABNORMAL_COLORS)]
     if show_anat:
-        handles += [Patch(color=ANATOMY_COLORS[c], label=ANATOMY_LABELS[c]) for c in sorted(ANATOMY_COLORS)]
+        handles += [Patch(color=ANATOMY_COLORS[c], label=ANATOMY_NAMES[c]) for c in sorted(ANATOMY_COLORS)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
     bottom = legend_h / fig.get_figheight()
     top = 1.0 - title_h / fig.get_figheight()
@@ -165,8 +147,6 @@ def render_montage(
 
 
 def _channel_index(channel: str) -> int:
-    from fdn_core.data.readers import MODALITIES
-
     if channel not in MODALITIES:
         raise DataError(f"unknown channel {channel!r}; choose one of {list(MODALITIES)}")
     return MODALITIES.index(channel)
@@ -231,3 +211,50 @@ def render_retrieval_montage(
         else:
             panels.append(case_panel(vol, hit.slice_index, caption, channel))
     return render_montage(panels, png_path, title=title, ncols=ncols, show_anat=show_anat)
+
+
+def draw_cohort_montage(
+    cohort_dir: str | Path, png_path: str | Path, cases: Sequence[str] | None = None
+) -> Path:
+    """A PNG of a phantom cohort: one row per case (four sequences, tumour labels on FLAIR, anatomy on T1)
+    through the largest tumour cross-section (healthy cases: the largest ventricle cross-section).
+
+    ``cases`` are case ids; by default up to three cases with tumours and one healthy case.
+    """
+    from fdn_core.data.phantom import read_cohort_json
+    from fdn_core.data.readers import find_cases, load_case
+
+    cohort_dir = Path(cohort_dir)
+    entries = {c["case_id"]: c for c in read_cohort_json(cohort_dir)["cases"]}
+    if cases is None:
+        chosen = [c for c, e in entries.items() if not e["healthy"]][:3]
+        chosen += [c for c, e in entries.items() if e["healthy"]][:1]
+    else:
+        chosen = list(cases)
+        unknown = [c for c in chosen if c not in entries]
+        if unknown:
+            raise DataError(
+                f"{cohort_dir}: no case(s) {unknown} in cohort.json; known cases: {sorted(entries)[:5]}..."
+            )
+    if not chosen:
+        raise DataError(f"{cohort_dir}: cohort.json lists no cases to draw")
+    files = {f.case_id: f for f in find_cases(cohort_dir)}
+    panels: list[MontagePanel] = []
+    for case_id in chosen:
+        if case_id not in files:
+            raise DataError(
+                f"{cohort_dir / case_id}: missing or incomplete; regenerate it with `fdn phantom`"
+            )
+        case = load_case(files[case_id])
+        seg = case.seg if case.seg is not None else np.zeros(case.image.shape[1:], np.uint8)
+        anat = case.anat if case.anat is not None else np.zeros_like(seg)
+        area = (seg > 0).sum(axis=(0, 1)) if seg.any() else (anat >= 5).sum(axis=(0, 1))
+        k = int(np.argmax(area))
+        state = "healthy" if entries[case_id]["healthy"] else "tumour"
+        for c, name in enumerate(MODALITIES):
+            title = f"{case_id} ({state}, z={k})\n{name}" if c == 0 else name
+            panels.append(MontagePanel(case.image[c, :, :, k], title))
+        flair, t1 = MODALITIES.index("flair"), MODALITIES.index("t1")
+        panels.append(MontagePanel(case.image[flair, :, :, k], "tumour on FLAIR", seg=seg[:, :, k]))
+        panels.append(MontagePanel(case.image[t1, :, :, k], "anatomy on T1", anat=anat[:, :, k]))
+    return render_montage(panels, png_path, ncols=len(MODALITIES) + 2, show_anat=True, tile_inches=1.9)

@@ -52,7 +52,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from fdn_core.device import autocast_for, select_device
 from fdn_core.errors import ConfigError, DataError, FDNError
+from fdn_core.evaluation.metrics import dice_from_counts, overlap_counts
 from fdn_core.fileio import atomic_path, atomic_write_bytes
+from fdn_core.labels import ABNORMAL_CLASSES
 from fdn_core.losses import FDNLoss, abnormal_flags
 from fdn_core.model import FDN
 from fdn_core.progress import Progress
@@ -78,7 +80,6 @@ log = logging.getLogger("fdn_training.train")
 CHECKPOINT_FORMAT = "fdn-train-checkpoint/1"
 #: Training stops with an error after this many generator steps in a row with non-finite gradients.
 MAX_CONSECUTIVE_SKIPS = 25
-ABNORMAL_CLASSES = 3
 
 
 # ----------------------------------------------------------------------------------------- distributed
@@ -415,7 +416,7 @@ def _validate(
     model.eval()
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=0)
     sums: dict[str, float] = {}
-    overlap = torch.zeros(3, ABNORMAL_CLASSES, dtype=torch.float64)  # intersection, predicted, reference
+    overlap = np.zeros((3, len(ABNORMAL_CLASSES)), dtype=np.int64)  # intersection, predicted, reference
     count = 0
     with torch.random.fork_rng(devices=[]):
         for batch in loader:
@@ -431,25 +432,18 @@ def _validate(
                     continue
                 sums[k] = sums.get(k, 0.0) + float(v) * b
             pred = out.seg_logits.argmax(1)
-            for c in range(1, ABNORMAL_CLASSES + 1):
-                p, r = pred == c, seg == c
-                overlap[0, c - 1] += float((p & r).sum())
-                overlap[1, c - 1] += float(p.sum())
-                overlap[2, c - 1] += float(r.sum())
+            overlap += overlap_counts(pred.cpu().numpy(), seg.cpu().numpy(), ABNORMAL_CLASSES)
     keys = sorted(sums)
     packed = torch.tensor([count] + [sums[k] for k in keys], dtype=torch.float64)
     packed = _all_reduce_sum(packed, dist)
-    overlap = _all_reduce_sum(overlap, dist)
+    pooled = _all_reduce_sum(torch.from_numpy(overlap).to(torch.float64), dist).numpy()
     n = max(float(packed[0]), 1.0)
     result = {f"val_{k}": float(packed[i + 1]) / n for i, k in enumerate(keys)}
-    dices = []
-    for c in range(ABNORMAL_CLASSES):
-        denom = float(overlap[1, c] + overlap[2, c])
-        d = 2 * float(overlap[0, c]) / denom if denom > 0 else float("nan")
-        result[f"val_dice_{('ncr_net', 'ed', 'et')[c]}"] = d
-        if not math.isnan(d):
-            dices.append(d)
-    result["val_dice"] = float(np.mean(dices)) if dices else float("nan")
+    per_class = dice_from_counts(pooled)
+    for name, d in zip(("ncr_net", "ed", "et"), per_class, strict=True):
+        result[f"val_dice_{name}"] = float(d)
+    present = per_class[~np.isnan(per_class)]
+    result["val_dice"] = float(present.mean()) if present.size else float("nan")
     result["val_slices"] = n
     return result
 

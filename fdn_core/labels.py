@@ -1,0 +1,143 @@
+"""The project's one vocabulary: sequences, abnormal classes and their file codes, anatomy labels, label
+colours, code types, distances and search modes (with the aliases users type). Everything else imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = [
+    "ABNORMAL_CLASSES",
+    "ABNORMAL_COLORS",
+    "ABNORMAL_DICE_GROUPS",
+    "ABNORMAL_NAMES",
+    "ABNORMAL_SEGMENT_IDS",
+    "ANATOMY_CLASSES",
+    "ANATOMY_COLORS",
+    "ANATOMY_NAMES",
+    "BRATS_FILE_TO_CLASS",
+    "CLASS_TO_BRATS_FILE",
+    "CLASS_TO_MSD_FILE",
+    "CODE_TYPES",
+    "DISTANCES",
+    "MODALITIES",
+    "MODES",
+    "MODE_CHOICES",
+    "MSD_CHANNELS",
+    "MSD_FILE_TO_CLASS",
+    "MSD_MODALITY_NAMES",
+    "NUM_ABNORMAL_CLASSES",
+    "CodeType",
+    "Distance",
+    "Mode",
+    "normalize_mode",
+]
+
+# ------------------------------------------------------------------------------------------- sequences
+#: Channel order everywhere (model input, caches, readers): T1, T1 with gadolinium, T2, FLAIR.
+MODALITIES: Final[tuple[str, ...]] = ("t1", "t1ce", "t2", "flair")
+#: Channel order of the Decathlon's 4D images (dataset.json "modality": FLAIR, T1w, t1gd, T2w).
+MSD_CHANNELS: Final[tuple[str, ...]] = ("flair", "t1", "t1ce", "t2")
+#: Channel names the Decathlon's dataset.json uses, mapped to ours.
+MSD_MODALITY_NAMES: Final[dict[str, str]] = {
+    "flair": "flair",
+    "t2flair": "flair",
+    "t1": "t1",
+    "t1w": "t1",
+    "t1gd": "t1ce",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t2": "t2",
+    "t2w": "t2",
+}
+
+# -------------------------------------------------------------------------------------- abnormal classes
+#: Our abnormal classes, index = class value: 0 background, 1 NCR/NET, 2 ED (oedema), 3 ET (enhancing).
+ABNORMAL_NAMES: Final[tuple[str, ...]] = ("background", "NCR/NET", "ED", "ET")
+#: The foreground abnormal class values.
+ABNORMAL_CLASSES: Final[tuple[int, ...]] = (1, 2, 3)
+#: Number of abnormal classes the segmentation head predicts, background included.
+NUM_ABNORMAL_CLASSES: Final[int] = len(ABNORMAL_NAMES)
+#: Segment ids and display names of the foreground classes (Slicer segments, browser legends).
+ABNORMAL_SEGMENT_IDS: Final[dict[int, tuple[str, str]]] = {
+    1: ("NCR_NET", "NCR/NET"),
+    2: ("Oedema", "Oedema"),
+    3: ("Enhancing", "Enhancing"),
+}
+#: Name -> class values of each region scored by Dice; "whole_tumour" is every foreground class.
+ABNORMAL_DICE_GROUPS: Final[dict[str, tuple[int, ...]]] = {
+    "ncr_net": (1,),
+    "ed": (2,),
+    "et": (3,),
+    "whole_tumour": ABNORMAL_CLASSES,
+}
+#: BraTS file label -> our class (BraTS: 1 NCR/NET, 2 ED, 4 ET).
+BRATS_FILE_TO_CLASS: Final[dict[int, int]] = {0: 0, 1: 1, 2: 2, 4: 3}
+CLASS_TO_BRATS_FILE: Final[dict[int, int]] = {c: f for f, c in BRATS_FILE_TO_CLASS.items()}
+#: Decathlon Task01 file label -> our class (MSD: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour).
+MSD_FILE_TO_CLASS: Final[dict[int, int]] = {0: 0, 1: 2, 2: 1, 3: 3}
+CLASS_TO_MSD_FILE: Final[dict[int, int]] = {c: f for f, c in MSD_FILE_TO_CLASS.items()}
+#: RGB of the abnormal classes in the colours BraTS figures and ITK-SNAP use: red, green, yellow.
+ABNORMAL_COLORS: Final[dict[int, tuple[float, float, float]]] = {
+    1: (1.0, 0.0, 0.0),
+    2: (0.0, 1.0, 0.0),
+    3: (1.0, 1.0, 0.0),
+}
+
+# ------------------------------------------------------------------------------------- normal anatomy
+#: Normal-anatomy labels, index = label value (used to score S_normal).
+ANATOMY_NAMES: Final[tuple[str, ...]] = (
+    "background",
+    "L cerebrum",
+    "R cerebrum",
+    "L cerebellum",
+    "R cerebellum",
+    "L lateral ventricle",
+    "R lateral ventricle",
+)
+#: The foreground anatomy label values.
+ANATOMY_CLASSES: Final[tuple[int, ...]] = tuple(range(1, len(ANATOMY_NAMES)))
+#: RGB of the anatomy labels: left/right pairs in related hues.
+ANATOMY_COLORS: Final[dict[int, tuple[float, float, float]]] = {
+    1: (0.30, 0.55, 1.00),
+    2: (0.00, 0.85, 0.85),
+    3: (0.85, 0.45, 1.00),
+    4: (1.00, 0.50, 0.80),
+    5: (1.00, 0.65, 0.00),
+    6: (0.75, 0.25, 0.00),
+}
+
+# ------------------------------------------------------------------------------------- codes and search
+CodeType = Literal["normal", "abnormal"]
+Distance = Literal["euclidean", "angular", "hamming"]
+Mode = Literal["normal", "abnormal", "sum", "sum_normalized"]
+
+#: The two code types of a slice.
+CODE_TYPES: Final[tuple[CodeType, ...]] = ("normal", "abnormal")
+#: Distances between code grids (paper section 3.2): D_E, D_A, D_H.
+DISTANCES: Final[tuple[Distance, ...]] = ("euclidean", "angular", "hamming")
+#: The search engine's modes: S_normal, S_abnormal, S_sum, and S_sum with each distance normalised.
+MODES: Final[tuple[Mode, ...]] = ("normal", "abnormal", "sum", "sum_normalized")
+#: Mode names as users write them (CLI choices); ``normalize_mode`` maps every alias to a ``MODES`` entry.
+MODE_CHOICES: Final[tuple[str, ...]] = ("normal", "abnormal", "sum", "sum-normalized", "both")
+_MODE_ALIASES: Final[dict[str, Mode]] = {
+    "normal": "normal",
+    "abnormal": "abnormal",
+    "sum": "sum",
+    "sum-normalized": "sum_normalized",
+    "sum-normalised": "sum_normalized",
+    "sum_normalized": "sum_normalized",
+    "sum_normalised": "sum_normalized",
+    # The panel's and the browser's "both": both codes, each distance divided by its typical size.
+    "both": "sum_normalized",
+}
+
+
+def normalize_mode(mode: str) -> Mode:
+    """A mode as a user wrote it (``both``, ``sum-normalised``, ...) -> the engine's name (``MODES``)."""
+    from fdn_core.errors import ConfigError
+
+    try:
+        return _MODE_ALIASES[mode.strip().lower()]
+    except (KeyError, AttributeError):
+        raise ConfigError(f"unknown search mode {mode!r}; choose one of {list(MODE_CHOICES)}") from None
