@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The Slicer module's Qt-free library is imported from its folder, as Slicer itself does.
+# The Slicer module's Qt-free library is imported from its folder, as Slicer itself does (only the Slicer
+# tests import it; the core tests never import vtk or Slicer).
 sys.path.insert(0, str(ROOT / "SlicerFDNRetrieval"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -40,18 +41,9 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_tiny_bundle(out: Path, seed: int = 0) -> Path:
     """A freshly initialised, seeded tiny FDN saved as a real inference bundle (untrained: retrieval runs
     mechanically on it, its scores mean nothing)."""
-    import torch
+    from fdn_core.model.bundle import save_untrained_bundle
 
-    from fdn_core.data.preprocess import PreprocessConfig
-    from fdn_core.model.bundle import save_bundle
-    from fdn_core.model.fdn import FDN, FDNConfig
-    from FDNRetrievalLib.scenario import TINY_MODEL  # one tiny architecture for pytest and Slicer's self-test
-
-    torch.manual_seed(seed)
-    model = FDN(FDNConfig(**TINY_MODEL))
-    return save_bundle(
-        model, PreprocessConfig(TINY_MODEL["image_size"]), out, {"seed": seed, "trained": False}
-    )
+    return save_untrained_bundle(out, seed=seed)
 
 
 @pytest.fixture(scope="session")

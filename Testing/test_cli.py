@@ -48,3 +48,24 @@ def test_core_never_imports_training_slicer_or_the_web_viewer() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path}: imports {name}"
+
+
+def test_core_tests_never_import_vtk_or_slicer() -> None:
+    """Only the Slicer tests need slicer-core: importing every other test module (and conftest) pulls in
+    neither vtk nor Slicer, so the core suite runs where slicer-core is not installed."""
+    import subprocess
+    import sys
+
+    modules = sorted(
+        p.stem for p in (ROOT / "Testing").glob("test_*.py") if "slicer" not in p.stem and "web" not in p.stem
+    )
+    code = (
+        "import sys; sys.path[:0] = ['Testing']; import conftest\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('vtk', 'slicer', 'FDNRetrievalLib'))\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

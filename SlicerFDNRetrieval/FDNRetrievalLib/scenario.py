@@ -23,13 +23,13 @@ import vtk
 from fdn_core.data.readers import CaseFiles, find_cases, load_case, to_canonical, write_brats_case
 from fdn_core.errors import DataError, ModelMismatchError
 from fdn_core.labels import MODALITIES
+from fdn_core.model.bundle import save_untrained_bundle
 
 from . import scene as sc
 from . import workflow as wf
 from .naming import match_sequence_nodes
 
 __all__ = [
-    "TINY_MODEL",
     "Fixture",
     "SceneContext",
     "build_fixture",
@@ -39,18 +39,6 @@ __all__ = [
     "run_scenario",
     "write_synthetic_cohort",
 ]
-
-#: A tiny FDN (64x64 input, 8x8 codes, 32 codes per codebook): fast on a CPU, real in every respect.
-TINY_MODEL: dict[str, Any] = {
-    "image_size": 64,
-    "latent_size": 8,
-    "stem_channels": 8,
-    "encoder_channels": (16, 16),
-    "code_dim": 8,
-    "num_codes": 32,
-    "spade_hidden_channels": 8,
-    "critic_channels": 8,
-}
 
 
 def _check(condition: Any, message: str) -> None:
@@ -188,18 +176,6 @@ class Fixture:
     query_case: str
 
 
-def _tiny_bundle(out_dir: Path, seed: int) -> Path:
-    import torch
-
-    from fdn_core.data.preprocess import PreprocessConfig
-    from fdn_core.model import FDN, FDNConfig
-    from fdn_core.model.bundle import save_bundle
-
-    torch.manual_seed(seed)
-    model = FDN(FDNConfig(**TINY_MODEL))
-    return save_bundle(model, PreprocessConfig(image_size=TINY_MODEL["image_size"]), out_dir, {"seed": seed})
-
-
 def build_fixture(work_dir: str | Path, cohort_dir: str | Path | None = None, seed: int = 0) -> Fixture:
     """Tiny model bundle + database of ``cohort_dir`` (synthetic when None), all under ``work_dir``."""
     from fdn_core.model.bundle import load_bundle
@@ -210,9 +186,9 @@ def build_fixture(work_dir: str | Path, cohort_dir: str | Path | None = None, se
         Path(cohort_dir) if cohort_dir is not None else write_synthetic_cohort(work_dir / "cohort", seed=seed)
     )
     cases = sorted(c.case_id for c in find_cases(cohort))
-    bundle_dir = _tiny_bundle(work_dir / "model", seed)
+    bundle_dir = save_untrained_bundle(work_dir / "model", seed)
     index_cohort(load_bundle(bundle_dir, device="cpu"), cohort, work_dir / "db")
-    other_dir = _tiny_bundle(work_dir / "other_model", seed + 1)
+    other_dir = save_untrained_bundle(work_dir / "other_model", seed + 1)
     index_cohort(
         load_bundle(other_dir, "cpu"), cohort, work_dir / "other_db", cases=cases[:1], fit_hamming=False
     )

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from fdn_core.codes.database import CodeDatabase
-from fdn_core.codes.search import Query, SearchEngine
+from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import slices_to_volume
 from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
@@ -29,7 +29,6 @@ from fdn_core.retrieval import case_files_from_source, encode_case_stack, load_h
 __all__ = [
     "BackgroundTask",
     "EncodedStudy",
-    "Hit",
     "Resources",
     "SearchSettings",
     "TaskStatus",
@@ -257,16 +256,6 @@ class SearchSettings:
             raise DataError(f"top-K must be between 1 and {TOP_K_MAX}, got {self.top_k}")
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One search result: rank (1 = best), reference case, its canonical axial slice, distance."""
-
-    rank: int
-    case_id: str
-    slice_index: int
-    distance: float
-
-
 def _check_slice(index: int, num_slices: int, what: str) -> int:
     if not 0 <= int(index) < num_slices:
         raise DataError(
@@ -336,7 +325,7 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
         top=int(settings.top_k),
         per="volume" if settings.volume_wise else "slice",
     )
-    return [Hit(h.rank, h.case_id, h.slice_index, h.distance) for h in hits]
+    return hits
 
 
 # --------------------------------------------------------------------------------------- background work

@@ -64,7 +64,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from fdn_core.codes.tables import hamming_table  # the search engine's K x K table, shared on purpose
+from fdn_core.codes.tables import check_bits, check_codebook, hamming_table  # shared with the search engine
 from fdn_core.errors import ConfigError, DataError, IntegrityError
 from fdn_core.fileio import atomic_path, atomic_write_json, sha256_file
 from fdn_core.progress import Progress
@@ -102,49 +102,8 @@ _VERSION = 1
 
 
 def _check_codebook(codebook: Any, where: str = "codebook") -> np.ndarray:
-    """Return ``codebook`` as a finite float64 (K, D) array with 2 <= K <= MAX_CODES, or raise DataError."""
-    try:
-        arr = np.asarray(codebook)
-    except Exception as exc:  # ragged nested lists and the like
-        raise DataError(f"{where}: cannot be read as an array ({exc}); pass a (K, D) float array") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise DataError(f"{where}: expected a numeric (K, D) array, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise DataError(f"{where}: complex values are not supported; pass a real (K, D) array")
-    if arr.ndim != 2:
-        raise DataError(
-            f"{where}: expected a 2-D (K, D) array of K code vectors, got shape {arr.shape}; "
-            "reshape it to (num_codes, code_dim)"
-        )
-    k, d = arr.shape
-    if k < 2:
-        raise DataError(f"{where}: needs at least 2 code vectors to define a hyperplane, got K = {k}")
-    if k > MAX_CODES:
-        raise DataError(f"{where}: K = {k} code vectors exceeds the supported maximum {MAX_CODES}")
-    if d < 1:
-        raise DataError(f"{where}: code vectors have dimension 0; expected shape (K, D) with D >= 1")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.all(np.isfinite(arr), axis=1))
-        raise DataError(
-            f"{where}: code vectors {bad[:10].tolist()} contain NaN or infinite values; "
-            "the model's codebook is corrupt or was not trained"
-        )
-    return arr
-
-
-def _check_bits(bits: Any, where: str = "bits") -> np.ndarray:
-    """Return ``bits`` as a (K, B) bool array (accepts bool or 0/1 integers), or raise DataError."""
-    arr = np.asarray(bits)
-    if arr.ndim != 2:
-        raise DataError(f"{where}: expected a 2-D (K, B) array of K binary codes, got shape {arr.shape}")
-    if arr.dtype == bool:
-        return arr
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise DataError(f"{where}: expected a bool or 0/1 integer array, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > 1):
-        raise DataError(f"{where}: integer codes must contain only 0 and 1")
-    return arr.astype(bool)
+    """A finite float64 (K, D) codebook with 2 <= K <= MAX_CODES (a hyperplane needs two vectors)."""
+    return check_codebook(codebook, where, min_codes=2, max_codes=MAX_CODES)
 
 
 def _check_zero_tol(zero_tol: float) -> float:
@@ -540,7 +499,7 @@ def shorten_bits(
     ``rows`` (bool mask of length K) restricts the vectors whose neighbours are preserved, and the
     candidate neighbours, to the marked (used) vectors.
     """
-    arr = _check_bits(bits)
+    arr = check_bits(bits)
     _check_scope(scope)
     _check_nearest(nearest)
     used = _check_used(rows, arr.shape[0], where="rows")
@@ -593,7 +552,7 @@ def jaccard_concordance(
     deterministic. ``k`` larger than the number of other vectors is clipped to it.
     """
     cb = _check_codebook(codebook)
-    arr = _check_bits(bits)
+    arr = check_bits(bits)
     qs = _check_ks(ks)
     if arr.shape[0] != cb.shape[0]:
         raise DataError(
@@ -695,7 +654,7 @@ class BinaryCodes:
     used: np.ndarray | None = field(default=None)  # (K,) bool mask the codes were fitted on, or None
 
     def __post_init__(self) -> None:
-        self.bits = _check_bits(self.bits)
+        self.bits = check_bits(self.bits)
         pairs = np.asarray(self.kept_pairs)
         k, b = self.bits.shape
         if pairs.shape != (b, 2) or not np.issubdtype(pairs.dtype, np.integer):
@@ -720,8 +679,6 @@ class BinaryCodes:
 
     def hamming_table(self) -> np.ndarray:
         """(K, K) uint16 Hamming distances between the codes (see ``hamming_table``); all zero if B = 0."""
-        if self.num_bits == 0:  # shortening can legitimately keep no bit (K = 2, all vectors identical)
-            return np.zeros((self.num_codes, self.num_codes), dtype=np.uint16)
         return hamming_table(self.bits)
 
     def matches(self, codebook: np.ndarray) -> bool:

@@ -11,25 +11,81 @@ K x K pairs of codes:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fdn_core.errors import DataError
 
-__all__ = ["check_codebook", "dot_table", "hamming_table", "squared_euclidean_table"]
+__all__ = [
+    "MAX_UINT16_CODES",
+    "check_bits",
+    "check_codebook",
+    "dot_table",
+    "hamming_table",
+    "squared_euclidean_table",
+]
+
+#: Code indices are stored as uint16: at most 65,536 codes per codebook.
+MAX_UINT16_CODES = 1 << 16
 
 
-def check_codebook(codebook: np.ndarray, what: str = "codebook") -> np.ndarray:
-    """Return ``codebook`` as a finite float64 (K, D) array, or raise DataError saying what is wrong."""
-    arr = np.asarray(codebook)
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise DataError(f"{what}: expected a (K, D) array of code vectors, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{what}: expected floating-point code vectors, got dtype {arr.dtype}")
-    if arr.shape[0] > 65536:
-        raise DataError(f"{what}: {arr.shape[0]} codes do not fit uint16 code indices (at most 65536)")
+def check_codebook(
+    codebook: Any, where: str = "codebook", min_codes: int = 1, max_codes: int = MAX_UINT16_CODES
+) -> np.ndarray:
+    """Return ``codebook`` as a finite float64 (K, D) array with ``min_codes <= K <= max_codes``, or raise
+    DataError saying what is wrong (the one codebook check of the search engine, hashing and database)."""
+    try:
+        arr = np.asarray(codebook)
+    except Exception as exc:  # ragged nested lists and the like
+        raise DataError(f"{where}: cannot be read as an array ({exc}); pass a (K, D) float array") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise DataError(f"{where}: expected a numeric (K, D) array of code vectors, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise DataError(f"{where}: complex values are not supported; pass a real (K, D) array")
+    if arr.ndim != 2:
+        raise DataError(
+            f"{where}: expected a 2-D (K, D) array of K code vectors, got shape {arr.shape}; "
+            "reshape it to (num_codes, code_dim)"
+        )
+    k, d = arr.shape
+    if k < min_codes:
+        raise DataError(f"{where}: needs at least {min_codes} code vector(s), got K = {k}")
+    if k > max_codes:
+        limit = "uint16 code indices" if max_codes == MAX_UINT16_CODES else "this operation"
+        raise DataError(f"{where}: K = {k} code vectors exceeds the maximum of {max_codes} for {limit}")
+    if d < 1:
+        raise DataError(f"{where}: code vectors have dimension 0; expected shape (K, D) with D >= 1")
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
-        raise DataError(f"{what}: contains NaN or infinite values; the model that made it is broken")
-    return arr.astype(np.float64)
+        bad = np.flatnonzero(~np.all(np.isfinite(arr), axis=1))
+        raise DataError(
+            f"{where}: code vectors {bad[:10].tolist()} contain NaN or infinite values; "
+            "the model's codebook is corrupt or was not trained"
+        )
+    return arr
+
+
+def check_bits(bits: Any, where: str = "binarised codebook") -> np.ndarray:
+    """Return binarised code vectors as a (K, B) bool array, or raise DataError.
+
+    Accepted encodings: bool, {0, 1} integers or floats, and the paper's {-1, +1} signs. B may be 0
+    (shortening can keep no bit when every code vector is the same).
+    """
+    arr = np.asarray(bits)
+    if arr.ndim != 2 or arr.shape[0] < 1:
+        raise DataError(f"{where}: expected a 2-D (K, B) array of K binary codes, got shape {arr.shape}")
+    if arr.dtype == np.bool_:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{where}: bits must be bool, {{0, 1}} or {{-1, +1}}; got dtype {arr.dtype}")
+    values = np.unique(arr)
+    if np.isin(values, (0, 1)).all() or np.isin(values, (-1, 1)).all():
+        return arr > 0
+    raise DataError(
+        f"{where}: bits must be bool, {{0, 1}} or {{-1, +1}} (integer codes may contain only 0 and 1, or "
+        f"the signs -1 and +1); found values {values[:6].tolist()}"
+    )
 
 
 def squared_euclidean_table(codebook: np.ndarray, block: int = 64) -> np.ndarray:
@@ -49,32 +105,17 @@ def dot_table(codebook: np.ndarray) -> np.ndarray:
     return e @ e.T
 
 
-def _as_bits(bits: np.ndarray) -> np.ndarray:
-    arr = np.asarray(bits)
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise DataError(f"binarised codebook: expected a (K, B) array of bits, got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        return arr
-    if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"binarised codebook: expected bool or integer bits, got dtype {arr.dtype}")
-    values = np.unique(arr)
-    if np.isin(values, (0, 1)).all():
-        return arr > 0
-    if np.isin(values, (-1, 1)).all():  # the paper's sgn() convention
-        return arr > 0
-    raise DataError(
-        f"binarised codebook: bits must be bool, {{0, 1}} or {{-1, +1}}; found values {values[:6].tolist()}"
-    )
-
-
 def hamming_table(bits: np.ndarray) -> np.ndarray:
     """(K, K) table of Hamming distances between the rows of a binarised codebook ``bits`` (K, B).
 
-    ``bits`` may be bool, {0, 1} or the paper's {-1, +1} signs. The result is uint16 when B < 65536,
-    else uint32. Counted as ``|b_i| + |b_j| - 2 b_i.b_j`` with a float32 matrix product, which is exact
-    because every partial sum is an integer below 2^24 (B is at most K(K-1)/2 = 130,816 for K = 512).
+    ``bits`` may be bool, {0, 1} or the paper's {-1, +1} signs (all zero when B = 0). The result is
+    uint16 when B < 65536, else uint32. Counted as ``|b_i| + |b_j| - 2 b_i.b_j`` with a float32 matrix
+    product, which is exact because every partial sum is an integer below 2^24 (B is at most
+    K(K-1)/2 = 130,816 for K = 512).
     """
-    b = _as_bits(bits)
+    b = check_bits(bits)
+    if b.shape[1] == 0:
+        return np.zeros((b.shape[0], b.shape[0]), dtype=np.uint16)
     if b.shape[1] >= 1 << 24:
         raise DataError(f"binarised codebook: {b.shape[1]} bits per code is more than this table supports")
     f = b.astype(np.float32)

@@ -39,6 +39,7 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
     "MANIFEST_NAME",
+    "TINY_MODEL",
     "WEIGHTS_NAME",
     "EncodedSlices",
     "InferenceBundle",
@@ -46,6 +47,7 @@ __all__ = [
     "load_bundle",
     "model_fingerprint",
     "save_bundle",
+    "save_untrained_bundle",
 ]
 
 BUNDLE_FORMAT = "fdn-inference-bundle"
@@ -53,6 +55,18 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 _EXCLUDED_PREFIX = "critic."
+#: A tiny FDN (64x64 input, 8x8 codes, 32 codes per codebook): fast on a CPU, real in every respect. The
+#: tests, the Slicer module's self-test and the browser viewer's tests build untrained bundles of it.
+TINY_MODEL: dict[str, Any] = {
+    "image_size": 64,
+    "latent_size": 8,
+    "stem_channels": 8,
+    "encoder_channels": (16, 16),
+    "code_dim": 8,
+    "num_codes": 32,
+    "spade_hidden_channels": 8,
+    "critic_channels": 8,
+}
 _FIX = "re-export the bundle from its training checkpoint (fdn export) or download it again"
 
 
@@ -401,3 +415,20 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
 def _freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def save_untrained_bundle(
+    out_dir: str | Path, seed: int = 0, config: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """A freshly initialised, seeded FDN (default ``TINY_MODEL``) saved as a real inference bundle.
+
+    Untrained: the whole pipeline runs on it, but its codes and scores mean nothing (tests, self-tests).
+    """
+    arch = dict(TINY_MODEL if config is None else config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FDN(FDNConfig(**arch))
+    meta = {"seed": seed, "trained": False}
+    return save_bundle(
+        model, PreprocessConfig(image_size=arch["image_size"]), out_dir, meta, overwrite=overwrite
+    )
