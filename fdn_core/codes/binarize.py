@@ -369,7 +369,7 @@ def _shorten(
         slack_all = dist[oi, oj] - dist[oi, oa] - thr  # >= 0: every constraint holds
         hist = np.cumsum(np.bincount(np.minimum(slack_all, max_horizon + 1), minlength=max_horizon + 2))
         # the largest horizon h with at most `pair_budget` pairs of slack <= h (at least 1)
-        horizon = int(max(1, min(max_horizon, np.searchsorted(hist, pair_budget, side="right") - 1)))
+        horizon = max(1, min(max_horizon, int(np.searchsorted(hist, pair_budget, side="right")) - 1))
         track = np.flatnonzero(slack_all <= horizon)  # others cannot reach 0 within `horizon` removals
         ci, cj, ca = oi[track], oj[track], oa[track]
         slack = slack_all[track]

@@ -135,6 +135,10 @@ class SliceCache:
     of cases left out with ``skip_bad``) and ``rebuilt`` (whether the call that returned it built it).
     """
 
+    images: np.ndarray
+    seg: np.ndarray
+    anat: np.ndarray
+
     def __init__(self, path: str | Path, rebuilt: bool = False) -> None:
         self.path = Path(path)
         self.rebuilt = rebuilt

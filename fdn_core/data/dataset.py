@@ -115,7 +115,7 @@ class RandSliceAugmentd(RandomizableTransform, MapTransform):
         return {k: (v.as_tensor() if hasattr(v, "as_tensor") else v) for k, v in d.items()}
 
 
-class SliceDataset(Dataset):
+class SliceDataset(Dataset[dict[str, Any]]):
     """Axial slices of the cases ``case_ids`` of a ``SliceCache`` (items: see module doc).
 
     ``require_seg`` (default) refuses cases without segmentation, which would otherwise train as healthy.
@@ -150,7 +150,7 @@ class SliceDataset(Dataset):
         self.rows = np.concatenate([np.arange(e.start, e.stop, dtype=np.int64) for e in entries])
         self._has_anat = {e.case_id: e.has_anat for e in entries}
         self._transform = RandSliceAugmentd(config=augment_config) if self.augment else None
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
 
     def __len__(self) -> int:
         return len(self.rows)

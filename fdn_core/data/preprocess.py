@@ -97,7 +97,7 @@ def _resize(t: torch.Tensor, size: tuple[int, int], mode: Mode) -> torch.Tensor:
 def _as_4d(slices: np.ndarray | torch.Tensor, what: str) -> tuple[torch.Tensor, bool, bool, Any]:
     """(N,H,W) or (N,C,H,W) -> float (N,C,H,W) tensor, plus how to undo it."""
     is_numpy = not isinstance(slices, torch.Tensor)
-    t = torch.from_numpy(np.ascontiguousarray(slices)) if is_numpy else slices
+    t = slices if isinstance(slices, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(slices))
     if t.ndim not in (3, 4):
         raise DataError(f"{what}: expected (N, H, W) or (N, C, H, W) slices, got shape {tuple(t.shape)}")
     squeeze = t.ndim == 3
@@ -215,7 +215,7 @@ def volume_to_slices(case: CaseVolume, cfg: PreprocessConfig) -> SliceStack:
     _, size_x, size_y, _ = image.shape
     geometry = SliceGeometry.for_shape(size_x, size_y, cfg.image_size)
     images = geometry.to_model(torch.from_numpy(image).permute(3, 0, 1, 2), "bilinear")
-    labels = []
+    labels: list[np.ndarray | None] = []
     for vol in (case.seg, case.anat):
         if vol is None:
             labels.append(None)

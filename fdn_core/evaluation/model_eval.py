@@ -161,7 +161,9 @@ class _LeakCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3))).squeeze(1)
 
 
-def _split_cases(case_ids: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator):
+def _split_cases(
+    case_ids: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """Case-wise split stratified by whether the case contributes any diseased slice."""
     cases = sorted(set(case_ids.tolist()))
     diseased = {c for c in cases if labels[case_ids == c].any()}
@@ -371,7 +373,7 @@ def evaluate_model(
         # Leakiness samples: brain slices only, at most slices_per_case of each kind, evenly spread.
         brain_share = (stack.images != 0).any(axis=1).reshape(len(stack.images), -1).mean(1)
         brain = brain_share >= leak.min_brain_fraction
-        diseased = stack.seg.reshape(len(stack.seg), -1).any(1)
+        diseased: np.ndarray = stack.seg.reshape(len(stack.seg), -1).any(1)
         chosen = np.concatenate(
             [
                 _spread(np.flatnonzero(brain & diseased), leak.slices_per_case),

@@ -374,8 +374,8 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
     for section in ("model", "preprocess"):
         if not isinstance(manifest.get(section), dict):
             raise IntegrityError(f"{where}: section {section!r} is missing or not a mapping; {_FIX}")
-    config = config_from_dict(FDNConfig, manifest.get("model"), where=f"{where}: model")
-    preprocess = config_from_dict(PreprocessConfig, manifest.get("preprocess"), where=f"{where}: preprocess")
+    config = config_from_dict(FDNConfig, manifest["model"], where=f"{where}: model")
+    preprocess = config_from_dict(PreprocessConfig, manifest["preprocess"], where=f"{where}: preprocess")
     try:
         state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -406,7 +406,7 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
     dev = device if isinstance(device, torch.device) else select_device(device)
     model = model.to(dev)
     if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     _freeze(model)
     return InferenceBundle(model, config, preprocess, fingerprint, dev, folder, manifest)

@@ -262,18 +262,8 @@ class FDN(nn.Module):
         )
         self.tower_normal = _Tower(c)
         self.tower_abnormal = _Tower(c)
-        vq = dict(
-            spatial_dims=2,
-            num_embeddings=c.num_codes,
-            embedding_dim=c.code_dim,
-            commitment_cost=c.commitment_cost,
-            decay=c.ema_decay,
-            epsilon=c.ema_epsilon,
-            embedding_init="normal",
-            ddp_sync=True,
-        )
-        self.vq_normal = FP32EMAQuantizer(**vq)
-        self.vq_abnormal = FP32EMAQuantizer(**vq)
+        self.vq_normal = self._quantizer(c)
+        self.vq_abnormal = self._quantizer(c)
         self.seg_decoder = SegmentationDecoder(c)
         self.image_decoder = ImageDecoder(c)
         self.critic = Critic(c.code_dim, c.latent_size, c.critic_channels)
@@ -287,6 +277,19 @@ class FDN(nn.Module):
             he_init(module)
 
     # ----------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _quantizer(c: FDNConfig) -> FP32EMAQuantizer:
+        return FP32EMAQuantizer(
+            spatial_dims=2,
+            num_embeddings=c.num_codes,
+            embedding_dim=c.code_dim,
+            commitment_cost=c.commitment_cost,
+            decay=c.ema_decay,
+            epsilon=c.ema_epsilon,
+            embedding_init="normal",
+            ddp_sync=True,
+        )
+
     def _check_images(self, x: torch.Tensor) -> None:
         c = self.config
         if (
