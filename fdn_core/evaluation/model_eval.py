@@ -373,7 +373,7 @@ def evaluate_model(
         # Leakiness samples: brain slices only, at most slices_per_case of each kind, evenly spread.
         brain_share = (stack.images != 0).any(axis=1).reshape(len(stack.images), -1).mean(1)
         brain = brain_share >= leak.min_brain_fraction
-        diseased: np.ndarray = stack.seg.reshape(len(stack.seg), -1).any(1)
+        diseased = np.asarray(stack.seg.reshape(len(stack.seg), -1).any(axis=1), dtype=bool)
         chosen = np.concatenate(
             [
                 _spread(np.flatnonzero(brain & diseased), leak.slices_per_case),
