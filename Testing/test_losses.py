@@ -147,7 +147,7 @@ def _fake_output(z_q_normal: torch.Tensor, size: int = 16) -> FDNOutput:
 
 def test_all_healthy_batch_turns_distribution_matching_off() -> None:
     critic = LinearCritic(8)
-    loss_fn = FDNLoss(LossConfig(ssim_win_size=7))
+    loss_fn = FDNLoss(LossConfig(ssim_win_size=7), latent_size=8)
     z = torch.randn(3, 2, 2, 2)
     seg = torch.zeros(3, 16, 16, dtype=torch.long)
     c_loss, c_terms = loss_fn.critic(critic, z, abnormal_flags(seg))
@@ -156,7 +156,7 @@ def test_all_healthy_batch_turns_distribution_matching_off() -> None:
     assert all(float(p.grad.abs().sum()) == 0.0 for p in critic.parameters())
     total, terms = loss_fn.generator(_fake_output(z), torch.zeros(3, 4, 16, 16), seg, critic=critic)
     assert terms["dm_active"] == 0.0 and terms["reg"] == 0.0
-    no_dm = FDNLoss(LossConfig(dm_enabled=False, ssim_win_size=7))
+    no_dm = FDNLoss(LossConfig(dm_enabled=False, ssim_win_size=7), latent_size=8)
     total_off, _ = no_dm.generator(_fake_output(z), torch.zeros(3, 4, 16, 16), seg)
     assert float(total.detach()) == float(total_off.detach())
 
@@ -173,14 +173,14 @@ def test_generator_total_is_the_weighted_sum_of_its_terms() -> None:
     out.seg_logits = torch.randn(4, 4, 16, 16)
     out.recon_full = torch.randn(4, 4, 16, 16)
     image = torch.randn(4, 4, 16, 16)
-    total, t = FDNLoss(cfg).generator(out, image, seg, critic=critic)
+    total, t = FDNLoss(cfg, latent_size=8).generator(out, image, seg, critic=critic)
     assert t["dm_active"] == 1.0
     assert t["reg"] == pytest.approx(-float(critic(z[:2]).mean().detach()), rel=1e-5)
     expected = 0.25 * t["lat"] + 5 * t["seg"] + 5 * t["rec"] + 0.5 * t["reg"]
     assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
     assert t["lat"] == pytest.approx(0.4)
     # Validation: no critic -> no adversarial term.
-    _, t_val = FDNLoss(cfg).generator(out, image, seg, critic=None)
+    _, t_val = FDNLoss(cfg, latent_size=8).generator(out, image, seg, critic=None)
     assert t_val["dm_active"] == 0.0 and t_val["total"] == pytest.approx(
         t["total"] - 0.5 * t["reg"], rel=1e-5
     )
@@ -196,7 +196,7 @@ def test_sign_convention_critic_separates_and_generator_moves_diseased_towards_h
     critic = nn.Sequential(
         nn.Flatten(), nn.Linear(16, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1), nn.Flatten(0)
     )
-    loss_fn = FDNLoss(LossConfig())
+    loss_fn = FDNLoss(LossConfig(), latent_size=8)
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
     for _ in range(60):
         c_loss, terms = loss_fn.critic(critic, z, flags)
@@ -214,7 +214,14 @@ def test_sign_convention_critic_separates_and_generator_moves_diseased_towards_h
 
 def test_loss_config_validation_and_defaults() -> None:
     cfg = LossConfig()
-    assert (cfg.w_lat, cfg.w_seg, cfg.w_rec, cfg.w_dm, cfg.lambda_gp) == (0.25, 5.0, 5.0, 1e-4, 10.0)
+    weights = (cfg.w_lat, cfg.w_seg, cfg.w_rec, cfg.w_dm, cfg.w_critic, cfg.lambda_gp)
+    assert weights == (0.25, 5, 5, None, None, 10)
+    # lambda_4 (w_dm) and lambda_5 (w_critic) follow the latent size unless the config sets them
+    assert (FDNLoss(cfg, latent_size=8).w_dm, FDNLoss(cfg, latent_size=8).w_critic) == (1e-4, 1e-4)
+    assert (FDNLoss(cfg, latent_size=16).w_dm, FDNLoss(cfg, latent_size=32).w_critic) == (5e-4, 5e-4)
+    assert FDNLoss(LossConfig(w_dm=0.5), latent_size=16).w_dm == 0.5
+    with pytest.raises(ConfigError, match="latent_size"):
+        FDNLoss(cfg)
     assert default_dm_weight(8) == 1e-4 and default_dm_weight(4) == 1e-4
     assert default_dm_weight(16) == default_dm_weight(32) == 5e-4
     with pytest.raises(ConfigError, match="w_seg"):
@@ -223,5 +230,5 @@ def test_loss_config_validation_and_defaults() -> None:
         LossConfig(ssim_win_size=4)
     with pytest.raises(ConfigError, match="unknown key"):
         config_from_dict(LossConfig, {"w_lat": 0.25, "critic_weight": 1.0}, "loss")
-    assert not FDNLoss(LossConfig(w_dm=0.0)).distribution_matching
-    assert math.isclose(FDNLoss(LossConfig()).config.ssim_data_range, 8.0)
+    assert not FDNLoss(LossConfig(w_dm=0.0, w_critic=0.0)).distribution_matching
+    assert math.isclose(FDNLoss(LossConfig(), latent_size=8).config.ssim_data_range, 8.0)

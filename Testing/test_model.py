@@ -218,7 +218,7 @@ def test_recon_normal_ignores_the_abnormal_branch() -> None:
 
 def test_a_few_steps_reduce_the_loss() -> None:
     model = FDN(tiny_config(64, 8)).train()
-    loss_fn = FDNLoss(LossConfig(dm_enabled=False))
+    loss_fn = FDNLoss(LossConfig(dm_enabled=False), latent_size=8)
     opt = torch.optim.Adam(model.generator_parameters(), lr=3e-3)
     x, seg = blob_batch(2)
     losses = []
@@ -237,7 +237,9 @@ def test_critic_step_changes_only_the_critic() -> None:
     out = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt_c = torch.optim.Adam(model.critic_parameters(), lr=1e-3)
-    loss, terms = FDNLoss(LossConfig()).critic(model.critic, out.z_q_normal.detach(), abnormal_flags(seg))
+    loss, terms = FDNLoss(LossConfig(), latent_size=8).critic(
+        model.critic, out.z_q_normal.detach(), abnormal_flags(seg)
+    )
     assert terms["dm_active"] == 1.0
     opt_c.zero_grad()
     loss.backward()
@@ -252,7 +254,7 @@ def test_lreg_gradients_reach_only_the_normal_encoder_path() -> None:
     x, seg = blob_batch(4)
     out = model(x)
     only_reg = LossConfig(w_lat=0.0, w_seg=0.0, w_rec=0.0, w_dm=1.0)
-    total, terms = FDNLoss(only_reg).generator(out, x, seg, critic=model.critic)
+    total, terms = FDNLoss(only_reg, latent_size=8).generator(out, x, seg, critic=model.critic)
     assert terms["dm_active"] == 1.0
     total.backward()
 

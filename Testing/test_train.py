@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from fdn_core.errors import ConfigError, DataError
+from fdn_core.losses import FDNLoss
 from fdn_training.trainconfig import CONFIG_DIR, TrainConfig, load_train_config, shipped_configs
 
 
@@ -50,7 +51,9 @@ def test_shipped_configs_load_and_paper_config_matches_the_paper() -> None:
     assert paper.model.resolved_decoder_channels == (128, 128, 128, 128, 64, 32)
     assert (paper.dataset.batch_size, paper.run.epochs) == (112, 400)
     assert (paper.optimizer.lr, paper.optimizer.weight_decay, paper.optimizer.critic_steps) == (1e-4, 1e-5, 5)
-    assert (paper.loss.w_lat, paper.loss.w_seg, paper.loss.w_rec, paper.loss.w_dm) == (0.25, 5.0, 5.0, 1e-4)
+    assert (paper.loss.w_lat, paper.loss.w_seg, paper.loss.w_rec) == (0.25, 5.0, 5.0)
+    resolved = FDNLoss(paper.loss, latent_size=paper.model.latent_size)
+    assert (resolved.w_dm, resolved.w_critic) == (1e-4, 1e-4)  # lambda_4, lambda_5 of the paper at 8x8
     assert paper.loss.dm_enabled and paper.loss.lambda_gp == 10.0
     assert load_train_config("demo_cpu").model.latent_size == 8
 
@@ -118,7 +121,7 @@ def test_a_few_steps_reduce_the_loss(cache_dir: Path) -> None:
     batch = default_collate([ds[int(i)] for i in picks])
     device = torch.device("cpu")
     model = build_model(cfg, device)
-    loss_fn = FDNLoss(cfg.loss)
+    loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size)
     opt_g, opt_c = _make_optimizers(cfg, model)
     totals = [train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)["total"] for _ in range(6)]
     assert totals[-1] < 0.9 * totals[0], totals
@@ -138,7 +141,7 @@ def test_non_finite_gradients_skip_the_step_and_nan_losses_stop(cache_dir: Path)
     batch = default_collate([ds[i] for i in range(15, 19)])
     device = torch.device("cpu")
     model = build_model(cfg, device)
-    loss_fn = FDNLoss(cfg.loss)
+    loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size)
     opt_g, opt_c = _make_optimizers(cfg, model)
     # Trainable generator weights (the EMA codebooks move in the forward pass by design).
     before = {

@@ -58,7 +58,7 @@ def bench_step(
         seg[i, c - s // 16 : c + s // 16, c - s // 16 : c + s // 16] = 3
     batch = {"image": images, "seg": seg}
     model = build_model(cfg, device)
-    loss_fn = FDNLoss(cfg.loss).to(device)
+    loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size).to(device)
     opt_g, opt_c = _make_optimizers(cfg, model)
 
     def sync() -> None:

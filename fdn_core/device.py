@@ -9,7 +9,7 @@ import torch
 
 from fdn_core.errors import ConfigError
 
-__all__ = ["autocast_for", "select_device"]
+__all__ = ["autocast_for", "full_precision", "select_device"]
 
 
 def select_device(override: str | None = "auto") -> torch.device:
@@ -44,6 +44,17 @@ def autocast_for(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """bf16 autocast on CUDA (where it speeds convolutions up); a no-op elsewhere."""
     if enabled and device.type == "cuda":
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off for ``device``'s type, whatever the caller enabled: code indices must not depend on the
+    device or on mixed precision (a database built on a GPU is queried on a CPU)."""
+    if device.type in ("cuda", "cpu", "mps", "xpu"):
+        with torch.autocast(device_type=device.type, enabled=False):
             yield
     else:
         yield

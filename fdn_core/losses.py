@@ -2,7 +2,7 @@
 
 How the training loop uses them (one generator step; m = 5 critic steps in the paper)::
 
-    loss_fn = FDNLoss(loss_cfg)
+    loss_fn = FDNLoss(loss_cfg, latent_size=model.config.latent_size)
     out = model(images)                                   # train mode: EMA codebooks update here
     flags = abnormal_flags(seg)                           # (B,) bool: slice has any abnormal label
     if loss_fn.distribution_matching:
@@ -25,6 +25,7 @@ contributes zero gradients); step when any rank was active.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,8 @@ __all__ = [
 
 
 def default_dm_weight(latent_size: int) -> float:
-    """Paper weight of L_reg: 1e-4 for latent grids up to 8x8, 5e-4 for 16x16 and 32x32."""
+    """Paper weight of L_reg and of L_critic (lambda_4 = lambda_5): 1e-4 for latent grids up to 8x8, 5e-4
+    for 16x16 and 32x32 (paper section 4.3)."""
     return 1e-4 if latent_size <= 8 else 5e-4
 
 
@@ -58,10 +60,14 @@ def default_dm_weight(latent_size: int) -> float:
 class LossConfig:
     """Weights and settings of the FDN objective. Defaults are the paper's for FDN_8x8.
 
-    Total = w_lat * L_lat + w_seg * L_seg + w_rec * L_rec + w_dm * L_reg (w_dm used only if dm_enabled;
-    ``default_dm_weight(latent_size)`` gives the paper's value for other latent sizes).
-    lambda_gp: gradient-penalty weight of the critic loss (10). focal_gamma: focusing parameter of the
-    focal loss (2). (The number of critic steps per generator step, m = 5, is the training loop's setting.)
+    Total = w_lat * L_lat + w_seg * L_seg + w_rec * L_rec + w_dm * L_reg (w_dm used only if dm_enabled);
+    the critic minimises w_critic * L_critic (the paper's lambda_5). w_dm and w_critic None (YAML null)
+    mean the paper's value for the model's latent size (``default_dm_weight``: 1e-4 up to 8x8, 5e-4 for
+    16x16 and 32x32); ``FDNLoss`` resolves them from ``latent_size``. With Adam, w_critic barely changes
+    the critic's steps (Adam is invariant to a constant loss scale, up to its epsilon); it is kept as the
+    paper states it. lambda_gp: gradient-penalty weight of the critic loss (10). focal_gamma: focusing
+    parameter of the focal loss (2). (The number of critic steps per generator step, m = 5, is the
+    training loop's setting.)
     ssim_data_range: the intensity range SSIM assumes; z-scored brain slices (background 0) span
     roughly -3..+5, hence 8. ssim_win_size: Gaussian window side (11, sigma 1.5).
     """
@@ -69,7 +75,8 @@ class LossConfig:
     w_lat: float = 0.25
     w_seg: float = 5.0
     w_rec: float = 5.0
-    w_dm: float = 1e-4
+    w_dm: float | None = None
+    w_critic: float | None = None
     dm_enabled: bool = True
     lambda_gp: float = 10.0
     focal_gamma: float = 2.0
@@ -77,8 +84,10 @@ class LossConfig:
     ssim_win_size: int = 11
 
     def __post_init__(self) -> None:
-        for name in ("w_lat", "w_seg", "w_rec", "w_dm", "lambda_gp", "focal_gamma"):
+        for name in ("w_lat", "w_seg", "w_rec", "w_dm", "w_critic", "lambda_gp", "focal_gamma"):
             value = getattr(self, name)
+            if value is None and name in ("w_dm", "w_critic"):
+                continue
             if not value >= 0.0:
                 raise ConfigError(f"loss.{name}={value}: must be >= 0")
         if not self.ssim_data_range > 0.0:
@@ -232,9 +241,23 @@ class FDNLoss(nn.Module):
     See the module docstring for the calling sequence.
     """
 
-    def __init__(self, config: LossConfig) -> None:
+    def __init__(self, config: LossConfig, latent_size: int | None = None) -> None:
         super().__init__()
+        if config.w_dm is None or config.w_critic is None:
+            if latent_size is None:
+                raise ConfigError(
+                    "loss.w_dm / loss.w_critic are null (the paper's value for the latent size): give "
+                    "FDNLoss the model's latent_size, or set them in the config"
+                )
+            default = default_dm_weight(latent_size)
+            config = dataclasses.replace(
+                config,
+                w_dm=default if config.w_dm is None else config.w_dm,
+                w_critic=default if config.w_critic is None else config.w_critic,
+            )
         self.config = config
+        self.w_dm = float(config.w_dm)  # type: ignore[arg-type]  # resolved above
+        self.w_critic = float(config.w_critic)  # type: ignore[arg-type]
         self.seg_loss = SegmentationLoss(config.focal_gamma)
         self.rec_loss = ReconstructionLoss(config.ssim_data_range, config.ssim_win_size)
         self.critic_loss = CriticLoss(config.lambda_gp)
@@ -242,7 +265,7 @@ class FDNLoss(nn.Module):
     @property
     def distribution_matching(self) -> bool:
         """Whether the critic / L_reg path is on (``dm_enabled`` with a positive ``w_dm``)."""
-        return self.config.dm_enabled and self.config.w_dm > 0.0
+        return self.config.dm_enabled and self.w_dm > 0.0
 
     def generator(
         self,
@@ -271,7 +294,7 @@ class FDNLoss(nn.Module):
             z_h, z_d = split_codes(out.z_q_normal, flags)
             if z_h.shape[0] > 0 and z_d.shape[0] > 0:
                 l_reg = -critic(z_d).float().mean()
-                total = total + cfg.w_dm * l_reg
+                total = total + self.w_dm * l_reg
                 dm_active = True
         parts = (total, l_lat, l_seg, dice, focal, l_rec, rec_minus, rec_plus, l_reg)
         values = torch.stack([t.detach().float() for t in parts]).tolist()
@@ -298,4 +321,9 @@ class FDNLoss(nn.Module):
             return zero, {"critic": 0.0, "wasserstein": 0.0, "gp": 0.0, "dm_active": 0.0}
         loss, d_w, gp = self.critic_loss(critic, z_h, z_d)
         values = torch.stack([loss.detach(), d_w.detach(), gp.detach()]).tolist()
-        return loss, {"critic": values[0], "wasserstein": values[1], "gp": values[2], "dm_active": 1.0}
+        return self.w_critic * loss, {
+            "critic": values[0],
+            "wasserstein": values[1],
+            "gp": values[2],
+            "dm_active": 1.0,
+        }

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdn_core.device import full_precision
 from fdn_core.errors import ConfigError, DataError
 from fdn_core.model.blocks import (
     GROUPS,
@@ -334,10 +335,19 @@ class FDN(nn.Module):
 
     # ----------------------------------------------------------------------------------------- passes
     def encode_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Continuous encoder outputs (z_e-, z_e+), each (B, D, h, w)."""
+        """Continuous encoder outputs (z_e-, z_e+), each (B, D, h, w).
+
+        In eval mode the encoder runs in float32 with autocast off on every device, so the codes of a slice
+        are the same on a GPU under bf16 autocast and on a CPU (measured before: 0.8 % of normal and 1.3 %
+        of abnormal code positions changed under bf16). Training may run it under autocast for speed.
+        """
         self._check_images(x)
-        h = self.stem(x)
-        return self.tower_normal(h), self.tower_abnormal(h)
+        if self.training:
+            h = self.stem(x)
+            return self.tower_normal(h), self.tower_abnormal(h)
+        with full_precision(x.device):
+            h = self.stem(x.float())
+            return self.tower_normal(h), self.tower_abnormal(h)
 
     def decode(self, z_q_normal: torch.Tensor, z_q_abnormal: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(seg_logits, recon_full, recon_normal) from quantised codes (B, D, h, w)."""

@@ -725,7 +725,7 @@ def _train(
     # Model, optimisers, losses: identical initialisation on every rank (same seed).
     _seed_everything(cfg.run.seed)
     model = build_model(cfg, device)
-    loss_fn = FDNLoss(cfg.loss).to(device)
+    loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size).to(device)
     opt_g, opt_c = _make_optimizers(cfg, model)
     step, epoch, batch_in_epoch = 0, 0, 0
     metric = cfg.save.best_metric
