@@ -133,6 +133,7 @@ class GeneralizedDiceLoss(nn.Module):
         self.eps = eps
 
     def forward(self, probs: torch.Tensor, target_onehot: torch.Tensor) -> torch.Tensor:
+        """Generalised Dice loss of softmax ``probs`` (B, C, H, W) against one-hot targets."""
         dims = tuple(range(2, probs.ndim))
         counts = target_onehot.sum(dims)  # (B, C)
         w = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0) ** 2, torch.zeros_like(counts))
@@ -157,6 +158,7 @@ class SegmentationLoss(nn.Module):
         self.focal = FocalLoss(include_background=True, gamma=gamma, use_softmax=True, reduction="none")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(L_seg, generalised Dice, focal) of ``logits`` (B, C, H, W) against labels (B, H, W)."""
         logits = logits.float()
         num_classes = logits.shape[1]
         if target.shape != (logits.shape[0], *logits.shape[2:]):
@@ -190,6 +192,7 @@ class ReconstructionLoss(nn.Module):
     def forward(
         self, recon_full: torch.Tensor, recon_normal: torch.Tensor, image: torch.Tensor, seg: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_rec, L_rec^-, L_rec^+) of the two reconstructions against ``image`` with labels ``seg``."""
         recon_full, recon_normal, image = recon_full.float(), recon_normal.float(), image.float()
         if recon_full.shape != image.shape or recon_normal.shape != image.shape:
             raise DataError(
@@ -223,6 +226,7 @@ class CriticLoss(nn.Module):
     def forward(
         self, critic: nn.Module, z_h: torch.Tensor, z_d: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_critic, d_W, gradient penalty) on detached healthy and diseased normal codes."""
         z_h, z_d = z_h.detach().float(), z_d.detach().float()
         n = max(z_h.shape[0], z_d.shape[0])
         ih = torch.randint(z_h.shape[0], (n,), device=z_h.device)

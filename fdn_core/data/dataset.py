@@ -92,6 +92,7 @@ class RandSliceAugmentd(RandomizableTransform, MapTransform):
         self.scale = float(self.R.uniform(cfg.scale_min, cfg.scale_max))
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """Apply one random flip / rotation / scaling to the image and its label maps alike."""
         self.randomize()
         d = dict(data)
         keys = self.image_keys + self.label_keys

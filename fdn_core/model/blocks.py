@@ -60,6 +60,7 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + F(x) (the shortcut projects x when the channel count changes)."""
         return self.shortcut(x) + self.body(x)
 
 
@@ -135,6 +136,7 @@ class SPADEResBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, null: int = 0) -> torch.Tensor:
+        """Residual block on ``x`` conditioned on ``cond``; the last ``null`` samples get the zero map."""
         h = self.conv1(self.act(self.norm1(x, cond, null)))
         h = self.conv2(self.act(self.norm2(h, cond, null)))
         return self.shortcut(x) + h

@@ -29,4 +29,5 @@ class Critic(nn.Module):
         he_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Scalar score per code grid (B, D, h, w) -> (B,); high for healthy-looking normal codes."""
         return self.net(z).flatten(1).squeeze(1)

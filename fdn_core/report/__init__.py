@@ -1,0 +1,1 @@
+"""Figures and reports: montages of slices with label overlays, the HTML report."""
