@@ -110,7 +110,7 @@ def test_a_few_steps_reduce_the_loss(cache_dir: Path) -> None:
     from fdn_core.data.cache import SliceCache
     from fdn_core.data.dataset import SliceDataset
     from fdn_core.losses import FDNLoss
-    from fdn_training.train import _make_optimizers, build_model, train_step
+    from fdn_training.train import build_model, make_optimizers, train_step
 
     cfg = _tiny()
     cache = SliceCache.open(cache_dir)
@@ -122,7 +122,7 @@ def test_a_few_steps_reduce_the_loss(cache_dir: Path) -> None:
     device = torch.device("cpu")
     model = build_model(cfg, device)
     loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size)
-    opt_g, opt_c = _make_optimizers(cfg, model)
+    opt_g, opt_c = make_optimizers(cfg, model)
     totals = [train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)["total"] for _ in range(6)]
     assert totals[-1] < 0.9 * totals[0], totals
 
@@ -134,7 +134,7 @@ def test_non_finite_gradients_skip_the_step_and_nan_losses_stop(cache_dir: Path)
     from fdn_core.data.dataset import SliceDataset
     from fdn_core.errors import FDNError
     from fdn_core.losses import FDNLoss
-    from fdn_training.train import _make_optimizers, build_model, train_step
+    from fdn_training.train import build_model, make_optimizers, train_step
 
     cfg = _tiny()
     ds = SliceDataset(SliceCache.open(cache_dir), SliceCache.open(cache_dir).case_ids, augment=False)
@@ -142,7 +142,7 @@ def test_non_finite_gradients_skip_the_step_and_nan_losses_stop(cache_dir: Path)
     device = torch.device("cpu")
     model = build_model(cfg, device)
     loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size)
-    opt_g, opt_c = _make_optimizers(cfg, model)
+    opt_g, opt_c = make_optimizers(cfg, model)
     # Trainable generator weights (the EMA codebooks move in the forward pass by design).
     before = {
         k: v.clone() for k, v in model.named_parameters() if v.requires_grad and not k.startswith("critic.")

@@ -3,7 +3,7 @@
 Each measurement runs in a fresh subprocess (so CPU peak memory, the process's max RSS, belongs to that
 configuration alone) on a synthetic batch: random z-scored-like images, half the slices with a tumour
 blob, so the distribution-matching critic (m steps) runs as in training. A step is the full generator
-step of ``fdn_training.train.train_step`` (forward under autocast, m critic steps, losses, backward,
+step of ``fdn_training.trainer.Trainer.train_step`` (forward under autocast, m critic steps, losses, backward,
 gradient clipping, Adam). Data loading is measured separately with ``--data COHORT`` (slice cache +
 augmentation, in slices per second per loader process).
 
@@ -41,8 +41,9 @@ def bench_step(
 
     from fdn_core.device import select_device
     from fdn_core.losses import FDNLoss
-    from fdn_training.train import _make_optimizers, build_model, train_step
+    from fdn_training.build import build_model, make_optimizers
     from fdn_training.trainconfig import load_train_config
+    from fdn_training.trainer import Trainer
 
     cfg = load_train_config(config)
     if batch_size is not None:
@@ -59,20 +60,21 @@ def bench_step(
     batch = {"image": images, "seg": seg}
     model = build_model(cfg, device)
     loss_fn = FDNLoss(cfg.loss, latent_size=cfg.model.latent_size).to(device)
-    opt_g, opt_c = _make_optimizers(cfg, model)
+    opt_g, opt_c = make_optimizers(cfg, model)
+    trainer = Trainer(cfg, model, loss_fn, opt_g, opt_c, device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     for _ in range(warmup):
-        train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)
+        trainer.train_step(batch)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(cfg, model, model, loss_fn, opt_g, opt_c, batch, device)
+        trainer.train_step(batch)
     sync()
     elapsed = time.perf_counter() - t0
     result: dict[str, Any] = {
