@@ -56,8 +56,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def _largest_tumour_slice(cohort: Path, case_id: str) -> int:
-    from fdn_core.data.readers import load_case
-    from fdn_core.retrieval import case_files_from_paths
+    from fdn_core.data.readers import case_files_from_paths, load_case
 
     seg = load_case(case_files_from_paths([cohort / case_id])).seg
     return int(np.argmax(seg.reshape(-1, seg.shape[-1]).astype(bool).sum(0)))
@@ -314,8 +313,9 @@ def test_query_bad_input(
 
 
 def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
+    from fdn_core.data.readers import case_files_from_paths
     from fdn_core.labels import normalize_mode
-    from fdn_core.retrieval import case_files_from_paths, parse_case_slice
+    from fdn_core.retrieval import parse_case_slice
 
     assert parse_case_slice("BraTS19_2013_0_1:72") == ("BraTS19_2013_0_1", 72)
     assert parse_case_slice("a:b:3") == ("a:b", 3)
@@ -339,8 +339,7 @@ def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
 
 def _labels_at_model_size(cohort: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     from fdn_core.data.preprocess import PreprocessConfig, volume_to_slices
-    from fdn_core.data.readers import load_case
-    from fdn_core.retrieval import case_files_from_paths
+    from fdn_core.data.readers import case_files_from_paths, load_case
 
     stack = volume_to_slices(load_case(case_files_from_paths([cohort / case_id])), PreprocessConfig(64))
     return stack.seg, stack.anat
