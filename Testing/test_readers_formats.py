@@ -4,6 +4,7 @@ sequences on other voxel grids, headers that lie about their size, and the case-
 from __future__ import annotations
 
 import gzip
+import locale
 import logging
 import shutil
 from pathlib import Path
@@ -73,6 +74,19 @@ def _write_dicom_series(img: sitk.Image, folder: Path, series: str) -> Path:
     orientation = "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1]))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    # ITK's DICOM writer leaves the process locale at "C" (SimpleITK 2.5), which would make later text reads
+    # of other tests ASCII: restore it (reading DICOM leaves it alone)
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_planes(img, folder, uid, orientation, writer)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return folder
+
+
+def _write_planes(
+    img: sitk.Image, folder: Path, uid: str, orientation: str, writer: sitk.ImageFileWriter
+) -> None:
     for k in range(img.GetDepth()):
         plane = img[:, :, k]
         position = "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))
@@ -89,7 +103,6 @@ def _write_dicom_series(img: sitk.Image, folder: Path, series: str) -> Path:
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
         writer.Execute(plane)
-    return folder
 
 
 def _write_case(root: Path, case: str, fmt: str, image: np.ndarray, seg: np.ndarray | None) -> list[Path]:

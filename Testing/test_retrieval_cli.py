@@ -208,6 +208,21 @@ def test_query_new_case_as_folder_or_files(setup: dict, capsys: pytest.CaptureFi
     rc, _, err = _run(capsys, "query", "--case", *files[:3], *common)
     assert rc == 2 and "missing modality" in err
 
+    # the study as a hospital may send it: files named freely (KIND=PATH), T1ce as NRRD, T2 as MetaImage on a
+    # grid of half the in-plane resolution: T2 is resampled onto the T1ce grid and the command says so
+    import SimpleITK as sitk
+
+    mixed = folder.parent.parent / "mixed_query"
+    mixed.mkdir()
+    by_kind = {m: next(p for p in files if p.endswith(f"_{m}.nii.gz")) for m in ("t1", "t1ce", "t2", "flair")}
+    sitk.WriteImage(sitk.ReadImage(by_kind["t1ce"]), str(mixed / "T1C.nrrd"))
+    sitk.WriteImage(sitk.ReadImage(by_kind["t2"])[::2, ::2, :], str(mixed / "T2.mha"))
+    specs = [f"t1={by_kind['t1']}", f"t1ce={mixed / 'T1C.nrrd'}", f"t2={mixed / 'T2.mha'}"]
+    rc, out_mixed, err = _run(capsys, "query", "--case", *specs, f"flair={by_kind['flair']}", *common)
+    assert rc == 0, err
+    assert "resampled onto the T1ce grid: t2\n" in out_mixed
+    assert len(_table_rows(out_mixed)) == len(setup["refs"])
+
 
 def test_composite_query_takes_abnormal_codes_from_another_slice(setup: dict) -> None:
     from fdn_core.model.bundle import load_bundle
