@@ -695,9 +695,10 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             )
 
     def showHit(self, hit: Any, sequence: str, fitView: Any) -> None:
-        from FDNRetrievalLib import scene, workflow
+        from fdn_core.data.readers import CaseFiles
+        from FDNRetrievalLib import scene
 
-        files = workflow.case_files_from_source(hit.case_id, self._resources.database.sources(hit.case_id))
+        files = CaseFiles.from_source(hit.case_id, self._resources.database.sources(hit.case_id))
         case = scene.load_reference_case(slicer.mrmlScene, slicer.modules.volumes.logic(), files, sequence)
         view = scene.result_view_names(hit.rank)[-1]
         scene.assign_view_volumes(slicer.mrmlScene, view, case.volume, case.labels)

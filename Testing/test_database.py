@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import fdn_core.codes.database as dbmod
-from fdn_core.codes.database import CaseCodes, CodeDatabase, source_from_case_files
+from fdn_core.codes.database import CaseCodes, CodeDatabase
 from fdn_core.codes.search import SearchEngine
+from fdn_core.data.readers import CaseFiles
 from fdn_core.errors import DataError, IntegrityError, ModelMismatchError
 
 K, D, GRID = 16, 4, (2, 3)
@@ -299,8 +299,8 @@ def test_bad_cases_are_rejected_and_nothing_written(tmp_path: Path) -> None:
     assert manifest_current(path) == version and CodeDatabase.open(path).cases == ["A"]
 
 
-def test_source_from_case_files(tmp_path: Path) -> None:
-    files = SimpleNamespace(
+def test_case_files_to_source(tmp_path: Path) -> None:
+    files = CaseFiles(
         case_id="A",
         layout="msd",
         images=None,
@@ -308,7 +308,7 @@ def test_source_from_case_files(tmp_path: Path) -> None:
         seg=tmp_path / "labelsTr" / "A.nii.gz",
         anat=None,
     )
-    src = source_from_case_files(files)
+    src = files.to_source()
     assert src == {
         "layout": "msd",
         "images": None,

@@ -56,8 +56,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def _largest_tumour_slice(cohort: Path, case_id: str) -> int:
-    from fdn_core.data.readers import load_case
-    from fdn_core.retrieval import case_files_from_paths
+    from fdn_core.data.readers import case_files_from_paths, load_case
 
     seg = load_case(case_files_from_paths([cohort / case_id])).seg
     return int(np.argmax(seg.reshape(-1, seg.shape[-1]).astype(bool).sum(0)))
@@ -209,6 +208,21 @@ def test_query_new_case_as_folder_or_files(setup: dict, capsys: pytest.CaptureFi
     rc, _, err = _run(capsys, "query", "--case", *files[:3], *common)
     assert rc == 2 and "missing modality" in err
 
+    # the study as a hospital may send it: files named freely (KIND=PATH), T1ce as NRRD, T2 as MetaImage on a
+    # grid of half the in-plane resolution: T2 is resampled onto the T1ce grid and the command says so
+    import SimpleITK as sitk
+
+    mixed = folder.parent.parent / "mixed_query"
+    mixed.mkdir()
+    by_kind = {m: next(p for p in files if p.endswith(f"_{m}.nii.gz")) for m in ("t1", "t1ce", "t2", "flair")}
+    sitk.WriteImage(sitk.ReadImage(by_kind["t1ce"]), str(mixed / "T1C.nrrd"))
+    sitk.WriteImage(sitk.ReadImage(by_kind["t2"])[::2, ::2, :], str(mixed / "T2.mha"))
+    specs = [f"t1={by_kind['t1']}", f"t1ce={mixed / 'T1C.nrrd'}", f"t2={mixed / 'T2.mha'}"]
+    rc, out_mixed, err = _run(capsys, "query", "--case", *specs, f"flair={by_kind['flair']}", *common)
+    assert rc == 0, err
+    assert "resampled onto the T1ce grid: t2\n" in out_mixed
+    assert len(_table_rows(out_mixed)) == len(setup["refs"])
+
 
 def test_composite_query_takes_abnormal_codes_from_another_slice(setup: dict) -> None:
     from fdn_core.model.bundle import load_bundle
@@ -314,8 +328,9 @@ def test_query_bad_input(
 
 
 def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
+    from fdn_core.data.readers import case_files_from_paths
     from fdn_core.labels import normalize_mode
-    from fdn_core.retrieval import case_files_from_paths, parse_case_slice
+    from fdn_core.retrieval import parse_case_slice
 
     assert parse_case_slice("BraTS19_2013_0_1:72") == ("BraTS19_2013_0_1", 72)
     assert parse_case_slice("a:b:3") == ("a:b", 3)
@@ -339,8 +354,7 @@ def test_case_input_helpers_reject_bad_input(tmp_path: Path) -> None:
 
 def _labels_at_model_size(cohort: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     from fdn_core.data.preprocess import PreprocessConfig, volume_to_slices
-    from fdn_core.data.readers import load_case
-    from fdn_core.retrieval import case_files_from_paths
+    from fdn_core.data.readers import case_files_from_paths, load_case
 
     stack = volume_to_slices(load_case(case_files_from_paths([cohort / case_id])), PreprocessConfig(64))
     return stack.seg, stack.anat

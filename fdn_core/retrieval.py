@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fdn_core.codes.binarize import BinaryCodes, fit_binary_codes
-from fdn_core.codes.database import CaseCodes, CodeDatabase, source_from_case_files
+from fdn_core.codes.database import CaseCodes, CodeDatabase
 from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import SliceStack, volume_to_slices
 from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case
 from fdn_core.errors import DataError
 from fdn_core.fileio import atomic_dir
-from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
+from fdn_core.labels import DISTANCES, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
 from fdn_core.progress import Progress
 
@@ -41,8 +39,6 @@ __all__ = [
     "QuerySlice",
     "Retriever",
     "add_cases",
-    "case_files_from_paths",
-    "case_files_from_source",
     "encode_case",
     "encode_case_stack",
     "fit_hamming_codes",
@@ -57,7 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Folder inside a database that holds the binarised codebooks (``normal.*`` and ``abnormal.*``).
 HAMMING_DIR = "hamming"
-_FILE_KIND = re.compile(r"^(?P<prefix>.+)_(?P<kind>t1ce|t1|t2|flair|seg|anat)\.nii(?:\.gz)?$", re.IGNORECASE)
 
 
 # -------------------------------------------------------------------------------------------- encoding
@@ -84,93 +79,6 @@ def _has_abnormal(stack: SliceStack, encoded: EncodedSlices) -> np.ndarray:
     """Per slice: tumour labels > 0 when the case has labels, else the model's predicted segmentation."""
     seg = stack.seg if stack.seg is not None else encoded.seg
     return (seg.reshape(seg.shape[0], -1) > 0).any(axis=1)
-
-
-# ------------------------------------------------------------------------------------------ case files
-
-
-def case_files_from_source(case_id: str, source: dict[str, Any]) -> CaseFiles:
-    """``CaseFiles`` of a database case from its recorded source (see ``CodeDatabase.sources``).
-
-    Decathlon cases are looked up again in their cohort folder, because the 4D channel order comes from its
-    ``dataset.json`` and is not part of the recorded source.
-    """
-
-    def opt(p: str | None) -> Path | None:
-        return None if p is None else Path(p)
-
-    layout = source.get("layout")
-    paths = [p for p in (*(source.get("images") or {}).values(), source.get("image4d")) if p]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DataError(
-            f"case {case_id}: source file(s) {missing[:3]} recorded in the database no longer exist; "
-            "move the files back, or re-index the case from its new location "
-            "(fdn index remove, then fdn index add)"
-        )
-    if layout == "msd":
-        root = Path(source["image4d"]).parent.parent
-        for files in find_cases(root, skip_bad=True):
-            if files.case_id == case_id:
-                return files
-        raise DataError(f"case {case_id}: not found again in its Decathlon folder {root}; re-index the case")
-    images = source.get("images")
-    if layout != "brats" or not images or sorted(images) != sorted(MODALITIES):
-        raise DataError(f"case {case_id}: the recorded source {source!r} is not a complete BraTS case")
-    return CaseFiles(
-        case_id=case_id,
-        layout="brats",
-        images={m: Path(images[m]) for m in MODALITIES},
-        image4d=None,
-        seg=opt(source.get("seg")),
-        anat=opt(source.get("anat")),
-    )
-
-
-def case_files_from_paths(paths: Sequence[str | Path]) -> CaseFiles:
-    """One case from a BraTS-style case folder, or from its files ``<case>_{t1,t1ce,t2,flair}.nii[.gz]``
-    (plus optional ``_seg`` / ``_anat``) given one by one."""
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise DataError("no case given: pass a case folder or its four image files")
-    for p in paths:
-        if not p.exists():
-            raise DataError(f"{p}: no such file or folder; give a case folder or its image files")
-    if len(paths) == 1 and paths[0].is_dir():
-        cases = find_cases(paths[0])
-        if len(cases) != 1:
-            raise DataError(
-                f"{paths[0]} holds {len(cases)} cases; give one case folder (e.g. {cases[0].case_id}) "
-                "or its four image files"
-            )
-        return cases[0]
-    kinds: dict[str, Path] = {}
-    prefixes = set()
-    for p in paths:
-        m = _FILE_KIND.match(p.name)
-        if m is None or not p.is_file():
-            raise DataError(
-                f"{p}: not a file named <case>_<t1|t1ce|t2|flair|seg|anat>.nii[.gz]; rename it or give the "
-                "case folder"
-            )
-        kind = m.group("kind").lower()
-        if kind in kinds:
-            raise DataError(f"{p}: a second {kind} file ({kinds[kind]} was given too); give one of each")
-        kinds[kind] = p
-        prefixes.add(m.group("prefix"))
-    if len(prefixes) != 1:
-        raise DataError(f"the files belong to several cases ({', '.join(sorted(prefixes))}); give one case")
-    missing = [m for m in MODALITIES if m not in kinds]
-    if missing:
-        raise DataError(f"missing modality file(s) {missing}; every case needs T1, T1ce, T2 and FLAIR")
-    return CaseFiles(
-        case_id=prefixes.pop(),
-        layout="brats",
-        images={m: kinds[m] for m in MODALITIES},
-        image4d=None,
-        seg=kinds.get("seg"),
-        anat=kinds.get("anat"),
-    )
 
 
 # --------------------------------------------------------------------------------------------- hamming
@@ -293,7 +201,7 @@ def _encode_cases(
                 normal=enc.normal,
                 abnormal=enc.abnormal,
                 has_abnormal=_has_abnormal(stack, enc),
-                source=source_from_case_files(f),
+                source=f.to_source(),
                 slice_indices=np.arange(enc.normal.shape[0], dtype=np.int32),
             )
         )

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import vtk
 
-from fdn_core.data.readers import CaseFiles, find_cases, load_case, to_canonical, write_brats_case
+from fdn_core.data.readers import (
+    CaseFiles,
+    find_cases,
+    load_case,
+    resample_to_grid,
+    to_canonical,
+    write_brats_case,
+)
 from fdn_core.errors import DataError, ModelMismatchError
 from fdn_core.labels import MODALITIES
 from fdn_core.model.bundle import save_untrained_bundle
@@ -420,7 +427,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     _check(shown == q, f"the query view shows slice {shown}, not {q}")
     flair = MODALITIES.index("flair")
     for hit, view in zip(hits, sc.result_view_names(len(hits))):
-        source = wf.case_files_from_source(hit.case_id, resources.database.sources(hit.case_id))
+        source = CaseFiles.from_source(hit.case_id, resources.database.sources(hit.case_id))
         case = sc.load_reference_case(scene, ctx.volumes_logic, source, "flair")
         count = scene.GetNumberOfNodes()
         again = sc.load_reference_case(scene, ctx.volumes_logic, source, "flair")
@@ -490,7 +497,7 @@ def run_bad_input_checks(ctx: SceneContext, fixture: Fixture) -> dict[str, str]:
     messages["resampled"] = study.warnings[0]
     # linear resampling is exact where the grids coincide (every second in-plane voxel of the T1ce grid)
     t1ce_matrix = sc.node_ijk_to_ras(nodes["t1ce"])
-    on_grid = sc.resample_to_grid(t2[::2, ::2, :], coarse_matrix, t1ce_matrix, t2.shape)
+    on_grid = resample_to_grid(t2[::2, ::2, :], coarse_matrix, t1ce_matrix, t2.shape)
     _check(
         np.allclose(on_grid[::2, ::2, :], t2[::2, ::2, :], atol=1e-3), "resampling is not exact on the grid"
     )

@@ -15,12 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import slicer
 import vtk
 
-from fdn_core.data.readers import CaseFiles, from_canonical, load_case, to_canonical
+from fdn_core.data.readers import (
+    CaseFiles,
+    canonical_grid,
+    from_canonical,
+    load_case,
+    resample_to_grid,
+    to_canonical,
+)
 from fdn_core.errors import DataError
 from fdn_core.labels import ABNORMAL_COLORS, ABNORMAL_SEGMENT_IDS, MODALITIES
 
@@ -42,7 +48,6 @@ __all__ = [
     "assign_view_volumes",
     "axial_index_from_ijk",
     "axial_index_from_ras",
-    "canonical_affine",
     "displayed_axial_index",
     "jump_to_axial_slice",
     "jump_to_study_slice",
@@ -54,7 +59,6 @@ __all__ = [
     "read_study",
     "read_table_row",
     "register_results_layout",
-    "resample_to_grid",
     "result_view_names",
     "results_layout_xml",
     "show_only_in_views",
@@ -116,39 +120,6 @@ def node_voxels(node: Any, label: str = "volume") -> np.ndarray:
     if array.ndim != 3:
         raise DataError(f"{label} volume '{name}' has shape {array.shape}; a 3D scalar volume is needed")
     return np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)
-
-
-def canonical_affine(ijk_to_ras: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Voxel-to-RAS matrix of the canonical RAS+ reorientation of a grid (as ``readers.to_canonical``)."""
-    ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
-    ornt = nib.orientations.io_orientation(ijk_to_ras)
-    transform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
-    return ijk_to_ras @ nib.orientations.inv_ornt_aff(transform, tuple(int(s) for s in shape[:3]))
-
-
-def resample_to_grid(
-    array: np.ndarray,
-    src_ijk_to_ras: np.ndarray,
-    ref_ijk_to_ras: np.ndarray,
-    ref_shape: Sequence[int],
-    order: int = 1,
-) -> np.ndarray:
-    """Resample ``array`` (I, J, K) from its grid onto the reference grid (linear by default, 0 outside)."""
-    from scipy import ndimage
-
-    # output voxel o samples input voxel inv(src) @ ref @ o: one affine map, which scipy applies directly.
-    mapping = np.linalg.inv(np.asarray(src_ijk_to_ras, dtype=np.float64)) @ np.asarray(
-        ref_ijk_to_ras, np.float64
-    )
-    return ndimage.affine_transform(
-        np.asarray(array, dtype=np.float32),
-        mapping[:3, :3],
-        offset=mapping[:3, 3],
-        output_shape=tuple(int(s) for s in ref_shape),
-        order=order,
-        mode="constant",
-        cval=0.0,
-    ).astype(np.float32)
 
 
 @dataclass
@@ -296,16 +267,7 @@ def axial_index_from_ras(affine: np.ndarray, shape: Sequence[int], ras: Sequence
 def axial_index_from_ijk(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int], ijk: Sequence[float]) -> int:
     """Canonical axial slice index of voxel ``ijk`` of a node's own grid (IJK-to-RAS and (I, J, K) shape)."""
     ras = np.asarray(ijk_to_ras, np.float64) @ np.append(np.asarray(ijk, np.float64)[:3], 1.0)
-    affine = canonical_affine(ijk_to_ras, shape_ijk)
-    return axial_index_from_ras(affine, _canonical_shape(ijk_to_ras, shape_ijk), ras[:3])
-
-
-def _canonical_shape(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int]) -> tuple[int, int, int]:
-    ornt = nib.orientations.io_orientation(np.asarray(ijk_to_ras, np.float64))
-    shape = [0, 0, 0]
-    for axis, (target, _flip) in enumerate(ornt):
-        shape[int(target)] = int(shape_ijk[axis])
-    return (shape[0], shape[1], shape[2])
+    return axial_index_from_ras(*canonical_grid(ijk_to_ras, shape_ijk), ras[:3])
 
 
 def ras_of_axial_slice(affine: np.ndarray, shape: Sequence[int], k: int) -> np.ndarray:
@@ -682,10 +644,10 @@ def jump_to_axial_slice(scene: Any, layout_name: str, volume: Any, k: int) -> No
         raise DataError(f"there is no '{layout_name}' view; switch to the FDN results layout first")
     ijk_to_ras = node_ijk_to_ras(volume)
     shape_ijk = _node_shape_ijk(volume)
-    shape = _canonical_shape(ijk_to_ras, shape_ijk)
+    affine, shape = canonical_grid(ijk_to_ras, shape_ijk)
     if not 0 <= k < shape[2]:
         raise DataError(f"slice {k} is outside volume '{volume.GetName()}' (slices 0..{shape[2] - 1})")
-    centre = ras_of_axial_slice(canonical_affine(ijk_to_ras, shape_ijk), shape, k)
+    centre = ras_of_axial_slice(affine, shape, k)
     slice_node.SetOrientation("Axial")
     slice_node.JumpSliceByCentering(*centre)
 
@@ -705,11 +667,7 @@ def displayed_axial_index(scene: Any, layout_name: str, volume: Any) -> int:
     """Canonical axial index of ``volume`` at the centre of the view ``layout_name``."""
     ijk_to_ras = node_ijk_to_ras(volume)
     shape_ijk = _node_shape_ijk(volume)
-    return axial_index_from_ras(
-        canonical_affine(ijk_to_ras, shape_ijk),
-        _canonical_shape(ijk_to_ras, shape_ijk),
-        slice_view_center(scene, layout_name),
-    )
+    return axial_index_from_ras(*canonical_grid(ijk_to_ras, shape_ijk), slice_view_center(scene, layout_name))
 
 
 class FieldOfViewLink:

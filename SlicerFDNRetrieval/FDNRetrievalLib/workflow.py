@@ -24,7 +24,7 @@ from fdn_core.errors import DataError, ModelMismatchError
 from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
 from fdn_core.model.bundle import InferenceBundle, load_bundle
 from fdn_core.progress import Cancelled, Progress
-from fdn_core.retrieval import case_files_from_source, encode_case_stack, load_hamming_codes
+from fdn_core.retrieval import encode_case_stack, load_hamming_codes
 
 __all__ = [
     "BackgroundTask",
@@ -32,7 +32,6 @@ __all__ = [
     "Resources",
     "SearchSettings",
     "TaskStatus",
-    "case_files_from_source",
     "choose_batch_size",
     "device_warning",
     "encode_study",

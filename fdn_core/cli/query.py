@@ -20,8 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Search a code database with one axial slice. The query case is a case id of the database, a "
             "BraTS-style case folder, or its image files <case>_{t1,t1ce,t2,flair}.nii.gz (optionally with "
-            "_seg/_anat). The query's own volume is never returned. Modes: normal (S_normal), abnormal "
-            "(S_abnormal), sum (S_sum) and sum-normalized (each distance divided by its typical size)."
+            "_seg/_anat; also .nii, .nrrd, .nhdr, .mha, .mhd, or a folder holding one DICOM series), or "
+            "KIND=PATH for files named otherwise (e.g. t1ce=dicom/series7). Sequences on another voxel grid "
+            "than the T1ce are resampled onto it. The query's own volume is never returned. Modes: normal "
+            "(S_normal), abnormal (S_abnormal), sum (S_sum) and sum-normalized (each distance divided by its "
+            "typical size)."
         ),
     )
     add_db(parser, help="code database folder (fdn index build)")
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         nargs="+",
         metavar="CASE",
-        help="database case id, case folder, or image files",
+        help="database case id, case folder, or image files / DICOM folders (or KIND=PATH)",
     )
     parser.add_argument("--slice", required=True, type=int, help="axial slice index k (volume[..., k])")
     parser.add_argument(
@@ -63,17 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fdn query``."""
-    from fdn_core.data.readers import load_case
+    from fdn_core.data.readers import CaseFiles, case_files_from_paths, load_case
     from fdn_core.errors import ConfigError, DataError
     from fdn_core.fileio import atomic_write_json
     from fdn_core.model.bundle import load_bundle
     from fdn_core.report.montage import render_retrieval_montage
-    from fdn_core.retrieval import (
-        Retriever,
-        case_files_from_paths,
-        case_files_from_source,
-        parse_case_slice,
-    )
+    from fdn_core.retrieval import Retriever, parse_case_slice
 
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: must be >= 1")
@@ -94,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         volume = None
     else:
         volume = load_case(case_files_from_paths(case_arg))
+        if volume.resampled:
+            print(f"resampled onto the T1ce grid: {', '.join(volume.resampled)}")
         query = retriever.slice_from_case(volume, args.slice)
 
     abnormal_from = None
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.montage is not None:
         if volume is None:
-            volume = load_case(case_files_from_source(query.case_id, db.sources(query.case_id)))
+            volume = load_case(CaseFiles.from_source(query.case_id, db.sources(query.case_id)))
         title = (
             f"{query.case_id}:{query.slice_index} - {args.mode}, {args.distance}, {unit} top {args.top}"
             f"{composite}"
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if abnormal_from is not None:
             source = db.sources(abnormal_from.case_id)
             extra = (
-                load_case(case_files_from_source(abnormal_from.case_id, source)),
+                load_case(CaseFiles.from_source(abnormal_from.case_id, source)),
                 abnormal_from.slice_index,
             )
         render_retrieval_montage(

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 import fdn_core
+from fdn_core.data.readers import validate_source
 from fdn_core.errors import DataError, IntegrityError, ModelMismatchError
 from fdn_core.fileio import atomic_write_json, sha256_file
 from fdn_core.progress import Progress
@@ -51,7 +52,6 @@ __all__ = [
     "FORMAT_VERSION",
     "CaseCodes",
     "CodeDatabase",
-    "source_from_case_files",
 ]
 
 FORMAT_NAME = "fdn-code-database"
@@ -61,7 +61,6 @@ REBUILD_HINT = "rebuild it with `fdn index build` (or restore it from a backup)"
 
 _ROW_ARRAYS = ("normal_codes", "abnormal_codes", "slice_indices", "has_abnormal")
 _ALL_ARRAYS = (*_ROW_ARRAYS, "codebook_normal", "codebook_abnormal")
-_SOURCE_KEYS = ("layout", "images", "image4d", "seg", "anat")
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 
 
@@ -75,55 +74,6 @@ class CaseCodes:
     has_abnormal: np.ndarray
     source: Mapping[str, Any]
     slice_indices: np.ndarray | None = None
-
-
-def source_from_case_files(files: Any) -> dict[str, Any]:
-    """The ``source`` dict of a ``fdn_core.data.readers.CaseFiles`` (layout, image paths, seg, anat)."""
-
-    def opt(p: Any) -> str | None:
-        return None if p is None else str(Path(p).resolve())
-
-    images = getattr(files, "images", None)
-    return {
-        "layout": str(files.layout),
-        "images": None if images is None else {str(m): opt(p) for m, p in images.items()},
-        "image4d": opt(getattr(files, "image4d", None)),
-        "seg": opt(getattr(files, "seg", None)),
-        "anat": opt(getattr(files, "anat", None)),
-    }
-
-
-def _check_source(case_id: str, source: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and normalise a case's source description (plain JSON: strings or null)."""
-    where = f"case {case_id!r}: source"
-    if not isinstance(source, Mapping):
-        raise DataError(f"{where} must be a dict with keys {list(_SOURCE_KEYS)}, got {type(source).__name__}")
-    unknown = sorted(set(source) - set(_SOURCE_KEYS))
-    if unknown:
-        raise DataError(f"{where} has unknown keys {unknown}; allowed keys are {list(_SOURCE_KEYS)}")
-    layout = source.get("layout")
-    if not isinstance(layout, str) or not layout:
-        raise DataError(f"{where} needs a 'layout' string (e.g. 'brats' or 'msd'), got {layout!r}")
-    out: dict[str, Any] = {"layout": layout}
-    images = source.get("images")
-    if images is not None:
-        if not isinstance(images, Mapping) or not images:
-            raise DataError(f"{where}['images'] must map modality name -> file path, got {images!r}")
-        out["images"] = {}
-        for mod, p in images.items():
-            if not isinstance(mod, str) or not isinstance(p, str | os.PathLike):
-                raise DataError(f"{where}['images'] must map modality name -> file path, got {mod!r}: {p!r}")
-            out["images"][mod] = os.fspath(p)
-    else:
-        out["images"] = None
-    for key in ("image4d", "seg", "anat"):
-        p = source.get(key)
-        if p is not None and not isinstance(p, str | os.PathLike):
-            raise DataError(f"{where}[{key!r}] must be a file path or None, got {p!r}")
-        out[key] = None if p is None else os.fspath(p)
-    if out["images"] is None and out["image4d"] is None:
-        raise DataError(f"{where} names no image: give 'images' (modality -> path) or 'image4d'")
-    return out
 
 
 def _now() -> str:
@@ -556,7 +506,7 @@ class CodeDatabase:
             if np.unique(sl).size != s:
                 raise DataError(f"{where}: slice_indices has repeated values")
             sl = sl.astype(np.int32)
-        return grids[0], grids[1], flags.astype(np.bool_), sl, _check_source(c.case_id, c.source)
+        return grids[0], grids[1], flags.astype(np.bool_), sl, validate_source(c.case_id, c.source)
 
     def add_case(
         self,

@@ -30,8 +30,14 @@ import numpy as np
 
 from fdn_core.config import config_from_dict, config_to_dict
 from fdn_core.data.preprocess import PreprocessConfig, SliceGeometry, SliceStack, volume_to_slices
-from fdn_core.data.readers import CaseFiles, CaseProblem, canonical_shape, find_cases, load_case
-from fdn_core.data.readers import _parallel_map as parallel_map  # the readers' bounded thread map
+from fdn_core.data.readers import (
+    CaseFiles,
+    CaseProblem,
+    canonical_shape,
+    find_cases,
+    load_case,
+    parallel_map,
+)
 from fdn_core.errors import DataError, FDNError
 from fdn_core.fileio import atomic_dir, atomic_write_bytes
 from fdn_core.progress import Progress

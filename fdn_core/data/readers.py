@@ -1,11 +1,13 @@
-"""Readers for BraTS (2019-2021) and Medical Segmentation Decathlon (Task01_BrainTumour) cohorts.
+"""Readers for BraTS (2019-2021) and Medical Segmentation Decathlon (Task01_BrainTumour) cohorts, and for
+one study given file by file.
 
 Layouts read
 ------------
-BraTS: ``DIR/<case>/<case>_{t1,t1ce,t2,flair}.nii[.gz]``, optional ``<case>_seg.nii.gz`` (labels 0, 1 NCR/NET,
-2 ED, 4 ET; absent for validation/test cases) and optional ``<case>_anat.nii.gz`` (normal anatomy, 0..6).
-Case folders may be grouped one level deeper (``HGG/``, ``LGG/`` as in BraTS 2019); a folder that itself holds
-the modality files is read as a single case.
+BraTS: ``DIR/<case>/<case>_{t1,t1ce,t2,flair}<ext>``, optional ``<case>_seg<ext>`` (labels 0, 1 NCR/NET,
+2 ED, 4 ET; absent for validation/test cases) and optional ``<case>_anat<ext>`` (normal anatomy, 0..6), where
+``<ext>`` is a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``, ``.mhd``)
+extension. Case folders may be grouped one level deeper (``HGG/``, ``LGG/`` as in BraTS 2019); a folder that
+itself holds the modality files is read as a single case.
 
 MSD: ``DIR/imagesTr/<case>.nii.gz`` 4D ``(X, Y, Z, 4)`` with channels FLAIR, T1w, T1gd, T2w (or the order
 ``dataset.json`` names), ``DIR/labelsTr/<case>.nii.gz`` (0 bg, 1 edema, 2 non-enhancing tumour, 3 enhancing),
@@ -13,13 +15,23 @@ MSD: ``DIR/imagesTr/<case>.nii.gz`` 4D ``(X, Y, Z, 4)`` with channels FLAIR, T1w
 ``DIR/anatTr/<case>.nii.gz`` (and ``DIR/anatTs/`` for test cases). Hidden files (``._BRATS_001.nii.gz`` that
 macOS archives carry) are ignored.
 
-Both are mapped to one convention: channels ``MODALITIES`` = (t1, t1ce, t2, flair), classes 0 bg, 1 NCR/NET,
-2 ED, 3 ET, volumes reoriented to the closest canonical RAS+ orientation (docs/ARCHITECTURE.md).
+One study (``case_files_from_paths``, e.g. ``fdn query --case``): a case folder, or its files one by one, in
+any of the formats above or as folders holding one DICOM series each.
 
-Bad input never vanishes silently: ``find_cases`` checks headers (missing files, dimensions, shapes, grids)
-and raises one ``DataError`` listing every problem unless ``skip_bad`` is given; problems that only show when
-the voxels are read (NaN/Inf, truncated files, unknown label values) are found by ``load_case`` and by the
-validating scan ``validate_cohort`` that ``fdn inspect`` runs.
+Formats: NIfTI is read with nibabel; NRRD, MetaImage and DICOM series with SimpleITK, whose LPS geometry is
+converted to the same voxel-to-RAS matrix nibabel gives. All are mapped to one convention: channels
+``MODALITIES`` = (t1, t1ce, t2, flair), classes 0 bg, 1 NCR/NET, 2 ED, 3 ET, volumes reoriented to the closest
+canonical RAS+ orientation (docs/ARCHITECTURE.md).
+
+Voxel grids: in a cohort folder all files of a case must share one voxel grid (a mismatch is an error) unless
+the cohort is read with ``resample=True``; a study given file by file is resampled onto its T1ce grid (linear
+for images, nearest neighbour for labels), and the loaded ``CaseVolume.resampled`` says which files were.
+
+Bad input never vanishes silently: ``find_cases`` checks headers (missing files, dimensions, shapes, grids,
+voxel counts against ``MAX_VOXELS`` and against the file's size) and raises one ``DataError`` listing every
+problem unless ``skip_bad`` is given; problems that only show when the voxels are read (NaN/Inf, truncated
+files, unknown label values) are found by ``load_case`` and by the validating scan ``validate_cohort`` that
+``fdn inspect`` runs.
 """
 
 from __future__ import annotations
@@ -27,12 +39,14 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
+import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -51,34 +65,67 @@ from fdn_core.labels import (
 from fdn_core.progress import Progress
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_VOXELS",
+    "REFERENCE_SEQUENCE",
+    "SOURCE_KEYS",
     "CaseFiles",
     "CaseList",
     "CaseProblem",
     "CaseSummary",
     "CaseVolume",
+    "canonical_grid",
     "canonical_shape",
+    "case_files_from_paths",
     "detect_layout",
     "find_cases",
     "from_canonical",
     "load_case",
     "nifti_bytes",
+    "parallel_map",
+    "resample_to_grid",
     "scan_cohort",
     "summarize_case",
     "to_canonical",
     "validate_cohort",
+    "validate_source",
     "write_brats_case",
     "write_msd_copy",
 ]
 
 log = logging.getLogger(__name__)
 
+#: File name endings read as images (NIfTI through nibabel; NRRD and MetaImage through SimpleITK).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Most voxels one image file may claim in its header (all axes, channels included). A header claiming more
+#: is corrupt or not one MR volume; it is rejected before any voxel memory is allocated.
+MAX_VOXELS: int = 2**31
+#: The sequence whose voxel grid a case's other files are resampled onto (when resampling is allowed).
+REFERENCE_SEQUENCE = "t1ce"
+#: Keys of a case's recorded source in a code database (``CaseFiles.to_source``).
+SOURCE_KEYS: tuple[str, ...] = ("layout", "images", "image4d", "seg", "anat")
+
 _ANAT_TO_LABEL: dict[int, int] = {i: i for i in range(len(ANATOMY_NAMES))}
 _BRATS_DESC = "BraTS labels {0 background, 1 NCR/NET, 2 oedema, 4 enhancing}"
 _MSD_DESC = "Decathlon labels {0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour}"
 _ANAT_DESC = "anatomy labels {0 background, 1-6 (L/R cerebrum, L/R cerebellum, L/R lateral ventricle)}"
 
-_BRATS_NAME = re.compile(r"^(?P<prefix>.+)_(?P<kind>t1ce|t1|t2|flair|seg|anat)\.nii(?:\.gz)?$", re.IGNORECASE)
+_EXT_PATTERN = "|".join(re.escape(e) for e in sorted(IMAGE_EXTENSIONS, key=len, reverse=True))
+# <case>_<kind><ext>: an image file; <case>_<kind> without extension: a folder holding one DICOM series.
+_BRATS_NAME = re.compile(
+    rf"^(?P<prefix>.+)_(?P<kind>t1ce|t1|t2|flair|seg|anat)(?P<ext>{_EXT_PATTERN})?$", re.IGNORECASE
+)
+_IMAGE_NAME = re.compile(rf"^(?P<stem>.+?)(?P<ext>{_EXT_PATTERN})$", re.IGNORECASE)
 _NIFTI_NAME = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$", re.IGNORECASE)
+# KIND=PATH on the command line: a file or DICOM folder whose name does not say which sequence it is.
+_KIND_SPEC = re.compile(r"^(?P<kind>t1ce|t1|t2|flair|seg|anat)=(?P<path>.+)$", re.IGNORECASE)
+_NAMING_HELP = (
+    "<case>_<t1|t1ce|t2|flair|seg|anat> followed by .nii[.gz], .nrrd, .nhdr, .mha or .mhd (a DICOM series "
+    "folder: no extension)"
+)
+_FORMATS_HELP = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a folder holding one DICOM series"
+)
 # Grids of a case's files must agree to this many millimetres (headers store float32 values).
 _AFFINE_TOL_MM = 1e-3
 
@@ -87,9 +134,12 @@ Layout = Literal["brats", "msd"]
 
 @dataclass
 class CaseFiles:
-    """Where one case's files are. BraTS: ``images`` maps each modality to its file; MSD: ``image4d``.
+    """Where one case's files are. BraTS: ``images`` maps each modality to its file (or DICOM series folder);
+    MSD: ``image4d``.
 
     ``channel_order`` (MSD only) names the 4D file's channels in our vocabulary; None means ``MSD_CHANNELS``.
+    ``resample``: files on another voxel grid than the T1ce (MSD: the image) are resampled onto it when the
+    case is loaded, instead of being an error.
     """
 
     case_id: str
@@ -99,6 +149,7 @@ class CaseFiles:
     seg: Path | None
     anat: Path | None
     channel_order: tuple[str, ...] | None = None
+    resample: bool = False
 
     def all_paths(self) -> list[Path]:
         """Every file of the case (images, then seg and anat when present)."""
@@ -106,13 +157,99 @@ class CaseFiles:
         paths += [p for p in (self.image4d, self.seg, self.anat) if p is not None]
         return paths
 
+    def to_source(self) -> dict[str, Any]:
+        """The source a code database records for this case: layout and absolute paths (plain JSON)."""
+
+        def opt(p: Path | None) -> str | None:
+            return None if p is None else str(Path(p).resolve())
+
+        return {
+            "layout": str(self.layout),
+            "images": None if self.images is None else {str(m): opt(p) for m, p in self.images.items()},
+            "image4d": opt(self.image4d),
+            "seg": opt(self.seg),
+            "anat": opt(self.anat),
+        }
+
+    @classmethod
+    def from_source(cls, case_id: str, source: Mapping[str, Any]) -> CaseFiles:
+        """The files of a database case from its recorded source (``to_source``, ``CodeDatabase.sources``).
+
+        Decathlon cases are looked up again in their cohort folder, because the 4D channel order comes from
+        its ``dataset.json`` and is not part of the recorded source. The case was accepted when it was
+        indexed, so files on different grids are resampled as they were then.
+        """
+        source = validate_source(case_id, source)
+        paths = [p for p in (*(source["images"] or {}).values(), source["image4d"]) if p]
+        missing = [p for p in paths if not Path(p).exists()]
+        if missing:
+            raise DataError(
+                f"case {case_id}: source file(s) {missing[:3]} recorded in the database no longer exist; "
+                "move the files back, or re-index the case from its new location "
+                "(fdn index remove, then fdn index add)"
+            )
+        layout, images = source["layout"], source["images"]
+        if layout == "msd" and source["image4d"]:
+            root = Path(source["image4d"]).parent.parent
+            for files in find_cases(root, skip_bad=True, resample=True):
+                if files.case_id == case_id:
+                    return files
+            raise DataError(
+                f"case {case_id}: not found again in its Decathlon folder {root}; re-index the case"
+            )
+        if layout != "brats" or not images or sorted(images) != sorted(MODALITIES):
+            raise DataError(f"case {case_id}: the recorded source {source!r} is not a complete BraTS case")
+        return cls(
+            case_id=case_id,
+            layout="brats",
+            images={m: Path(images[m]) for m in MODALITIES},
+            image4d=None,
+            seg=None if source["seg"] is None else Path(source["seg"]),
+            anat=None if source["anat"] is None else Path(source["anat"]),
+            resample=True,
+        )
+
+
+def validate_source(case_id: str, source: Mapping[str, Any]) -> dict[str, Any]:
+    """Check and normalise a case's recorded source (keys ``SOURCE_KEYS``; paths as strings or None)."""
+    where = f"case {case_id!r}: source"
+    if not isinstance(source, Mapping):
+        raise DataError(f"{where} must be a dict with keys {list(SOURCE_KEYS)}, got {type(source).__name__}")
+    unknown = sorted(set(source) - set(SOURCE_KEYS))
+    if unknown:
+        raise DataError(f"{where} has unknown keys {unknown}; allowed keys are {list(SOURCE_KEYS)}")
+    layout = source.get("layout")
+    if not isinstance(layout, str) or not layout:
+        raise DataError(f"{where} needs a 'layout' string (e.g. 'brats' or 'msd'), got {layout!r}")
+    out: dict[str, Any] = {"layout": layout}
+    images = source.get("images")
+    if images is not None:
+        if not isinstance(images, Mapping) or not images:
+            raise DataError(f"{where}['images'] must map modality name -> file path, got {images!r}")
+        out["images"] = {}
+        for mod, p in images.items():
+            if not isinstance(mod, str) or not isinstance(p, str | os.PathLike):
+                raise DataError(f"{where}['images'] must map modality name -> file path, got {mod!r}: {p!r}")
+            out["images"][mod] = os.fspath(p)
+    else:
+        out["images"] = None
+    for key in ("image4d", "seg", "anat"):
+        p = source.get(key)
+        if p is not None and not isinstance(p, str | os.PathLike):
+            raise DataError(f"{where}[{key!r}] must be a file path or None, got {p!r}")
+        out[key] = None if p is None else os.fspath(p)
+    if out["images"] is None and out["image4d"] is None:
+        raise DataError(f"{where} names no image: give 'images' (modality -> path) or 'image4d'")
+    return out
+
 
 @dataclass
 class CaseVolume:
     """One loaded case in canonical RAS+ orientation: image float32 (4,X,Y,Z), seg/anat uint8 (X,Y,Z).
 
     ``load_case`` returns ``image`` as a transposed view of a (Z,4,X,Y) C-contiguous buffer, so that axial
-    slices are contiguous; it is a normal numpy array in every other respect.
+    slices are contiguous; it is a normal numpy array in every other respect. ``resampled`` names the files
+    (modalities, "seg", "anat") that were resampled onto the reference grid when loading.
     """
 
     case_id: str
@@ -122,6 +259,7 @@ class CaseVolume:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     files: CaseFiles
+    resampled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +302,7 @@ class CaseSummary:
     n_slices: int
     n_abnormal_slices: int | None
     files: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -179,6 +318,7 @@ class CaseSummary:
             "n_slices": self.n_slices,
             "n_abnormal_slices": self.n_abnormal_slices,
             "files": self.files,
+            "resampled": self.resampled,
         }
 
 
@@ -207,6 +347,22 @@ def _apply(array: np.ndarray, transform: np.ndarray, channels_first: bool) -> np
     return nib.orientations.apply_orientation(array, transform)
 
 
+def canonical_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The grid with voxel-to-RAS ``affine`` and voxel ``shape`` (I, J, K, ...) once reoriented to the closest
+    canonical RAS+ orientation: ``(canonical_affine, (X, Y, Z))``, as ``to_canonical`` gives them.
+
+    Slicer: pass a node's IJK-to-RAS matrix and its (I, J, K) dimensions.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    shape3 = tuple(int(s) for s in shape[:3])
+    if len(shape3) != 3:
+        raise DataError(f"canonical_grid: expected a 3D grid shape, got {tuple(shape)}")
+    transform = _spatial_transform(affine)
+    canon_affine = affine @ nib.orientations.inv_ornt_aff(transform, shape3)
+    canon_shape = tuple(shape3[int(axis)] for axis in transform[:, 0].argsort())
+    return canon_affine, canon_shape  # type: ignore[return-value]
+
+
 def to_canonical(
     array: np.ndarray, affine: np.ndarray, *, channels_first: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +378,7 @@ def to_canonical(
         raise DataError(
             f"to_canonical: expected a 3D volume (optionally with channels), got shape {array.shape}"
         )
-    transform = _spatial_transform(affine)
-    new_affine = np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(transform, shape)
-    return _apply(array, transform, channels_first), new_affine
+    return _apply(array, _spatial_transform(affine), channels_first), canonical_grid(affine, shape)[0]
 
 
 def from_canonical(
@@ -238,9 +392,393 @@ def from_canonical(
     return _apply(np.asarray(array), back, channels_first)
 
 
+def resample_to_grid(
+    array: np.ndarray,
+    src_affine: np.ndarray,
+    ref_affine: np.ndarray,
+    ref_shape: Sequence[int],
+    order: int = 1,
+) -> np.ndarray:
+    """Resample ``array`` (I, J, K) from its grid (voxel-to-RAS ``src_affine``) onto the grid ``ref_affine`` /
+    ``ref_shape``: linear (``order=1``, float32 result) or nearest neighbour (``order=0``, for labels: the
+    dtype is kept). Points outside the source volume (beyond half a voxel from its outer voxel centres) are 0.
+    Slicer: pass IJK-to-RAS matrices."""
+    from scipy import ndimage
+
+    # output voxel o samples input voxel inv(src) @ ref @ o: one affine map, which scipy applies directly.
+    mapping = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(ref_affine, np.float64)
+    matrix, offset = mapping[:3, :3], mapping[:3, 3]
+    out_shape = tuple(int(s) for s in ref_shape[:3])
+    data = np.asarray(array)
+    if order != 0:
+        data = data.astype(np.float32, copy=False)
+    out = ndimage.affine_transform(
+        data, matrix, offset=offset, output_shape=out_shape, order=order, mode="nearest"
+    )
+    # 'nearest' keeps points that land a rounding error outside the outer voxel centres (grids that coincide);
+    # a ones-volume padded by one voxel of zeros marks where the source volume ends.
+    inside = ndimage.affine_transform(
+        np.pad(np.ones(data.shape[:3], np.uint8), 1),
+        matrix,
+        offset=offset + 1,
+        output_shape=out_shape,
+        order=0,
+    )
+    out[inside == 0] = 0
+    return out
+
+
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
     sp = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     return (float(sp[0]), float(sp[1]), float(sp[2]))
+
+
+# ---------------------------------------------------------------------------------------------- image files
+
+# Deflate (gzip, zlib) compresses at most about 1032:1: a compressed file smaller than its claimed voxel data
+# divided by this cannot hold it.
+_MAX_DEFLATE_RATIO = 1032
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class _DataExtent(NamedTuple):
+    """Where a file's voxel data lies: the file holding it, its first byte, and whether it is deflated."""
+
+    file: Path
+    offset: int
+    compressed: bool
+
+
+@dataclass
+class _Image:
+    """One opened image (a file, or a folder holding one DICOM series): its header; voxels are read on demand.
+
+    ``shape`` lists the voxel axes I, J, K and any further axes (channels); ``affine`` maps (I, J, K) to RAS+.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    reader: Callable[[], np.ndarray]
+
+    def read(self) -> np.ndarray:
+        """The voxels as an (I, J, K, ...) array; unreadable data becomes _CaseError."""
+        try:
+            data = self.reader()
+        except (_CaseError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _CaseError(
+                self.path,
+                f"voxel data cannot be read ({type(exc).__name__}: {_short(exc)}); the file is truncated or "
+                "corrupt: re-export or re-download it",
+            ) from exc
+        if tuple(data.shape) != self.shape:
+            raise _CaseError(
+                self.path,
+                f"voxel data has shape {tuple(data.shape)} but the header says {self.shape}; "
+                "re-export the file",
+            )
+        return data
+
+
+def _short(exc: BaseException) -> str:
+    """The informative last line of an exception message (ITK's messages start with source locations)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^(sitk|itk)::ERROR:\s*", "", last)
+
+
+def _check_extent(path: Path, shape: tuple[int, ...], itemsize: int, data: _DataExtent | None) -> None:
+    """Reject a header that claims ``MAX_VOXELS`` voxels or more, or more voxel bytes than its file holds
+    (``data``: None when that cannot be told from the header, e.g. a DICOM series)."""
+    n = math.prod(shape)
+    dims = "x".join(str(s) for s in shape)
+    if n >= MAX_VOXELS:
+        raise _CaseError(
+            path,
+            f"header claims {dims} voxels ({n:,}), not below the limit of {MAX_VOXELS:,} voxels per volume "
+            "(fdn_core.data.readers.MAX_VOXELS); the header is corrupt or this is not one MR volume: "
+            "re-export the file",
+        )
+    if data is None:
+        return
+    try:
+        size = data.file.stat().st_size
+    except OSError as exc:
+        raise _CaseError(
+            data.file, f"voxel data file named by the header {path.name} is missing; restore it"
+        ) from exc
+    need, have = n * itemsize, max(size - data.offset, 0)
+    where = "the file" if data.file == path else f"its data file {data.file.name}"
+    if data.compressed and have * _MAX_DEFLATE_RATIO < need:
+        found = f"which {have:,} compressed bytes in {where} cannot hold"
+    elif not data.compressed and have < need:
+        found = f"but {where} holds only {have:,} bytes of voxel data"
+    else:
+        return
+    raise _CaseError(
+        path,
+        f"header claims {dims} voxels of {itemsize} byte(s) ({need:,} bytes), {found}; the file is truncated "
+        "or its header is wrong: re-export or re-download it",
+    )
+
+
+def _open_image(path: Path) -> _Image:
+    """Open an image file or DICOM series folder by its name (header only); problems become _CaseError."""
+    if path.is_dir():
+        return _open_dicom_series(path)
+    if not path.is_file():
+        raise _CaseError(path, "file is missing; restore it")
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return _open_nifti(path)
+    if name.endswith(IMAGE_EXTENSIONS):
+        return _open_sitk_file(path)
+    raise _CaseError(path, f"is not an image format read here; give {_FORMATS_HELP}")
+
+
+def _open_nifti(path: Path) -> _Image:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise _CaseError(
+            path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}); re-export or re-download the file"
+        ) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise _CaseError(path, f"is a {type(img).__name__}, not NIfTI; convert it to .nii.gz")
+    shape = tuple(int(s) for s in img.shape)
+    compressed = path.name.lower().endswith(".gz")
+    offset = 0 if compressed else int(getattr(img.dataobj, "offset", 0))
+    _check_extent(path, shape, img.header.get_data_dtype().itemsize, _DataExtent(path, offset, compressed))
+    return _Image(path, shape, np.asarray(img.affine, dtype=np.float64), lambda: np.asanyarray(img.dataobj))
+
+
+def _sitk_affine(
+    origin: Sequence[float] | np.ndarray, spacing: Sequence[float], direction: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Voxel-to-RAS matrix of the first three axes of an ITK grid (ITK's physical space is LPS)."""
+    dim = len(origin)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(direction, np.float64).reshape(dim, dim)[:3, :3] * np.asarray(spacing[:3])
+    lps[:3, 3] = origin[:3]
+    return _LPS_TO_RAS @ lps
+
+
+def _sitk_voxels(image: Any) -> np.ndarray:
+    """A SimpleITK image's voxels as (I, J, K, ...[, C]) (SimpleITK's arrays run (..., K, J, I[, C]))."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    dim = image.GetDimension()
+    return array.transpose([*range(dim - 1, -1, -1), *range(dim, array.ndim)])
+
+
+def _sitk_shape(reader: Any, path: Path) -> tuple[int, ...]:
+    """Voxel shape (I, J, K, ...[, C]) from a SimpleITK reader that read the image information."""
+    size = tuple(int(s) for s in reader.GetSize())
+    if len(size) < 3:
+        raise _CaseError(
+            path, f"is a {len(size)}D image ({'x'.join(map(str, size))} pixels); give the whole 3D volume"
+        )
+    n_comp = int(reader.GetNumberOfComponents())
+    return size + ((n_comp,) if n_comp > 1 else ())
+
+
+def _sitk_itemsize(reader: Any) -> int:
+    import SimpleITK as sitk
+
+    return int(sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()) * max(
+        1, int(reader.GetNumberOfComponents())
+    )
+
+
+def _open_sitk_file(path: Path) -> _Image:
+    """Open an NRRD or MetaImage file through SimpleITK (header only)."""
+    import SimpleITK as sitk
+
+    kind = "NRRD" if path.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImage"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _CaseError(
+            path, f"cannot be read as {kind} ({_short(exc)}); re-export or re-download the file"
+        ) from exc
+    shape = _sitk_shape(reader, path)
+    extent = _nrrd_extent(path) if kind == "NRRD" else _meta_extent(path)
+    _check_extent(path, shape, _sitk_itemsize(reader), extent)
+    affine = _sitk_affine(reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection())
+
+    def read() -> np.ndarray:
+        return _sitk_voxels(sitk.ReadImage(str(path)))
+
+    return _Image(path, shape, affine, read)
+
+
+def _header_lines(path: Path, limit: int = 1 << 16) -> Iterator[tuple[str, int]]:
+    """(line, offset of the byte after it) for the complete lines of a file's first ``limit`` bytes."""
+    with path.open("rb") as fh:
+        head = fh.read(limit)
+    pos = 0
+    while (end := head.find(b"\n", pos)) >= 0:
+        yield head[pos:end].rstrip(b"\r").decode("latin-1"), end + 1
+        pos = end + 1
+
+
+def _int_field(fields: dict[str, str], key: str) -> int | None:
+    try:
+        return int(fields.get(key, "0") or 0)
+    except ValueError:
+        return None
+
+
+def _single_data_file(path: Path, name: str) -> Path | None:
+    """The one data file a header names (None for lists and numbered file patterns)."""
+    if not name or name.upper().startswith("LIST") or "%" in name or " " in name.strip():
+        return None
+    return path.parent / name.strip()
+
+
+def _nrrd_extent(path: Path) -> _DataExtent | None:
+    """Where an NRRD file's raw or gzip voxel data lies (None for other encodings or unusual layouts)."""
+    fields: dict[str, str] = {}
+    header_end = None
+    for i, (line, end) in enumerate(_header_lines(path)):
+        if i == 0 or line.startswith("#") or ":=" in line:
+            continue
+        if not line:
+            header_end = end
+            break
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    encoding = fields.get("encoding", "").lower()
+    if encoding not in ("raw", "gzip", "gz"):
+        return None
+    compressed = encoding != "raw"
+    skip = _int_field(fields, "byte skip")
+    if skip is None:
+        return None
+    name = fields.get("data file", fields.get("datafile"))
+    if name is None:  # attached data after the header's blank line
+        if header_end is None:
+            return None
+        return _DataExtent(path, 0 if skip == -1 else header_end + (0 if compressed else skip), compressed)
+    data_file = _single_data_file(path, name)
+    if data_file is None:
+        return None
+    return _DataExtent(data_file, 0 if skip == -1 or compressed else skip, compressed)
+
+
+def _meta_extent(path: Path) -> _DataExtent | None:
+    """Where a MetaImage file's voxel data lies (None for file lists and numbered file patterns)."""
+    fields: dict[str, str] = {}
+    header_end = None
+    for line, end in _header_lines(path):
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                header_end = end
+                break
+    if header_end is None:
+        return None
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    header_size = _int_field(fields, "headersize")
+    if header_size is None:
+        return None
+    name = fields["elementdatafile"]
+    if name.upper() == "LOCAL":
+        return _DataExtent(path, 0 if header_size == -1 else header_end, compressed)
+    data_file = _single_data_file(path, name)
+    if data_file is None:
+        return None
+    return _DataExtent(data_file, 0 if header_size == -1 or compressed else header_size, compressed)
+
+
+def _open_dicom_series(folder: Path) -> _Image:
+    """Open the one DICOM series in ``folder`` (headers of its files only; voxels are read on demand)."""
+    import SimpleITK as sitk
+
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise _CaseError(folder, f"is a folder without a DICOM series; give {_FORMATS_HELP}")
+    if len(ids) > 1:
+        raise _CaseError(
+            folder,
+            f"holds {len(ids)} DICOM series ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}); give a "
+            "folder holding exactly one series (move the others into folders of their own)",
+        )
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    if len(names) < 2:
+        raise _CaseError(folder, "holds a single DICOM slice; give the whole 3D series (all axial slices)")
+    infos = []
+    for name in names:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise _CaseError(
+                Path(name), f"cannot be read as DICOM ({_short(exc)}); re-export the series"
+            ) from exc
+        infos.append(reader)
+    first = infos[0]
+    direction = np.asarray(first.GetDirection(), np.float64).reshape(3, 3)
+    for name, info in zip(names, infos):
+        if tuple(info.GetSize()[:2]) != tuple(first.GetSize()[:2]) or not np.allclose(
+            np.asarray(info.GetDirection()).reshape(3, 3), direction, atol=1e-4
+        ):
+            raise _CaseError(
+                Path(name),
+                f"slice size or orientation differs from the series' first slice {Path(names[0]).name}; the "
+                "folder mixes acquisitions: export one series per folder",
+            )
+    # ITK's series geometry: origin and orientation of the first slice (sorted along the slice normal), slice
+    # spacing from the first to the last slice. Uneven or sheared slice positions would make it wrong.
+    origins = np.asarray([info.GetOrigin() for info in infos], np.float64)
+    normal = direction[:, 2]
+    along = (origins - origins[0]) @ normal
+    step = float(along[-1]) / (len(names) - 1)
+    gaps = np.diff(along)
+    uneven = np.abs(gaps - step) > max(_AFFINE_TOL_MM, 0.01 * abs(step))
+    if step <= _AFFINE_TOL_MM or uneven.any():
+        i = int(np.argmax(uneven)) if uneven.any() else 0
+        raise _CaseError(
+            folder,
+            f"slice positions are not evenly spaced (slices {i} and {i + 1} are {gaps[i]:.4g} mm apart, "
+            f"{step:.4g} mm on average): slices are missing or repeated, or several acquisitions are mixed; "
+            "export the complete series on its own",
+        )
+    if np.abs(origins - origins[0] - np.outer(along, normal)).max() > max(_AFFINE_TOL_MM, 0.01 * step):
+        raise _CaseError(
+            folder,
+            "slices are shifted against each other within their planes (a tilted-gantry or sheared series); "
+            "resample it onto a regular grid (e.g. in 3D Slicer) and export that",
+        )
+    spacing = (*first.GetSpacing()[:2], step)
+    shape = (*(int(s) for s in first.GetSize()[:2]), len(names))
+    n_comp = int(first.GetNumberOfComponents())
+    shape += (n_comp,) if n_comp > 1 else ()
+    _check_extent(folder, shape, _sitk_itemsize(first), None)
+    affine = _sitk_affine(origins[0], spacing, direction.ravel())
+
+    def read() -> np.ndarray:
+        series = sitk.ImageSeriesReader()
+        series.SetFileNames(names)
+        image = series.Execute()
+        got = _sitk_affine(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+        if not np.allclose(got, affine, rtol=0, atol=_AFFINE_TOL_MM):
+            raise _CaseError(
+                folder,
+                "the series' geometry read with its voxels differs from its slice headers; "
+                "re-export the series",
+            )
+        return _sitk_voxels(image)
+
+    return _Image(folder, shape, affine, read)
 
 
 # ------------------------------------------------------------------------------------------------ discovery
@@ -258,66 +796,39 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and _NIFTI_NAME.match(p.name))
+def _image_files(folder: Path, pattern: re.Pattern[str] = _IMAGE_NAME) -> list[Path]:
+    """Visible files of ``folder`` whose names match ``pattern`` (default: any image extension), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and pattern.match(p.name))
 
 
-def _header(path: Path) -> nib.Nifti1Image:
-    """Load a NIfTI header (voxels are read lazily); unreadable files become _CaseError."""
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError as exc:
-        raise _CaseError(path, "file is missing; restore it") from exc
-    except Exception as exc:
-        raise _CaseError(
-            path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}); re-export or re-download the file"
-        ) from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise _CaseError(path, f"is a {type(img).__name__}, not NIfTI; convert it to .nii.gz")
-    return img
-
-
-def _spatial_shape(img: nib.Nifti1Image, path: Path, kind: str) -> tuple[int, int, int]:
+def _spatial_shape(img: _Image, kind: str) -> tuple[int, int, int]:
     """The 3D shape of a single volume (trailing axes of length 1 are allowed, as some tools write them)."""
-    shape = tuple(int(s) for s in img.shape)
+    shape = img.shape
     core = shape[:3] if len(shape) >= 3 and all(s == 1 for s in shape[3:]) else None
     if core is None or len(shape) < 3 or min(core) < 1:
         raise _CaseError(
-            path,
+            img.path,
             f"{kind} must be a 3D volume, but its shape is {shape}; "
             "give one 3D file per modality (split 4D files, or use the Decathlon layout for 4D images)",
         )
     return core  # type: ignore[return-value]
 
 
-def _check_grid(
-    affine: np.ndarray,
-    ref_affine: np.ndarray,
-    path: Path,
-    kind: str,
-    ref_kind: str,
-    shape: tuple,
-    ref_shape: tuple,
-) -> None:
-    if shape != ref_shape:
-        raise _CaseError(
-            path,
-            f"{kind} has shape {shape} but {ref_kind} has {ref_shape}; all files of a case must share one "
-            "voxel grid: resample them onto the same grid (e.g. with SimpleITK or 3D Slicer) and try again",
-        )
-    if not np.allclose(affine, ref_affine, rtol=0, atol=_AFFINE_TOL_MM):
-        sp, ref_sp = _spacing(affine), _spacing(ref_affine)
-        if not np.allclose(sp, ref_sp, rtol=0, atol=_AFFINE_TOL_MM):
-            what = f"voxel spacing {tuple(round(s, 4) for s in sp)} mm differs from {ref_kind}'s " + str(
-                tuple(round(s, 4) for s in ref_sp)
-            )
-        else:
-            what = f"orientation/origin (affine) differs from {ref_kind}'s"
-        raise _CaseError(
-            path,
-            f"{kind} {what}; all files of a case must share one voxel grid: "
-            "resample or co-register them onto the same grid and try again",
-        )
+def _grid_difference(
+    img: _Image, shape: tuple, ref: _Image, ref_shape: tuple, kind: str, ref_kind: str
+) -> str | None:
+    """How ``img``'s voxel grid differs from the reference's (None when they are the same grid)."""
+    same_shape = shape == ref_shape
+    if same_shape and np.allclose(img.affine, ref.affine, rtol=0, atol=_AFFINE_TOL_MM):
+        return None
+    parts = [] if same_shape else [f"shape {shape} where {ref_kind} has shape {ref_shape}"]
+    sp, ref_sp = _spacing(img.affine), _spacing(ref.affine)
+    if not np.allclose(sp, ref_sp, rtol=0, atol=_AFFINE_TOL_MM):
+        rounded, ref_rounded = tuple(round(s, 4) for s in sp), tuple(round(s, 4) for s in ref_sp)
+        parts.append(f"voxel spacing {rounded} mm where {ref_kind} has {ref_rounded}")
+    elif same_shape or not np.allclose(img.affine[:3], ref.affine[:3], rtol=0, atol=_AFFINE_TOL_MM):
+        parts.append("orientation/origin (affine) differs")
+    return f"{kind} is on another voxel grid than {ref_kind} ({ref.path.name}): {'; '.join(parts)}"
 
 
 _MSD_SHAPE_MSG = (
@@ -328,65 +839,86 @@ _MSD_SHAPE_MSG = (
 
 @dataclass
 class _Headers:
-    """A case's opened headers, after checking that they share one voxel grid."""
+    """A case's opened headers, after checking that they share one voxel grid (or may be resampled onto it).
 
-    images: dict[str, nib.Nifti1Image]  # BraTS: one per modality; MSD: {"image": the 4D file}
-    seg: nib.Nifti1Image | None
-    anat: nib.Nifti1Image | None
+    ``off_grid`` maps each file kind on another grid than the reference to how it differs.
+    """
+
+    images: dict[str, _Image]  # BraTS: one per modality; MSD: {"image": the 4D file}
+    seg: _Image | None
+    anat: _Image | None
     shape: tuple[int, int, int]
     affine: np.ndarray
+    ref_kind: str
+    off_grid: dict[str, str]
 
 
 def _open_headers(files: CaseFiles) -> _Headers:
     """Header-level checks of one case (cheap: voxels are not read)."""
-    images: dict[str, nib.Nifti1Image] = {}
+    images: dict[str, _Image] = {}
+    off_grid: dict[str, str] = {}
+
+    def compare(img: _Image, kind: str) -> None:
+        diff = _grid_difference(img, _spatial_shape(img, kind), ref, ref_shape, kind, ref_kind)
+        if diff is None:
+            return
+        if not files.resample:
+            raise _CaseError(
+                img.path,
+                f"{diff}; all files of a case must share one voxel grid: resample or co-register them onto "
+                "the same grid (e.g. with SimpleITK or 3D Slicer) and try again",
+            )
+        off_grid[kind] = diff
+
     if files.layout == "brats":
         if not files.images:
             raise _CaseError(None, "no image files")
-        ref_kind = MODALITIES[0]
+        ref_kind = REFERENCE_SEQUENCE
+        ref = images[ref_kind] = _open_image(files.images[ref_kind])
+        ref_shape = _spatial_shape(ref, ref_kind)
         for mod in MODALITIES:
-            path = files.images[mod]
-            img = images[mod] = _header(path)
-            shape = _spatial_shape(img, path, mod)
-            if mod == ref_kind:
-                ref_shape, ref_affine = shape, np.asarray(img.affine, dtype=np.float64)
-            else:
-                _check_grid(img.affine, ref_affine, path, mod, ref_kind, shape, ref_shape)
+            if mod != ref_kind:
+                images[mod] = _open_image(files.images[mod])
+                compare(images[mod], mod)
     else:
         if files.image4d is None:
             raise _CaseError(None, "no 4D image file")
-        img = images["image"] = _header(files.image4d)
-        shape4 = tuple(int(s) for s in img.shape)
-        if len(shape4) != 4 or shape4[3] != 4:
-            raise _CaseError(files.image4d, _MSD_SHAPE_MSG.format(shape=shape4))
-        ref_kind, ref_shape = "image", shape4[:3]
-        ref_affine = np.asarray(img.affine, dtype=np.float64)
-    labels: dict[str, nib.Nifti1Image | None] = {}
+        ref_kind = "image"
+        ref = images["image"] = _open_image(files.image4d)
+        if len(ref.shape) != 4 or ref.shape[3] != 4:
+            raise _CaseError(files.image4d, _MSD_SHAPE_MSG.format(shape=ref.shape))
+        ref_shape = ref.shape[:3]
+    labels: dict[str, _Image | None] = {}
     for kind, path in (("seg", files.seg), ("anat", files.anat)):
         labels[kind] = None
         if path is not None:
-            img = labels[kind] = _header(path)
-            _check_grid(
-                img.affine, ref_affine, path, kind, ref_kind, _spatial_shape(img, path, kind), ref_shape
-            )
-    return _Headers(images, labels["seg"], labels["anat"], ref_shape, ref_affine)  # type: ignore[arg-type]
+            labels[kind] = _open_image(path)
+            compare(labels[kind], kind)  # type: ignore[arg-type]
+    return _Headers(
+        images,
+        labels["seg"],
+        labels["anat"],
+        ref_shape,
+        ref.affine,
+        ref_kind,
+        off_grid,  # type: ignore[arg-type]
+    )
 
 
 def _brats_case_dirs(root: Path) -> list[Path]:
     """Folders that hold one BraTS case each (root itself, its children, or grandchildren under groups)."""
-    if any(_BRATS_NAME.match(p.name) for p in _nifti_files(root)):
+    if any(_BRATS_NAME.match(p.name) for p in _image_files(root)):
         return [root]
     found: list[Path] = []
     for child in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
-        niftis = _nifti_files(child)
-        if niftis:
+        if _image_files(child):
             found.append(child)
             continue
-        grand = [g for g in sorted(child.iterdir()) if g.is_dir() and _visible(g) and _nifti_files(g)]
+        grand = [g for g in sorted(child.iterdir()) if g.is_dir() and _visible(g) and _image_files(g)]
         if grand:
             found.extend(grand)
         else:
-            log.debug("ignoring folder without NIfTI files: %s", child)
+            log.debug("ignoring folder without image files: %s", child)
     return found
 
 
@@ -395,7 +927,7 @@ def _brats_case(folder: Path) -> CaseFiles:
     by_kind: dict[str, list[Path]] = {}
     prefixes: set[str] = set()
     unknown: list[str] = []
-    for path in _nifti_files(folder):
+    for path in _image_files(folder):
         m = _BRATS_NAME.match(path.name)
         if m is None:
             unknown.append(path.name)
@@ -411,8 +943,7 @@ def _brats_case(folder: Path) -> CaseFiles:
     if not by_kind:
         raise _CaseError(
             folder,
-            "no file follows the BraTS naming <case>_<t1|t1ce|t2|flair|seg>.nii.gz "
-            f"(found {', '.join(unknown)}); rename the files",
+            f"no file follows the BraTS naming {_NAMING_HELP} (found {', '.join(unknown)}); rename the files",
         )
     for kind, paths in by_kind.items():
         if len(paths) > 1:
@@ -422,9 +953,10 @@ def _brats_case(folder: Path) -> CaseFiles:
     missing = [m for m in MODALITIES if m not in by_kind]
     if missing:
         prefix = next(iter(prefixes)) if len(prefixes) == 1 else case_id
-        want = ", ".join(f"{prefix}_{m}.nii.gz" for m in missing)
+        ext = _BRATS_NAME.match(next(iter(by_kind.values()))[0].name).group("ext")  # type: ignore[union-attr]
+        want = ", ".join(f"{prefix}_{m}{ext}" for m in missing)
         raise _CaseError(
-            folder / f"{prefix}_{missing[0]}.nii.gz",
+            folder / f"{prefix}_{missing[0]}{ext}",
             f"missing modality {', '.join(missing)} (expected {want}); every case needs T1, T1ce, T2 and "
             "FLAIR: add the file(s) or remove the case folder",
         )
@@ -466,7 +998,10 @@ def _by_stem(folder: Path) -> dict[str, Path]:
     """NIfTI files of a folder keyed by name without extension (empty when the folder is absent)."""
     if not folder.is_dir():
         return {}
-    return {_NIFTI_NAME.match(p.name).group("stem"): p for p in _nifti_files(folder)}  # type: ignore[union-attr]
+    return {
+        _NIFTI_NAME.match(p.name).group("stem"): p  # type: ignore[union-attr]
+        for p in _image_files(folder, _NIFTI_NAME)
+    }
 
 
 def _msd_cases(root: Path, problems: list[CaseProblem]) -> list[CaseFiles]:
@@ -514,10 +1049,11 @@ def _msd_cases(root: Path, problems: list[CaseProblem]) -> list[CaseFiles]:
     return cases
 
 
-def scan_cohort(root: str | Path) -> tuple[list[CaseFiles], list[CaseProblem]]:
+def scan_cohort(root: str | Path, resample: bool = False) -> tuple[list[CaseFiles], list[CaseProblem]]:
     """Find every case under ``root`` and check its files' headers; returns ``(good_cases, problems)``.
 
-    Voxels are not read here: ``validate_cohort`` additionally loads every case.
+    Voxels are not read here: ``validate_cohort`` additionally loads every case. ``resample``: files of a case
+    on different voxel grids are resampled onto its T1ce grid when loaded instead of being a problem.
     """
     root = Path(root)
     if not root.is_dir():
@@ -539,6 +1075,7 @@ def scan_cohort(root: str | Path) -> tuple[list[CaseFiles], list[CaseProblem]]:
     good: list[CaseFiles] = []
     seen: dict[str, CaseFiles] = {}
     for case in candidates:
+        case.resample = resample
         if case.case_id in seen:
             problems.append(
                 CaseProblem(
@@ -562,7 +1099,8 @@ def scan_cohort(root: str | Path) -> tuple[list[CaseFiles], list[CaseProblem]]:
             CaseProblem(
                 None,
                 root,
-                "no cases found; expected BraTS case folders (<case>/<case>_t1.nii.gz, _t1ce, _t2, _flair) "
+                "no cases found; expected BraTS case folders (<case>/<case>_t1.nii.gz, _t1ce, _t2, _flair; "
+                "or .nrrd, .nhdr, .mha, .mhd) "
                 "or a Decathlon task (imagesTr/, labelsTr/, dataset.json): check the path",
             )
         )
@@ -574,15 +1112,16 @@ def _problem_report(root: Path, problems: list[CaseProblem]) -> str:
     return f"{len(problems)} problem(s) in cohort {root}:\n{lines}"
 
 
-def find_cases(root: str | Path, skip_bad: bool = False) -> CaseList:
+def find_cases(root: str | Path, skip_bad: bool = False, resample: bool = False) -> CaseList:
     """Cases under ``root`` (BraTS or Decathlon layout), sorted by id.
 
     Any problem raises one DataError listing all of them, unless ``skip_bad``: then each bad case is logged as
     a warning and left out, and the problems are on the returned list's ``problems`` attribute. A cohort with
-    no usable case is always an error.
+    no usable case is always an error. Equal voxel grids within a case are the cohort contract; with
+    ``resample`` a case's files on other grids are resampled onto its T1ce grid when loaded.
     """
     root = Path(root)
-    good, problems = scan_cohort(root)
+    good, problems = scan_cohort(root, resample)
     if problems and not skip_bad:
         if all(p.case_id is None for p in problems):
             raise DataError(_problem_report(root, problems))
@@ -597,20 +1136,76 @@ def find_cases(root: str | Path, skip_bad: bool = False) -> CaseList:
     return CaseList(sorted(good, key=lambda c: c.case_id), problems)
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+def _common_folder_name(paths: Iterable[Path]) -> str:
+    """Name of the deepest folder holding all ``paths`` ("query" when there is none)."""
     try:
-        return np.asanyarray(img.dataobj)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _CaseError(
-            path,
-            f"voxel data cannot be read ({type(exc).__name__}: {exc}); the file is truncated or corrupt: "
-            "re-export or re-download it",
-        ) from exc
+        common = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    except ValueError:
+        return "query"
+    return common.name or "query"
+
+
+def case_files_from_paths(paths: Sequence[str | Path], resample: bool = True) -> CaseFiles:
+    """One study given on the command line: its case folder (BraTS layout), or its files one by one.
+
+    Files are named ``<case>_<t1|t1ce|t2|flair|seg|anat><ext>`` (``IMAGE_EXTENSIONS``; a folder holding one
+    DICOM series: ``<case>_<kind>`` without extension), or given as ``KIND=PATH`` (``t1ce=/dicom/series7``)
+    whatever their names; the case id is then the name of the folder holding them. With ``resample`` (the
+    default: a query study comes as the scanner wrote it) files on other voxel grids than the T1ce are
+    resampled onto the T1ce grid when the case is loaded.
+    """
+    items: list[tuple[str | None, Path]] = []
+    for item in paths:
+        text = os.fspath(item)
+        spec = None if Path(text).exists() else _KIND_SPEC.match(text)
+        items.append((spec.group("kind").lower(), Path(spec.group("path"))) if spec else (None, Path(text)))
+    if not items:
+        raise DataError("no case given: pass a case folder or its four image files")
+    for _, p in items:
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder; give a case folder or its image files")
+    if len(items) == 1 and items[0][0] is None and items[0][1].is_dir():
+        cases = find_cases(items[0][1], resample=resample)
+        if len(cases) != 1:
+            raise DataError(
+                f"{items[0][1]} holds {len(cases)} cases; give one case folder (e.g. {cases[0].case_id}) "
+                "or its four image files"
+            )
+        return cases[0]
+    kinds: dict[str, Path] = {}
+    prefixes: set[str] = set()
+    for given, p in items:
+        kind = given
+        if kind is None:
+            m = _BRATS_NAME.match(p.name)
+            if m is None or (m.group("ext") is None) != p.is_dir():
+                what = "folder" if p.is_dir() else "file"
+                raise DataError(
+                    f"{p}: not a {what} named {_NAMING_HELP}; rename it, give it as KIND=PATH (e.g. "
+                    f"t1ce={p}), or give the case folder"
+                )
+            kind = m.group("kind").lower()
+            prefixes.add(m.group("prefix"))
+        if kind in kinds:
+            raise DataError(f"{p}: a second {kind} file ({kinds[kind]} was given too); give one of each")
+        kinds[kind] = p
+    if len(prefixes) > 1:
+        raise DataError(f"the files belong to several cases ({', '.join(sorted(prefixes))}); give one case")
+    missing = [m for m in MODALITIES if m not in kinds]
+    if missing:
+        raise DataError(f"missing modality file(s) {missing}; every case needs T1, T1ce, T2 and FLAIR")
+    return CaseFiles(
+        case_id=prefixes.pop() if prefixes else _common_folder_name(kinds.values()),
+        layout="brats",
+        images={m: kinds[m] for m in MODALITIES},
+        image4d=None,
+        seg=kinds.get("seg"),
+        anat=kinds.get("anat"),
+        resample=resample,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- loading
 
 
 def _check_finite(data: np.ndarray, path: Path, kind: str) -> None:
@@ -623,11 +1218,10 @@ def _check_finite(data: np.ndarray, path: Path, kind: str) -> None:
         )
 
 
-def _read_labels(
-    img: nib.Nifti1Image, path: Path, mapping: dict[int, int], kind: str, desc: str
-) -> np.ndarray:
+def _read_labels(img: _Image, mapping: dict[int, int], kind: str, desc: str) -> np.ndarray:
     """Read a label volume and map file values to ours (uint8); unknown values are _CaseError."""
-    raw = _read_voxels(img, path)
+    path = img.path
+    raw = img.read()
     raw = raw.reshape(raw.shape[:3])
     if raw.dtype.kind == "f":
         _check_finite(raw, path, kind)
@@ -657,38 +1251,68 @@ def _read_labels(
     return mapped
 
 
+def _onto_reference(heads: _Headers, kind: str, img: _Image, data: np.ndarray, order: int) -> np.ndarray:
+    """``data`` (the voxels of ``img``) on the case's reference grid: resampled when the file is off-grid."""
+    if kind not in heads.off_grid:
+        return data
+    out = resample_to_grid(data, img.affine, heads.affine, heads.shape, order=order)
+    if data.any() and not out.any():
+        raise _CaseError(
+            img.path,
+            f"{kind} does not overlap the {heads.ref_kind} volume in space; are the files from the same "
+            "study? Give the sequences of one examination",
+        )
+    return out
+
+
 def _load_case(files: CaseFiles) -> CaseVolume:
     heads = _open_headers(files)
     transform = _spatial_transform(heads.affine)
-    affine = heads.affine @ nib.orientations.inv_ornt_aff(transform, heads.shape)
-    canon_shape = tuple(heads.shape[int(axis)] for axis in transform[:, 0].argsort())
+    affine, canon_shape = canonical_grid(heads.affine, heads.shape)
     # The image lives in a (Z, 4, X, Y) buffer and is exposed as its (4, X, Y, Z) view: axial slices are then
     # contiguous for slicing and resizing, and each channel is cast, reoriented and transposed in one copy.
     buffer = np.empty((canon_shape[2], len(MODALITIES), canon_shape[0], canon_shape[1]), dtype=np.float32)
     image = buffer.transpose(1, 2, 3, 0)
     if files.layout == "brats":
         for c, mod in enumerate(MODALITIES):
-            path = files.images[mod]  # type: ignore[index]
-            data = _read_voxels(heads.images[mod], path).reshape(heads.shape)
-            _check_finite(data, path, mod)
-            image[c] = nib.orientations.apply_orientation(data, transform)
+            img = heads.images[mod]
+            data = img.read().reshape(img.shape[:3])
+            _check_finite(data, img.path, mod)
+            image[c] = nib.orientations.apply_orientation(
+                _onto_reference(heads, mod, img, data, 1), transform
+            )
     else:
-        data = _read_voxels(heads.images["image"], files.image4d)  # type: ignore[arg-type]
-        _check_finite(data, files.image4d, "image")  # type: ignore[arg-type]
+        img = heads.images["image"]
+        data = img.read()
+        _check_finite(data, img.path, "image")
         order = files.channel_order or MSD_CHANNELS
         for c, mod in enumerate(MODALITIES):
             image[c] = nib.orientations.apply_orientation(data[..., order.index(mod)], transform)
-    labels: list[np.ndarray | None] = [None, None]
-    if heads.seg is not None:
-        mapping, desc = (
-            (BRATS_FILE_TO_CLASS, _BRATS_DESC) if files.layout == "brats" else (MSD_FILE_TO_CLASS, _MSD_DESC)
+    mapping, desc = (
+        (BRATS_FILE_TO_CLASS, _BRATS_DESC) if files.layout == "brats" else (MSD_FILE_TO_CLASS, _MSD_DESC)
+    )
+    labels: dict[str, np.ndarray | None] = {"seg": None, "anat": None}
+    for kind, label_img, kind_mapping, kind_desc in (
+        ("seg", heads.seg, mapping, desc),
+        ("anat", heads.anat, _ANAT_TO_LABEL, _ANAT_DESC),
+    ):
+        if label_img is not None:
+            raw = _read_labels(label_img, kind_mapping, kind, kind_desc)
+            on_grid = _onto_reference(heads, kind, label_img, raw, 0)
+            labels[kind] = np.ascontiguousarray(nib.orientations.apply_orientation(on_grid, transform))
+    resampled = tuple(k for k in (*MODALITIES, "seg", "anat") if k in heads.off_grid)
+    for kind in resampled:
+        how = "nearest neighbour" if kind in ("seg", "anat") else "linear interpolation"
+        log.warning(
+            "case %s: %s; resampled onto the %s grid (%s)",
+            files.case_id,
+            heads.off_grid[kind],
+            heads.ref_kind,
+            how,
         )
-        seg = _read_labels(heads.seg, files.seg, mapping, "seg", desc)  # type: ignore[arg-type]
-        labels[0] = np.ascontiguousarray(nib.orientations.apply_orientation(seg, transform))
-    if heads.anat is not None:
-        anat = _read_labels(heads.anat, files.anat, _ANAT_TO_LABEL, "anat", _ANAT_DESC)  # type: ignore[arg-type]
-        labels[1] = np.ascontiguousarray(nib.orientations.apply_orientation(anat, transform))
-    return CaseVolume(files.case_id, image, labels[0], labels[1], affine, _spacing(affine), files)
+    return CaseVolume(
+        files.case_id, image, labels["seg"], labels["anat"], affine, _spacing(affine), files, resampled
+    )
 
 
 def canonical_shape(files: CaseFiles) -> tuple[int, int, int]:
@@ -698,14 +1322,15 @@ def canonical_shape(files: CaseFiles) -> tuple[int, int, int]:
     except _CaseError as exc:
         where = f", file {exc.path}" if exc.path is not None else ""
         raise DataError(f"case {files.case_id}{where}: {exc.message}") from exc
-    transform = _spatial_transform(heads.affine)
-    return tuple(heads.shape[int(axis)] for axis in transform[:, 0].argsort())  # type: ignore[return-value]
+    return canonical_grid(heads.affine, heads.shape)[1]
 
 
 def load_case(files: CaseFiles) -> CaseVolume:
     """Read one case into canonical RAS+ arrays (channels ``MODALITIES``, classes 0..3).
 
-    Raises DataError naming the case, the file, what is wrong and what to do.
+    Files on another voxel grid than the T1ce are resampled onto it when ``files.resample`` is set (the
+    volume's ``resampled`` names them; a warning is logged), and are an error otherwise. Raises DataError
+    naming the case, the file, what is wrong and what to do.
     """
     try:
         return _load_case(files)
@@ -743,10 +1368,11 @@ def summarize_case(case: CaseVolume) -> CaseSummary:
         n_slices=int(case.image.shape[3]),
         n_abnormal_slices=n_abn,
         files=[str(p) for p in files.all_paths()],
+        resampled=list(case.resampled),
     )
 
 
-def _parallel_map(fn: Callable[[Any], Any], items: list[Any], workers: int | None) -> Iterable[Any]:
+def parallel_map(fn: Callable[[Any], Any], items: list[Any], workers: int | None) -> Iterable[Any]:
     """Ordered map over a thread pool (file reads and numpy release the GIL), at most workers+1 in flight."""
     n = max(1, int(workers or 1))
     if n == 1 or len(items) < 2:
@@ -765,13 +1391,14 @@ def _parallel_map(fn: Callable[[Any], Any], items: list[Any], workers: int | Non
 
 
 def validate_cohort(
-    root: str | Path, progress: Progress | None = None, workers: int | None = None
+    root: str | Path, progress: Progress | None = None, workers: int | None = None, resample: bool = False
 ) -> tuple[list[CaseSummary], list[CaseProblem]]:
     """Scan ``root`` and load every case (finds NaN/Inf, truncated files, unknown labels too).
 
     Returns summaries of the readable cases and every problem; raises only when ``root`` is not a folder.
+    ``resample`` as for ``find_cases``.
     """
-    cases, problems = scan_cohort(root)
+    cases, problems = scan_cohort(root, resample)
 
     def load(files: CaseFiles) -> CaseSummary | CaseProblem:
         try:
@@ -783,7 +1410,7 @@ def validate_cohort(
     total = len(cases)
     if progress is not None and total:
         progress.update(0, total, "checking cases")
-    for i, result in enumerate(_parallel_map(load, cases, workers), 1):
+    for i, result in enumerate(parallel_map(load, cases, workers), 1):
         (summaries if isinstance(result, CaseSummary) else problems).append(result)
         if progress is not None:
             progress.update(i, total, "checking cases")

@@ -316,8 +316,8 @@ def evaluate_retrieval(
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.codes.search import Query
     from fdn_core.data.preprocess import volume_to_slices
-    from fdn_core.data.readers import find_cases, load_case
-    from fdn_core.retrieval import Retriever, case_files_from_source, load_hamming_codes
+    from fdn_core.data.readers import CaseFiles, find_cases, load_case
+    from fdn_core.retrieval import Retriever, load_hamming_codes
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise DataError(f"top must be a positive integer, got {top!r}")
@@ -406,7 +406,7 @@ def evaluate_retrieval(
     if progress is not None:
         progress.update(0, len(case_names), "Scoring reference slices")
     for ci, cid in enumerate(case_names):
-        files = cohort.get(cid) or case_files_from_source(cid, db.sources(cid))
+        files = cohort.get(cid) or CaseFiles.from_source(cid, db.sources(cid))
         case = load_case(files)
         if case.seg is None:
             raise DataError(

@@ -187,8 +187,7 @@ def render_retrieval_montage(
     """
     import logging
 
-    from fdn_core.data.readers import load_case
-    from fdn_core.retrieval import case_files_from_source
+    from fdn_core.data.readers import CaseFiles, load_case
 
     log = logging.getLogger(__name__)
     panels = [case_panel(query_case, query_slice, f"query {query_case.case_id}:{query_slice}", channel, True)]
@@ -199,7 +198,7 @@ def render_retrieval_montage(
     for hit in hits:
         if hit.case_id not in volumes:
             try:
-                volumes[hit.case_id] = load_case(case_files_from_source(hit.case_id, db.sources(hit.case_id)))
+                volumes[hit.case_id] = load_case(CaseFiles.from_source(hit.case_id, db.sources(hit.case_id)))
             except DataError as exc:
                 log.warning("montage: cannot show case %s: %s", hit.case_id, exc)
                 volumes[hit.case_id] = str(exc)
