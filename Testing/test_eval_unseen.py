@@ -78,6 +78,9 @@ def test_unseen_cohort_table_and_targets(unseen_run: dict) -> None:
         row = f"| {t['similarity']} | {t['requirement']} | {t['value']:.3f} | >= {t['threshold']:.3f} |"
         assert f"{row} {verdict}" in text
     assert (out / "eval_unseen.md").read_text().startswith("# Retrieval on unseen phantom cohorts")
+    met = sum(t["met"] for t in targets)
+    assert "## Targets of every cohort" in text and f"{met} of 5 targets met." in text
+    assert f"| S_sum | FDN >= 0.85 | {targets[4]['value']:.3f} (needs 0.850)" in text
     # The untrained bundle records no training seed: said loudly.
     assert "WARNING: the training cohort's seed is unknown" in unseen_run["stderr"]
 

@@ -504,3 +504,46 @@ def test_eval_retrieval_warns_when_cases_overlap_training(
     assert any("TRAINING cases" in n for n in notes)
     summary = json.loads((out_dir / "retrieval_eval.json").read_text())["summary"]
     assert set(summary) == {"euclidean", "angular", "hamming", "oracle"}  # --baselines with none: skipped
+
+
+def test_other_embedding_methods_plug_into_the_same_table(setup: dict) -> None:
+    """A new slice-embedding method (here: mean intensity per channel, cosine) is ranked, scored and reported
+    like the FDN and the baselines, and a method breaking the protocol is refused."""
+    from fdn_core.evaluation.ranking import RankingMethod, SliceEmbeddingMethod
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report
+    from fdn_core.model.bundle import load_bundle
+
+    class MeanIntensity(SliceEmbeddingMethod):
+        key, label, metric = "mean_intensity", "Mean intensity (cosine)", "cosine"
+
+        def embed(self, images: np.ndarray) -> np.ndarray:
+            return images.mean(axis=(2, 3)) + 10.0
+
+    bundle = load_bundle(setup["bundle"], "cpu")
+    result = evaluate_retrieval(
+        bundle, setup["db"], leave_one_out=True, top=2, distances=["euclidean"], baselines=["pooled_pixels"],
+        methods=[MeanIntensity()],
+    )  # fmt: skip
+    assert list(result.scores) == ["euclidean", "pooled_pixels", "mean_intensity", "oracle"]
+    assert result.info("mean_intensity").kind == "embedding"
+    table = markdown_report(result).split("## Mean Dice")[1]
+    assert (
+        table.index("| D_E")
+        < table.index("| Mean intensity")
+        < table.index("| Pooled")
+        < table.index("| Oracle")
+    )
+    assert set(result.margins()) and all(
+        m["best_baseline"] == "pooled_pixels" for m in result.margins().values()
+    )
+    cols = result.retrieved["mean_intensity"]
+    assert cols["S_normal"] == cols["S_abnormal"] == cols["S_sum"]  # one ranking, scored three ways
+
+    class Cheater(RankingMethod):
+        key = "cheater"
+
+        def rank(self, ctx, similarity, draw):  # returns the query's own volume first
+            return [np.asarray([ctx.volume_starts[o]]) for o in ctx.own_volume]
+
+    with pytest.raises(DataError, match="never the query's own volume"):
+        evaluate_retrieval(bundle, setup["db"], leave_one_out=True, top=2, baselines=[], methods=[Cheater()])

@@ -134,6 +134,28 @@ def targets_markdown(targets: Sequence[Target]) -> list[str]:
     return lines
 
 
+def overview_markdown(per_seed: Mapping[int, Sequence[Target]]) -> list[str]:
+    """Every target (rows) of every cohort (columns): FDN ratio, what it needed, met / MISSED."""
+    seeds = list(per_seed)
+    if not seeds:
+        return []
+    lines = [
+        "| Similarity | Target | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    for i, t in enumerate(per_seed[seeds[0]]):
+        cells = []
+        for s in seeds:
+            u = per_seed[s][i]
+            value = "n/a" if u.value is None else f"{u.value:.3f}"
+            needed = "n/a" if u.threshold is None else f"{u.threshold:.3f}"
+            cells.append(f"{value} (needs {needed}) {'met' if u.met else 'MISSED'}")
+        lines.append(f"| {t.similarity} | {t.requirement} | " + " | ".join(cells) + " |")
+    met = sum(u.met for ts in per_seed.values() for u in ts)
+    total = sum(len(ts) for ts in per_seed.values())
+    return [*lines, "", f"{met} of {total} targets met."]
+
+
 def cohort_markdown(seed: int, result: RetrievalEvaluation, targets: Sequence[Target]) -> str:
     """One cohort's table of every method, the margin lines and the targets."""
     from fdn_core.evaluation.retrieval_eval import margin_lines, method_table_rows
@@ -313,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         "",
     ]
     all_met = True
+    per_seed: dict[int, list[Target]] = {}
     for seed in seeds:
         t0 = time.perf_counter()
         print(f"== cohort seed {seed}: {args.cases} cases", flush=True)
@@ -340,11 +363,13 @@ def run(args: argparse.Namespace) -> int:
         result.notes.append(f"cohort provenance: phantom seed {seed}; {provenance}")
         write_retrieval_report(result, out / f"eval_{seed}")
         targets = evaluate_targets(result)
+        per_seed[seed] = targets
         all_met &= all(t.met for t in targets)
         text = cohort_markdown(seed, result, targets)
         print("\n" + text, flush=True)
         seconds = {"cohort": t_cohort, "index": t_index, "evaluation": t_eval}
         timing = f"Time: cohort {t_cohort:.0f} s, indexing {t_index:.0f} s, evaluation {t_eval:.0f} s."
+        print(timing, flush=True)
         md += [text, timing, ""]
         report["cohorts"][str(seed)] = {
             "provenance": provenance,
@@ -356,7 +381,10 @@ def run(args: argparse.Namespace) -> int:
             "notes": result.notes,
         }
     verdict = "all targets met" if all_met else "some targets MISSED"
-    md += [f"**Overall: {verdict}.**", ""]
+    overview = ["## Targets of every cohort (ratios to the oracle; FDN = its best distance)", ""]
+    overview += overview_markdown(per_seed)
+    print("\n" + "\n".join(overview), flush=True)
+    md += [*overview, "", f"**Overall: {verdict}.**", ""]
     atomic_write_json(out / "eval_unseen.json", report)
     atomic_write_bytes(out / "eval_unseen.md", "\n".join(md).encode("utf-8"))
     print(f"Overall: {verdict}. Wrote {out / 'eval_unseen.md'} and {out / 'eval_unseen.json'}", flush=True)

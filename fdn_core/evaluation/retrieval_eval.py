@@ -46,6 +46,7 @@ the Dice compares exactly the slices the codes were computed from.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -326,7 +327,7 @@ class RetrievalEvaluation:
                 "settings": self.settings,
                 "definitions": DEFINITIONS,
                 "notes": self.notes,
-                "methods": {m: self.info(m).__dict__ for m in self.scores},
+                "methods": {m: dataclasses.asdict(self.info(m)) for m in self.scores},
                 "summary": self.summary(),
                 "margins": self.margins(),
                 "search_seconds": self.search_seconds,
@@ -653,9 +654,6 @@ def evaluate_retrieval(
     draw_retrieved: dict[str, dict[str, list[list[list[tuple[str, int]]]]]] = {}
     seconds: dict[str, float] = {}
 
-    def named(rows: np.ndarray) -> list[tuple[str, int]]:
-        return [(str(case_names[row_volume[r]]), int(slice_indices[r])) for r in rows]
-
     total = sum(m.draws * (len(similarities) if m.per_similarity else 1) for m in all_methods)
     done = 0
     if progress is not None:
@@ -667,32 +665,20 @@ def evaluate_retrieval(
         d_prec = {s.key: np.full((nd, nq), np.nan) for s in similarities}
         d_ret: dict[str, list[list[list[tuple[str, int]]]]] = {s.key: [] for s in similarities}
         t0 = time.perf_counter()
+        # A per-similarity method ranks once per similarity; a single-embedding method ranks once and that
+        # ranking is scored for every similarity.
         rankings: list[tuple[Similarity | None, list[Similarity]]] = (
             [(s, [s]) for s in similarities] if method.per_similarity else [(None, similarities)]
         )
         for sim, scored in rankings:
             for d in range(nd):
                 ranked = method.rank(ctx, sim, d)
-                if len(ranked) != nq:
-                    raise DataError(f"method {key}: {len(ranked)} rankings for {nq} queries")
                 for s in scored:
-                    table = tables[s.score]
-                    per_query = []
-                    for qi, rows in enumerate(ranked):
-                        rows = np.asarray(rows, dtype=np.int64)
-                        if rows.size > k_eff[qi] or (
-                            own[qi] is not None and np.any(row_volume[rows] == own[qi])
-                        ):
-                            raise DataError(
-                                f"method {key}: query {ctx.query_case_ids[qi]} got {rows.size} results "
-                                f"(at most {k_eff[qi]}) or its own volume"
-                            )
-                        d_scores[s.key][d, qi] = float(table[qi, rows].mean()) if rows.size else math.nan
-                        rel = ref_tumour[rows]
-                        d_ap[s.key][d, qi] = average_precision_at_k(rel, k_eff[qi], n_relevant[qi])
-                        d_prec[s.key][d, qi] = precision_at_k(rel, k_eff[qi])
-                        per_query.append(named(rows))
-                    d_ret[s.key].append(per_query)
+                    dice, ap_d, prec_d, named = _score_ranking(
+                        ctx, key, ranked, tables[s.score], ref_tumour, n_relevant
+                    )
+                    d_scores[s.key][d], d_ap[s.key][d], d_prec[s.key][d] = dice, ap_d, prec_d
+                    d_ret[s.key].append(named)
                 done += 1
                 if progress is not None:
                     progress.update(done, total, "Ranking")
@@ -739,6 +725,43 @@ def evaluate_retrieval(
         draw_retrieved=draw_retrieved,
         cases=used_cases,
     )
+
+
+def _score_ranking(
+    ctx: RankingContext,
+    key: str,
+    ranked: Sequence[np.ndarray],
+    table: np.ndarray,
+    ref_tumour: np.ndarray,
+    n_relevant: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[tuple[str, int]]]]:
+    """Per query: mean Dice of the ranked rows under ``table`` (Nq, N), AP@k, P@k, and the named results
+    (case, slice). Checks the method kept to the protocol (at most k results, never the own volume)."""
+    nq = ctx.num_queries
+    if len(ranked) != nq:
+        raise DataError(f"ranking method {key}: {len(ranked)} rankings for {nq} queries")
+    dice, ap, prec = np.full(nq, np.nan), np.full(nq, np.nan), np.full(nq, np.nan)
+    named: list[list[tuple[str, int]]] = []
+    for qi, rows in enumerate(ranked):
+        rows = np.asarray(rows, dtype=np.int64)
+        own, k = ctx.own_volume[qi], ctx.k[qi]
+        vols = ctx.row_volume[rows]
+        if (
+            rows.size > k
+            or (own is not None and bool(np.any(vols == own)))
+            or np.unique(vols).size < rows.size
+        ):
+            raise DataError(
+                f"ranking method {key}: query {ctx.query_case_ids[qi]} got {rows.size} results; the "
+                f"protocol allows at most {k}, one slice per volume, never the query's own volume"
+            )
+        if rows.size:
+            dice[qi] = float(table[qi, rows].mean())
+        rel = ref_tumour[rows]
+        ap[qi] = average_precision_at_k(rel, k, n_relevant[qi])
+        prec[qi] = precision_at_k(rel, k)
+        named.append([(str(ctx.case_names[v]), int(ctx.slice_indices[r])) for r, v in zip(rows, vols)])
+    return dice, ap, prec, named
 
 
 def _nanmean0(values: np.ndarray) -> np.ndarray:
