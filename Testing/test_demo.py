@@ -37,13 +37,32 @@ def test_demo_report_has_every_artefact(demo_report: Path) -> None:
     html = (demo_report / "index.html").read_text()
     for src in ["montage_normal.png", "reconstructions.png", "binarization.png"]:
         assert f'src="{src}"' in html
+    # The baselines stand beside the FDN and the oracle, with one margin sentence per similarity.
+    for label in [
+        "Random (random slice",
+        "Level prior (same axial level",
+        "Pooled pixels (L2, 8x8x4)",
+        "Oracle",
+    ]:
+        assert label in html, label
+    for col in ["S_normal", "S_abnormal", "S_sum", "S_sum_normalized"]:
+        assert f"<li>{col}: FDN " in html and "the best trivial baseline" in html
 
 
 def test_demo_numbers_are_finite_and_in_range(demo_report: Path) -> None:
     summary = json.loads((demo_report / "demo_summary.json").read_text())
     assert len(summary["queries"]) >= 2 and not set(summary["queries"]) & set(summary["references"])
     table = summary["summary"]
-    assert set(table) == {"euclidean", "angular", "hamming", "oracle"}
+    assert set(table) == {
+        "euclidean",
+        "angular",
+        "hamming",
+        "oracle",
+        "random",
+        "level_prior",
+        "pooled_pixels",
+    }
+    assert set(summary["margins"]) == {"S_normal", "S_abnormal", "S_sum", "S_sum_normalized"}
     for method, cols in table.items():
         for col in ("S_normal", "S_abnormal", "S_sum", "S_sum_normalized"):
             dice = cols[col]["mean_dice"]

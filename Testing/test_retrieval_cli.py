@@ -377,7 +377,11 @@ def test_eval_retrieval_cli_table2_protocol(setup: dict, capsys: pytest.CaptureF
     assert [q["case_id"] for q in result["queries"]] == [setup["held_out"][0]]
     assert any(setup["held_out"][1] in n and "skipped" in n for n in result["notes"])
     summary = result["summary"]
-    assert set(summary) == {"euclidean", "angular", "hamming", "oracle"}
+    baselines = {"random", "level_prior", "pooled_pixels"}
+    assert set(summary) == {"euclidean", "angular", "hamming", "oracle"} | baselines
+    assert {m: result["methods"][m]["kind"] for m in baselines} == dict.fromkeys(baselines, "baseline")
+    assert set(result["margins"]) == {"S_normal", "S_abnormal", "S_sum", "S_sum_normalized"}
+    assert "FDN against the best trivial baseline" in out
     for method in summary.values():
         assert set(method) == {"S_normal", "S_abnormal", "S_sum", "S_sum_normalized"}
         for cell in method.values():
@@ -392,19 +396,25 @@ def test_eval_retrieval_cli_table2_protocol(setup: dict, capsys: pytest.CaptureF
     k = query["slice_index"]
     for method, cols in query["results"].items():
         for col, res in cols.items():
-            got = res["retrieved"]
-            assert len(got) == len(setup["refs"]) and len({c for c, _ in got}) == len(got)  # volume-wise
-            assert query["case_id"] not in {c for c, _ in got}
-            # Recompute the reported score from the labels: anatomy Dice, tumour Dice, or their average.
-            tum = [multiclass_dice(q_seg[k], labels[c][0][s], ABNORMAL_CLASSES) for c, s in got]
-            ana = [multiclass_dice(q_anat[k], labels[c][1][s], ANATOMY_CLASSES) for c, s in got]
-            expected = {
-                "S_normal": np.mean(ana),
-                "S_abnormal": np.mean(tum),
-                "S_sum": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
-                "S_sum_normalized": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
-            }[col]
-            assert res["dice"] == pytest.approx(expected, abs=1e-12), (method, col)
+            # Random baselines: every seeded draw is checked, and the reported Dice is their mean.
+            draws = res.get("draws", [res])
+            assert len(draws) == (10 if method in ("random", "level_prior") else 1), method
+            assert draws[0]["retrieved"] == res["retrieved"]
+            for draw in draws:
+                got = draw["retrieved"]
+                assert len(got) == len(setup["refs"]) and len({c for c, _ in got}) == len(got)  # volume-wise
+                assert query["case_id"] not in {c for c, _ in got}
+                # Recompute the reported score from the labels: anatomy Dice, tumour Dice, or their average.
+                tum = [multiclass_dice(q_seg[k], labels[c][0][s], ABNORMAL_CLASSES) for c, s in got]
+                ana = [multiclass_dice(q_anat[k], labels[c][1][s], ANATOMY_CLASSES) for c, s in got]
+                expected = {
+                    "S_normal": np.mean(ana),
+                    "S_abnormal": np.mean(tum),
+                    "S_sum": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
+                    "S_sum_normalized": np.mean([(a + t) / 2 for a, t in zip(ana, tum)]),
+                }[col]
+                assert draw["dice"] == pytest.approx(expected, abs=1e-12), (method, col)
+            assert res["dice"] == pytest.approx(np.mean([d["dice"] for d in draws]), abs=1e-12)
             # The oracle is an upper bound for the same number of results.
             assert res["dice"] <= query["results"]["oracle"][col]["dice"] + 1e-12
 
@@ -424,8 +434,12 @@ def test_eval_retrieval_with_a_database_query_excludes_its_own_volume(setup: dic
     for cols in result.retrieved.values():
         for col, per_query in cols.items():
             assert len(per_query[0]) == 3 and query not in {c for c, _ in per_query[0]}, col
-    assert set(result.scores) == {"angular", "oracle"}
+    assert set(result.scores) == {"angular", "oracle", "random", "level_prior", "pooled_pixels"}
     assert "mAP@3" in markdown_report(result)
+    only_fdn = evaluate_retrieval(
+        bundle, setup["db"], setup["cohort"], queries=[query], top=3, distances=["angular"], baselines=[]
+    )
+    assert set(only_fdn.scores) == {"angular", "oracle"} and only_fdn.margins() == {}
 
     other = load_bundle(setup["other"], "cpu")
     with pytest.raises(ModelMismatchError):
@@ -446,3 +460,104 @@ def test_eval_retrieval_needs_held_out_cases(setup: dict, capsys: pytest.Capture
         str(setup["bundle"]), "--out", str(setup["work"] / "eval2"), "--device", "cpu", "--no-progress",
     )  # fmt: skip
     assert rc == 2 and "no held-out query case" in err and "--queries" in err
+
+
+def test_eval_retrieval_leave_one_out(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every tumour volume of the database queries all the others; healthy ones are skipped and said so."""
+    out_dir = setup["work"] / "eval_loo"
+    rc, out, err = _run(
+        capsys, "eval-retrieval", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--out",
+        str(out_dir), "--leave-one-out", "--top", "2", "--draws", "3", "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    result = json.loads((out_dir / "retrieval_eval.json").read_text())
+    refs_with_tumour = [c for c in setup["refs"] if c in setup["tumour"]]
+    assert sorted(q["case_id"] for q in result["queries"]) == sorted(refs_with_tumour)
+    assert all(q["in_database"] and q["k_effective"] == 2 for q in result["queries"])
+    assert result["settings"]["leave_one_out"] and result["settings"]["data"] is None
+    healthy = [c for c in setup["refs"] if c in setup["healthy"]]
+    assert any("skipped" in n and all(h in n for h in healthy) for n in result["notes"])
+    for query in result["queries"]:
+        for method, cols in query["results"].items():
+            for col, res in cols.items():
+                for draw in res.get("draws", [res]):
+                    cases = [c for c, _ in draw["retrieved"]]
+                    assert len(cases) == 2 and len(set(cases)) == 2, (method, col)
+                    assert query["case_id"] not in cases, (method, col)
+    assert result["summary"]["random"]["S_normal"]["draws"] == 3
+    assert "leave-one-out" in out
+    # --leave-one-out and --queries exclude each other; without --leave-one-out --data is needed.
+    with pytest.raises(SystemExit):
+        main(["eval-retrieval", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--out",
+              str(out_dir), "--leave-one-out", "--queries", setup["refs"][0]])  # fmt: skip
+    assert "not allowed with" in capsys.readouterr().err
+    rc, _, err = _run(
+        capsys, "eval-retrieval", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--out",
+        str(out_dir), "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert rc == 2 and "--data is required" in err
+
+
+def test_eval_retrieval_warns_when_cases_overlap_training(
+    setup: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle (same weights as the database's) recording training cases: eval-retrieval names them."""
+    from test_provenance import bundle_with_metadata
+
+    trained_on = setup["refs"][:2]
+    bundle = bundle_with_metadata(setup["work"] / "bundle_trained", {"train_cases": trained_on}, seed=0)
+    out_dir = setup["work"] / "eval_overlap"
+    rc, _, err = _run(
+        capsys, "eval-retrieval", "--db", str(setup["db"]), "--model", str(bundle), "--out", str(out_dir),
+        "--leave-one-out", "--top", "2", "--draws", "2", "--baselines", "--device", "cpu", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "WARNING: fdn eval-retrieval: 2 of" in err and "BY NAME ONLY" in err
+    assert all(c in err for c in trained_on) and not any(c in err for c in setup["refs"][2:])
+    notes = json.loads((out_dir / "retrieval_eval.json").read_text())["notes"]
+    assert any("TRAINING cases" in n for n in notes)
+    summary = json.loads((out_dir / "retrieval_eval.json").read_text())["summary"]
+    assert set(summary) == {"euclidean", "angular", "hamming", "oracle"}  # --baselines with none: skipped
+
+
+def test_other_embedding_methods_plug_into_the_same_table(setup: dict) -> None:
+    """A new slice-embedding method (here: mean intensity per channel, cosine) is ranked, scored and reported
+    like the FDN and the baselines, and a method breaking the protocol is refused."""
+    from fdn_core.evaluation.ranking import RankingMethod, SliceEmbeddingMethod
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report
+    from fdn_core.model.bundle import load_bundle
+
+    class MeanIntensity(SliceEmbeddingMethod):
+        key, label, metric = "mean_intensity", "Mean intensity (cosine)", "cosine"
+
+        def embed(self, images: np.ndarray) -> np.ndarray:
+            return images.mean(axis=(2, 3)) + 10.0
+
+    bundle = load_bundle(setup["bundle"], "cpu")
+    result = evaluate_retrieval(
+        bundle, setup["db"], leave_one_out=True, top=2, distances=["euclidean"], baselines=["pooled_pixels"],
+        methods=[MeanIntensity()],
+    )  # fmt: skip
+    assert list(result.scores) == ["euclidean", "pooled_pixels", "mean_intensity", "oracle"]
+    assert result.info("mean_intensity").kind == "embedding"
+    table = markdown_report(result).split("## Mean Dice")[1]
+    assert (
+        table.index("| D_E")
+        < table.index("| Mean intensity")
+        < table.index("| Pooled")
+        < table.index("| Oracle")
+    )
+    assert set(result.margins()) and all(
+        m["best_baseline"] == "pooled_pixels" for m in result.margins().values()
+    )
+    cols = result.retrieved["mean_intensity"]
+    assert cols["S_normal"] == cols["S_abnormal"] == cols["S_sum"]  # one ranking, scored three ways
+
+    class Cheater(RankingMethod):
+        key = "cheater"
+
+        def rank(self, ctx, similarity, draw):  # returns the query's own volume first
+            return [np.asarray([ctx.volume_starts[o]]) for o in ctx.own_volume]
+
+    with pytest.raises(DataError, match="never the query's own volume"):
+        evaluate_retrieval(bundle, setup["db"], leave_one_out=True, top=2, baselines=[], methods=[Cheater()])

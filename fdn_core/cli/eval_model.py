@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fdn eval-model``."""
+    from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.errors import ConfigError
     from fdn_core.evaluation.model_eval import (
         LeakinessSettings,
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.model}: the bundle records no validation cases (not exported by fdn train); "
                 "pass --cases instead"
             )
+    warn_training_overlap(bundle.metadata, cases_of(args.data, cases), "fdn eval-model")
     progress = tqdm_progress(disable=args.no_progress)
     results = evaluate_model(
         bundle, args.data, cases, leak=settings, batch_size=args.batch_size, progress=progress

@@ -12,6 +12,8 @@ __all__ = ["register", "run"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval-retrieval`` subcommand."""
+    from fdn_core.cli.args import positive_int
+    from fdn_core.evaluation.ranking import BASELINES
     from fdn_core.labels import DISTANCES
 
     parser = subparsers.add_parser(
@@ -19,23 +21,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate retrieval as in the paper's Table 2 (Dice of retrieved slices, oracle, mAP@k)",
         description=(
             "Query the database with the largest-tumour slice of each query volume (default: every case "
-            "of --data that is not in the database), retrieve the volume-wise top-k (own volume excluded) "
-            "for each distance and similarity, and score the results by the Dice of their ground-truth "
-            "labels against the query's, beside the oracle that maximises that Dice directly. Writes "
-            "retrieval_eval.json and retrieval_eval.md."
+            "of --data that is not in the database; --leave-one-out: every database volume against all the "
+            "others), retrieve the volume-wise top-k (own volume excluded) for each distance and similarity, "
+            "and score the results by the Dice of their ground-truth labels against the query's, beside "
+            "trivial baselines (random, level prior, pooled pixels) and the oracle that maximises that Dice "
+            "directly. Writes retrieval_eval.json and retrieval_eval.md."
         ),
     )
     add_db(parser, help="code database of the reference volumes")
-    add_data(parser, help="labelled cohort folder (queries and references)")
+    add_data(
+        parser,
+        required=False,
+        help="labelled cohort folder (queries and references); optional with --leave-one-out",
+    )
     add_model(parser, help="inference bundle the database was built with")
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--queries", nargs="+", default=None, help="query case ids (default: cases not in --db)"
+    )
+    which.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="query with every tumour volume of the database against all the other volumes",
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for retrieval_eval.json / .md")
     parser.add_argument("--top", type=int, default=10, help="k of the volume-wise top-k (paper: 10)")
     parser.add_argument(
         "--distances", nargs="+", choices=DISTANCES, default=list(DISTANCES), help="distances to evaluate"
     )
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=BASELINES,
+        default=list(BASELINES),
+        help="trivial baselines scored beside the FDN (default: all; give none to skip them)",
+    )
+    parser.add_argument("--draws", type=positive_int, default=10, help="seeded draws of random baselines")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
     add_device(parser)
     add_batch_size(parser)
     add_no_progress(parser)
@@ -44,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fdn eval-retrieval``."""
+    from fdn_core.data.provenance import warn_training_overlap
     from fdn_core.errors import ConfigError
     from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report, write_retrieval_report
     from fdn_core.model.bundle import load_bundle
@@ -51,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: must be >= 1")
+    if args.data is None and not args.leave_one_out:
+        raise ConfigError("--data is required (the query cohort), unless --leave-one-out")
     bundle = load_bundle(args.model, device=args.device)
     result = evaluate_retrieval(
         bundle,
@@ -61,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
         distances=list(dict.fromkeys(args.distances)),
         progress=tqdm_progress(disable=args.no_progress),
         batch_size=args.batch_size,
+        leave_one_out=args.leave_one_out,
+        baselines=args.baselines,
+        draws=args.draws,
+        seed=args.seed,
     )
+    overlap = warn_training_overlap(bundle.metadata, result.cases.values(), "fdn eval-retrieval")
+    if overlap is not None:
+        result.notes.append(overlap)
     json_path, md_path = write_retrieval_report(result, args.out)
     print(markdown_report(result))
     print(f"wrote {json_path} and {md_path}")

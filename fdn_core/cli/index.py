@@ -103,10 +103,12 @@ def _load_bundle(args: argparse.Namespace) -> InferenceBundle:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import index_cohort
 
     bundle = _load_bundle(args)
+    warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index build")
     print(f"model {bundle.fingerprint[:12]} on {bundle.device}; indexing {args.data} -> {args.db}")
     db = index_cohort(
         bundle,
@@ -128,10 +130,12 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
+    from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import add_cases
 
     bundle = _load_bundle(args)
+    warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index add")
     added = add_cases(
         bundle,
         args.db,

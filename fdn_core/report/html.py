@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fdn_core.fileio import atomic_write_bytes
 
-__all__ = ["Image", "Section", "Table", "write_html_report"]
+__all__ = ["Bullets", "Image", "Section", "Table", "write_html_report"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -22,6 +22,7 @@ th { background: #f3f3f3; }
 figure { margin: .8em 0 1.6em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .9em; color: #555; }
 .note { color: #555; font-size: .92em; }
+ul.bullets { margin: .4em 0 1.2em; } ul.bullets li { margin: .2em 0; }
 """
 
 
@@ -43,15 +44,22 @@ class Image:
     alt: str = ""
 
 
+@dataclass(frozen=True)
+class Bullets:
+    """A bulleted list of plain sentences (e.g. one verdict per similarity)."""
+
+    items: Sequence[str]
+
+
 @dataclass
 class Section:
-    """A headed section holding paragraphs, tables and images in order."""
+    """A headed section holding paragraphs, tables, bulleted lists and images in order."""
 
     title: str
-    items: list[str | Table | Image] = field(default_factory=list)
+    items: list[str | Table | Image | Bullets] = field(default_factory=list)
 
 
-def _render(item: str | Table | Image) -> str:
+def _render(item: str | Table | Image | Bullets) -> str:
     if isinstance(item, Table):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in item.header)
         body = "".join(
@@ -59,6 +67,8 @@ def _render(item: str | Table | Image) -> str:
         )
         cap = f"<caption>{html.escape(item.caption)}</caption>" if item.caption else ""
         return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    if isinstance(item, Bullets):
+        return '<ul class="bullets">' + "".join(f"<li>{html.escape(s)}</li>" for s in item.items) + "</ul>"
     if isinstance(item, Image):
         alt = html.escape(item.alt or item.caption)
         return (

@@ -1,0 +1,159 @@
+"""Where a case came from, and whether a model was trained on it.
+
+Case ids are not identities: every phantom cohort has a ``phantom_0000``, and a real cohort may be renamed.
+A case is identified by the content of its images instead: ``case_fingerprint`` is a sha256 streamed over the
+bytes of its four image files in ``MODALITIES`` order (a Decathlon case: its one 4D image file). Labels are
+left out: the same images relabelled are still the same training input.
+
+``training_overlap`` compares the cases a command is about to evaluate or index with the cases the bundle
+was trained on. It compares fingerprints when the bundle metadata records ``train_case_fingerprints`` (a list
+of fingerprints, or a mapping case id -> fingerprint); otherwise it falls back to the recorded
+``train_cases`` ids and says (``ProvenanceWarning``) that the comparison is by name only.
+``warn_training_overlap`` prints the result for the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from fdn_core.data.readers import CaseFiles
+from fdn_core.errors import DataError
+from fdn_core.labels import MODALITIES
+
+__all__ = [
+    "FINGERPRINTS_KEY",
+    "TRAIN_CASES_KEY",
+    "ProvenanceWarning",
+    "case_fingerprint",
+    "cases_of",
+    "overlap_message",
+    "training_overlap",
+    "warn_training_overlap",
+]
+
+#: Bundle metadata key of the training cases' fingerprints (list, or mapping case id -> fingerprint).
+FINGERPRINTS_KEY = "train_case_fingerprints"
+#: Bundle metadata key of the training case ids (recorded by ``fdn train``).
+TRAIN_CASES_KEY = "train_cases"
+_CHUNK = 1 << 20
+
+
+class ProvenanceWarning(UserWarning):
+    """The training-overlap check could only compare case ids, not image content."""
+
+
+def case_fingerprint(files: CaseFiles) -> str:
+    """sha256 (hex) streamed over the bytes of the case's image files, in ``MODALITIES`` order."""
+    if files.images:
+        missing = [m for m in MODALITIES if m not in files.images]
+        if missing:
+            raise DataError(f"case {files.case_id}: no {missing} image file(s); a case needs all four")
+        paths = [Path(files.images[m]) for m in MODALITIES]
+    elif files.image4d is not None:
+        paths = [Path(files.image4d)]
+    else:
+        raise DataError(f"case {files.case_id}: no image files recorded, so it cannot be fingerprinted")
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise DataError(
+                f"case {files.case_id}: cannot read {path} to fingerprint it ({exc}); check the file"
+            ) from exc
+    return digest.hexdigest()
+
+
+def cases_of(data_dir: str | Path, case_ids: Sequence[str] | None = None) -> list[CaseFiles]:
+    """The cases of a cohort folder (only ``case_ids`` when given; unknown ids and an unreadable folder are
+    left to the command that uses them to report)."""
+    from fdn_core.data.readers import find_cases
+
+    try:
+        found = find_cases(data_dir)
+    except DataError:
+        return []
+    if case_ids is None:
+        return list(found)
+    wanted = set(case_ids)
+    return [c for c in found if c.case_id in wanted]
+
+
+def _recorded_fingerprints(value: Any) -> dict[str, str]:
+    """fingerprint -> training case id ("" when unknown) from the metadata's recorded fingerprints."""
+    if isinstance(value, Mapping):
+        return {str(fp): str(cid) for cid, fp in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return {str(fp): "" for fp in value}
+    raise DataError(
+        f"bundle metadata {FINGERPRINTS_KEY!r} is {type(value).__name__}; expected a list of sha256 "
+        "fingerprints or a mapping case id -> fingerprint (re-export the bundle)"
+    )
+
+
+def training_overlap(metadata: Mapping[str, Any], cases: Sequence[CaseFiles]) -> list[str]:
+    """Ids of ``cases`` the bundle was trained on (``metadata``: ``InferenceBundle.metadata``).
+
+    By image fingerprint when the metadata records ``train_case_fingerprints``; otherwise by case id against
+    ``train_cases``, with a ``ProvenanceWarning`` that the comparison is by name only. Nothing recorded: [].
+    """
+    recorded = metadata.get(FINGERPRINTS_KEY)
+    if recorded:
+        trained = _recorded_fingerprints(recorded)
+        return [c.case_id for c in cases if case_fingerprint(c) in trained]
+    names = metadata.get(TRAIN_CASES_KEY)
+    if not names:
+        return []
+    warnings.warn(
+        f"the bundle records no {FINGERPRINTS_KEY}, so cases were compared with its training cases by name "
+        "only: a case renamed since training is missed, and a different case that reuses a training id "
+        "(every phantom cohort has phantom_0000 ...) is flagged",
+        ProvenanceWarning,
+        stacklevel=2,
+    )
+    trained_names = {str(n) for n in names}
+    return [c.case_id for c in cases if c.case_id in trained_names]
+
+
+def overlap_message(metadata: Mapping[str, Any], cases: Iterable[CaseFiles], what: str) -> str | None:
+    """The message to show for ``what`` (e.g. "fdn index build") about ``cases``; None when all is clear."""
+    cases = list({c.case_id: c for c in cases}.values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ProvenanceWarning)
+        overlap = training_overlap(metadata, cases)
+    by_name = [str(w.message) for w in caught if issubclass(w.category, ProvenanceWarning)]
+    if not overlap:
+        if by_name:
+            return f"note: {what}: no case id matches a training case id ({by_name[0]})"
+        if not metadata.get(FINGERPRINTS_KEY) and not metadata.get(TRAIN_CASES_KEY):
+            if metadata.get("trained") is False:
+                return None  # an untrained bundle (tests, self-tests): there is nothing to overlap with
+            return (
+                f"note: {what}: the bundle records no training cases, so overlap with its training data "
+                "was not checked"
+            )
+        return None
+    shown = ", ".join(overlap[:20]) + (f" ... ({len(overlap)} in all)" if len(overlap) > 20 else "")
+    how = f"BY NAME ONLY ({by_name[0]})" if by_name else "by image fingerprint (identical image files)"
+    return (
+        f"WARNING: {what}: {len(overlap)} of {len(cases)} case(s) overlap the model's TRAINING cases, "
+        f"compared {how}: {shown}. Figures measured on them are not figures on unseen data; evaluate on "
+        "cases the model never saw (e.g. a phantom cohort of another seed)."
+    )
+
+
+def warn_training_overlap(
+    metadata: Mapping[str, Any], cases: Iterable[CaseFiles], what: str, stream: TextIO | None = None
+) -> str | None:
+    """Print ``overlap_message`` (if any) on ``stream`` (default stderr) and return it."""
+    message = overlap_message(metadata, cases, what)
+    if message is not None:
+        print(message, file=stream or sys.stderr, flush=True)
+    return message
