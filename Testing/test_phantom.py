@@ -342,7 +342,7 @@ def test_mass_effect_pushes_the_ventricle_away() -> None:
         shape_axes=np.ones(3),
         rotation=np.eye(3),
         irregularity=0.15,
-        rim_variation=0.2,
+        rim_variation_mm=1.5,
         push_fraction=0.6,
         swelling=0.5,
         push_decay_mm=25.0,

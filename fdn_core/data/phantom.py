@@ -303,7 +303,7 @@ class _Lesion:
     shape_axes: np.ndarray  # relative semi-axes of the core ellipsoid (product 1)
     rotation: np.ndarray  # 3x3, ellipsoid axes
     irregularity: float  # amplitude of the boundary noise, fraction of the radius
-    rim_variation: float  # relative variation of the enhancing rim's thickness around the necrosis
+    rim_variation_mm: float  # how much the enhancing rim's thickness varies around the necrosis
     push_fraction: float  # mass effect: the core holds what was a sphere (1 - push_fraction) times smaller
     swelling: float  # volume fraction added in the oedema zone
     push_decay_mm: float  # Gaussian fade of the displaced volume beyond the oedema zone
@@ -474,7 +474,7 @@ def _draw_lesion(
         shape_axes=shape_axes,
         rotation=_random_rotation(rng),
         irregularity=float(rng.uniform(0.12, 0.35)),
-        rim_variation=float(rng.uniform(0.15, 0.4)),
+        rim_variation_mm=float(rng.uniform(0.8, 2.5)),
         push_fraction=float(rng.uniform(0.2, 0.45)),
         swelling=float(rng.uniform(0.15, 0.4)),
         push_decay_mm=float(rng.uniform(15.0, 35.0)),
@@ -564,7 +564,7 @@ def _case_params(seed: int, index: int, shape: tuple[int, int, int]) -> _CasePar
     atlas = _atlas()
     # Anatomy: the MNI template is a large brain, so heads are mostly smaller; atrophy widens the sulci and
     # (partly) the ventricles.
-    scale = rng.uniform(0.83, 0.99) * rng.uniform(0.95, 1.05, 3)
+    scale = rng.uniform(0.81, 0.97) * rng.uniform(0.95, 1.05, 3)
     tilt = rng.uniform([-10.0, -8.0, -10.0], [10.0, 8.0, 10.0])
     rotation = _rotation(tilt)
     shift = np.array(
@@ -900,10 +900,12 @@ def _render_case(p: _CaseParams) -> _Rendered:
         cell = max(2.0, reach / 40.0)
         m = math.ceil(2.0 * reach / cell) + 2
         noise = np.zeros((m, m, m, 4), np.float32)
-        noise[..., 0] = 0.8 * _smooth_noise(lrng, (m, m, m), 6.0 / cell) + 0.45 * _smooth_noise(
-            lrng, (m, m, m), 2.4 / cell
+        # Boundary noise scales with the core, so large and small tumours are equally (ir)regular.
+        coarse, fine = max(4.0, 0.45 * r_core) / cell, max(2.0, 0.18 * r_core) / cell
+        noise[..., 0] = 0.8 * _smooth_noise(lrng, (m, m, m), coarse) + 0.45 * _smooth_noise(
+            lrng, (m, m, m), fine
         )
-        noise[..., 1] = _smooth_noise(lrng, (m, m, m), 5.0 / cell)
+        noise[..., 1] = _smooth_noise(lrng, (m, m, m), 6.0 / cell)
         noise[..., 2] = _smooth_noise(lrng, (m, m, m), 4.0 / cell)
         noise[..., 3] = _smooth_noise(lrng, (m, m, m), 2.0 / cell)
         shape_noise, rim_noise, ed_noise, tex_noise = _trilinear(noise, (d + reach) / cell).T
@@ -927,7 +929,7 @@ def _render_case(p: _CaseParams) -> _Rendered:
             # Necrosis: the deepest part of the core (true distance to the core's edge), behind an enhancing
             # rim of varying thickness; only voxels whose six neighbours are all core qualify.
             depth = _depth_inside([v[sel] for v in vox], core, spacing)
-            deep = -depth * np.clip(1.0 + les.rim_variation * rim_noise, 0.5, 1.6)
+            deep = -depth - les.rim_variation_mm * np.clip(rim_noise, -2.0, 2.0)  # slowly varying: no islands
             phi_nec, _ = _rank_threshold(deep, core & (depth > min_rim), target_vox["ncr_net"])
         else:
             phi_nec = np.full_like(phi_core, _FLAT)
