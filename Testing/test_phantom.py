@@ -434,3 +434,26 @@ def test_montage(tiny_cohort: Path, tmp_path: Path) -> None:
         draw_cohort_montage(tiny_cohort, tmp_path / "n.png", cases=["nobody"])
     with pytest.raises(DataError, match=r"cohort\.json"):
         draw_cohort_montage(tmp_path, tmp_path / "n.png")
+
+
+def test_demo_regenerates_a_cohort_of_another_generator_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fdn_core import demo
+
+    settings = demo.DemoSettings(out=tmp_path, cases=8, seed=3, shape=(32, 32, 20))
+    cohort_dir = tmp_path / "cohort"
+    cohort_dir.mkdir()
+    calls: list[int] = []
+
+    def fake_generate(out_dir: Path, **kwargs: object) -> dict:
+        calls.append(1)
+        return {"generator_version": phantom.GENERATOR_VERSION}
+
+    monkeypatch.setattr(phantom, "generate_cohort", fake_generate)
+    meta = {"seed": 3, "shape": [32, 32, 20], "cases": [{}] * 8}
+    for version, regenerated in (("1.0", True), (phantom.GENERATOR_VERSION, False)):
+        (cohort_dir / "cohort.json").write_text(json.dumps({**meta, "generator_version": version}))
+        calls.clear()
+        demo._cohort(settings, None)
+        assert bool(calls) == regenerated, version

@@ -26,22 +26,42 @@ Files: images int16, labels uint8, voxel size = (240, 240, 155) mm / shape. The 
 view centred on world 0, so readers must reorient (``nibabel.as_closest_canonical``); left/right labels are
 anatomically correct in world (RAS) coordinates.
 
-Per case (a function of ``(seed, case index, shape)`` only, so neither the worker count nor the cohort
-size changes a case): one case in every block of four consecutive indices is healthy, the others carry one
-tumour, or two (15 %). An output voxel maps to MNI through the file affine, a random similarity transform
-(head size, small rotations, a shift that varies the axial coverage, so some cases lose top or bottom
-slices) and a smooth random deformation. Mass effect and ventricle size are radial displacement fields
-(``_push``): the tumour core holds what was a smaller sphere, the oedema zone swells, and the displaced
-volume fades out beyond it (compressing neighbouring tissue and ventricles, pushing the midline), damped to
-zero at the brain surface; tissues and labels are both sampled through it. Maps are computed on a ~4 mm
-grid and interpolated; tissue probabilities are sampled linearly (partial volume), labels by nearest
-neighbour. Tumours are deformed ellipsoids (8-35 mm) with smooth-noise boundaries, centred in deep
-cerebral white matter and confined to their hemisphere's cerebrum: a necrotic core (label 1) inside an
-irregular enhancing rim (label 4), a solid enhancing core, or a non-enhancing core (label 1), surrounded by
-oedema (label 2) whose reach scales with the local white-matter probability, so it spreads along white
-matter and spares cortex and CSF. Contrasts are mixtures of per-class intensities (``_INTENSITY``) with
-per-case jitter, gain, smooth multiplicative bias, anisotropic blur (thicker slices for T2/FLAIR), Rician
-noise and tumour texture; the background is exactly 0 (skull-stripped).
+Generator version 2.0. Per case (a function of ``(seed, case index, shape)`` only, so neither the worker
+count nor the cohort size changes a case): one case in every block of four consecutive indices is healthy;
+the others carry one tumour, or two (15 %). An output voxel maps to MNI through the file affine, a random
+similarity transform (head scale 0.81-0.97 of the template with +-5 % per axis; pitch +-10, roll +-8,
+yaw +-10 degrees; an axial shift of +-16 mm, so some cases lose top or bottom slices), two smooth random
+deformations (control points ~80 and ~48 mm apart), the mass effect of the tumours and a widening or
+narrowing of the lateral ventricles along their wall normal (factor 0.7-2.1, calibrated). Atrophy turns
+grey matter on sulcal banks into CSF (wider sulci, smaller parenchyma). Tissues and labels are sampled
+through the same map (tissues linearly, labels by nearest neighbour), so anatomy labels stay exact.
+
+Tumour volumes match published BraTS figures. Whole tumour (labels 1 + 2 + 4) of the BraTS 2020 training
+set, 369 cases (293 HGG, 76 LGG): mean 99.55 mL, SD 59.43, median 90.74, IQR 94.39, minimum 5.8, 79 cases
+(21 %) over 150 mL; per grade, HGG ET/WT 0.24, ED/WT 0.62, NCR/WT 0.15 and LGG NCR-NET/WT 0.47, ED/WT 0.50
+(means). Source: GitHub repository Yashgohel018/neurovision-sgp5 ("NeuroVision AI", Module B), files
+``data/dataset_summary.csv`` (rows "Whole Tumor Volume", "Enhancing Tumor Volume", "Peritumoral Edema
+Volume", "Necrotic Core Volume") and ``MODULE_B_EXPLANATION.md`` sections 5 and 8, commit ee32e2a5,
+computed from the BraTS 2020 training labels (Menze et al., IEEE TMI 34(10) 2015; Bakas et al., Sci Data
+4:170117, 2017; Bakas et al., arXiv:1811.02629, 2018). It is not peer reviewed; no peer-reviewed table of
+BraTS volumes was found in the reference stores searched (docs/PHANTOM.md says which and why the figures
+are credible). A case's whole-tumour target is drawn from ``WT_VOLUME_MODEL`` (a truncated log-normal
+fitted to those figures), its pattern from ``PATTERNS`` (ring-enhancing with central necrosis: labels 1
+inside a 4 rim, plus 2; solid enhancing: 4 + 2; non-enhancing: 1 + 2), its core share per pattern from
+the same source. Each sub-region is then sized by rank, not by a fixed threshold: the core is the target
+number of eligible voxels (own cerebral hemisphere, own ventricle) lowest on a noisy ellipsoid function;
+necrosis the deepest core voxels by true distance to the core's edge (so a rim at least a voxel thick
+always encloses it); oedema the eligible voxels (own cerebrum, CSF < 0.5) with the shortest "travel time"
+from the core, fast in white matter and slow in grey matter, so it follows white matter. Rendered volumes
+therefore equal their targets to a voxel, except where the core is too thin for necrosis at coarse shapes.
+Mass effect is a radial displacement field (``_push``) damped to zero at the brain surface.
+
+Contrasts are mixtures of per-class intensities with a per-case scanner/protocol profile: the class table
+(``_INTENSITY``) jittered by ~10 % and kept only if the rules that make each sequence recognisable hold
+(``_CONTRAST_RULES``), a bias field of varying strength, Rician noise of varying level, in-plane blur and
+slice thickness (thin 3D T1/T1ce, thick 2D T2/FLAIR), gain, and tumour texture; the background is exactly
+0 (skull-stripped). cohort.json records every case's pattern, target and rendered volumes per sub-region
+and lesion, anatomy parameters and contrast profile.
 
 Multiprocessing uses "spawn": call ``generate_cohort`` with ``workers > 1`` from code guarded by
 ``if __name__ == "__main__":`` (the ``fdn phantom`` command is).
@@ -70,11 +90,15 @@ from fdn_core.labels import ABNORMAL_NAMES, ANATOMY_NAMES, CLASS_TO_BRATS_FILE, 
 from fdn_core.progress import Progress
 
 __all__ = [
+    "BRATS_WT_REFERENCE",
     "DEFAULT_SHAPE",
     "FIELD_OF_VIEW_MM",
     "GENERATOR_VERSION",
+    "PATTERNS",
+    "WT_VOLUME_MODEL",
     "generate_cohort",
     "read_cohort_json",
+    "sample_whole_tumour_ml",
 ]
 
 GENERATOR_VERSION = "2.0"
@@ -810,8 +834,8 @@ def _render_case(p: _CaseParams) -> _Rendered:
     voxel_ml = float(np.prod(spacing)) / 1000.0
     head_scale = float(np.prod(p.scale) ** (1.0 / 3.0))
 
-    # Coordinates on a coarse (~4 mm) grid, then mass effect of each lesion and ventricle size as radial
-    # displacement fields (damped near the brain surface).
+    # Coordinates on a coarse (~4 mm) grid, then the mass effect of each lesion (radial displacement fields
+    # damped near the brain surface) and the ventricle size (wall dilation).
     step = max(1, round(4.0 / float(spacing.min())))
     mni, nodes = _warped_mni(p, shape, step)
     source = mni.copy()
