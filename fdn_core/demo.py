@@ -80,14 +80,15 @@ class _Timer:
 
 def _cohort(settings: DemoSettings, progress: Progress | None) -> tuple[Path, dict[str, Any]]:
     """Generate (or reuse, when an identical one is already there) the demo cohort."""
-    from fdn_core.data.phantom import generate_cohort
+    from fdn_core.data.phantom import GENERATOR_VERSION, generate_cohort
 
     cohort_dir = settings.out / "cohort"
     meta_path = cohort_dir / "cohort.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         same = (
-            meta.get("seed") == settings.seed
+            meta.get("generator_version") == GENERATOR_VERSION
+            and meta.get("seed") == settings.seed
             and len(meta.get("cases", [])) == settings.cases
             and list(meta.get("shape", [])) == list(settings.shape)
         )

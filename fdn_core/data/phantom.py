@@ -26,22 +26,42 @@ Files: images int16, labels uint8, voxel size = (240, 240, 155) mm / shape. The 
 view centred on world 0, so readers must reorient (``nibabel.as_closest_canonical``); left/right labels are
 anatomically correct in world (RAS) coordinates.
 
-Per case (a function of ``(seed, case index, shape)`` only, so neither the worker count nor the cohort
-size changes a case): one case in every block of four consecutive indices is healthy, the others carry one
-tumour, or two (15 %). An output voxel maps to MNI through the file affine, a random similarity transform
-(head size, small rotations, a shift that varies the axial coverage, so some cases lose top or bottom
-slices) and a smooth random deformation. Mass effect and ventricle size are radial displacement fields
-(``_push``): the tumour core holds what was a smaller sphere, the oedema zone swells, and the displaced
-volume fades out beyond it (compressing neighbouring tissue and ventricles, pushing the midline), damped to
-zero at the brain surface; tissues and labels are both sampled through it. Maps are computed on a ~4 mm
-grid and interpolated; tissue probabilities are sampled linearly (partial volume), labels by nearest
-neighbour. Tumours are deformed ellipsoids (8-35 mm) with smooth-noise boundaries, centred in deep
-cerebral white matter and confined to their hemisphere's cerebrum: a necrotic core (label 1) inside an
-irregular enhancing rim (label 4), a solid enhancing core, or a non-enhancing core (label 1), surrounded by
-oedema (label 2) whose reach scales with the local white-matter probability, so it spreads along white
-matter and spares cortex and CSF. Contrasts are mixtures of per-class intensities (``_INTENSITY``) with
-per-case jitter, gain, smooth multiplicative bias, anisotropic blur (thicker slices for T2/FLAIR), Rician
-noise and tumour texture; the background is exactly 0 (skull-stripped).
+Generator version 2.0. Per case (a function of ``(seed, case index, shape)`` only, so neither the worker
+count nor the cohort size changes a case): one case in every block of four consecutive indices is healthy;
+the others carry one tumour, or two (15 %). An output voxel maps to MNI through the file affine, a random
+similarity transform (head scale 0.81-0.97 of the template with +-5 % per axis; pitch +-10, roll +-8,
+yaw +-10 degrees; an axial shift of +-16 mm, so some cases lose top or bottom slices), two smooth random
+deformations (control points ~80 and ~48 mm apart), the mass effect of the tumours and a widening or
+narrowing of the lateral ventricles along their wall normal (factor 0.7-2.1, calibrated). Atrophy turns
+grey matter on sulcal banks into CSF (wider sulci, smaller parenchyma). Tissues and labels are sampled
+through the same map (tissues linearly, labels by nearest neighbour), so anatomy labels stay exact.
+
+Tumour volumes match published BraTS figures. Whole tumour (labels 1 + 2 + 4) of the BraTS 2020 training
+set, 369 cases (293 HGG, 76 LGG): mean 99.55 mL, SD 59.43, median 90.74, IQR 94.39, minimum 5.8, 79 cases
+(21 %) over 150 mL; per grade, HGG ET/WT 0.24, ED/WT 0.62, NCR/WT 0.15 and LGG NCR-NET/WT 0.47, ED/WT 0.50
+(means). Source: GitHub repository Yashgohel018/neurovision-sgp5 ("NeuroVision AI", Module B), files
+``data/dataset_summary.csv`` (rows "Whole Tumor Volume", "Enhancing Tumor Volume", "Peritumoral Edema
+Volume", "Necrotic Core Volume") and ``MODULE_B_EXPLANATION.md`` sections 5 and 8, commit ee32e2a5,
+computed from the BraTS 2020 training labels (Menze et al., IEEE TMI 34(10) 2015; Bakas et al., Sci Data
+4:170117, 2017; Bakas et al., arXiv:1811.02629, 2018). It is not peer reviewed; no peer-reviewed table of
+BraTS volumes was found in the reference stores searched (docs/PHANTOM.md says which and why the figures
+are credible). A case's whole-tumour target is drawn from ``WT_VOLUME_MODEL`` (a truncated log-normal
+fitted to those figures), its pattern from ``PATTERNS`` (ring-enhancing with central necrosis: labels 1
+inside a 4 rim, plus 2; solid enhancing: 4 + 2; non-enhancing: 1 + 2), its core share per pattern from
+the same source. Each sub-region is then sized by rank, not by a fixed threshold: the core is the target
+number of eligible voxels (own cerebral hemisphere, own ventricle) lowest on a noisy ellipsoid function;
+necrosis the deepest core voxels by true distance to the core's edge (so a rim at least a voxel thick
+always encloses it); oedema the eligible voxels (own cerebrum, CSF < 0.5) with the shortest "travel time"
+from the core, fast in white matter and slow in grey matter, so it follows white matter. Rendered volumes
+therefore equal their targets to a voxel, except where the core is too thin for necrosis at coarse shapes.
+Mass effect is a radial displacement field (``_push``) damped to zero at the brain surface.
+
+Contrasts are mixtures of per-class intensities with a per-case scanner/protocol profile: the class table
+(``_INTENSITY``) jittered by ~10 % and kept only if the rules that make each sequence recognisable hold
+(``_CONTRAST_RULES``), a bias field of varying strength, Rician noise of varying level, in-plane blur and
+slice thickness (thin 3D T1/T1ce, thick 2D T2/FLAIR), gain, and tumour texture; the background is exactly
+0 (skull-stripped). cohort.json records every case's pattern, target and rendered volumes per sub-region
+and lesion, anatomy parameters and contrast profile.
 
 Multiprocessing uses "spawn": call ``generate_cohort`` with ``workers > 1`` from code guarded by
 ``if __name__ == "__main__":`` (the ``fdn phantom`` command is).
@@ -70,14 +90,18 @@ from fdn_core.labels import ABNORMAL_NAMES, ANATOMY_NAMES, CLASS_TO_BRATS_FILE, 
 from fdn_core.progress import Progress
 
 __all__ = [
+    "BRATS_WT_REFERENCE",
     "DEFAULT_SHAPE",
     "FIELD_OF_VIEW_MM",
     "GENERATOR_VERSION",
+    "PATTERNS",
+    "WT_VOLUME_MODEL",
     "generate_cohort",
     "read_cohort_json",
+    "sample_whole_tumour_ml",
 ]
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 DEFAULT_SHAPE = (240, 240, 155)
 FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
 #: Tumour labels as written to the ``_seg`` files (BraTS file codes) and anatomy labels of ``_anat``.
@@ -105,7 +129,7 @@ class _Atlas:
     sites: np.ndarray
     site_depth: np.ndarray
     site_ventricle_distance: np.ndarray
-    ventricle_centres: np.ndarray
+    ventricle_sdf: np.ndarray  # 1 mm: signed distance to the lateral ventricles (mm, positive outside)
 
 
 def _nilearn_datasets() -> Any:
@@ -233,7 +257,14 @@ def _atlas() -> _Atlas:
     )[::2, ::2, ::2] & (depth2 >= 10.0)
     site_idx = np.nonzero(site_mask)
     sites = 2.0 * np.stack(site_idx, axis=1).astype(np.float64) + origin
-    centres = np.array([np.mean(np.nonzero(v), axis=1) + origin for v in ventricles])
+    # Signed distance to the lateral ventricles, computed in their bounding box plus 32 mm (clipped at 30).
+    inside_ventricle = anat >= 5
+    vbox = tuple(slice(max(int(a.min()) - 32, 0), int(a.max()) + 33) for a in np.nonzero(inside_ventricle))
+    sdf = ndi.distance_transform_edt(~inside_ventricle[vbox]) - ndi.distance_transform_edt(
+        inside_ventricle[vbox]
+    )
+    ventricle_sdf = np.full(shape, 30.0, np.float32)
+    ventricle_sdf[vbox] = np.clip(ndi.gaussian_filter(sdf.astype(np.float32), 1.0), -10.0, 30.0)
     return _Atlas(
         origin=origin,
         tissue=np.ascontiguousarray(np.stack([csf, gm, wm, mask.astype(np.float32)], axis=-1)),
@@ -243,7 +274,7 @@ def _atlas() -> _Atlas:
         sites=sites,
         site_depth=depth2[site_idx],
         site_ventricle_distance=ventricle_distance2[site_idx],
-        ventricle_centres=centres,
+        ventricle_sdf=ventricle_sdf,
     )
 
 
@@ -259,22 +290,62 @@ def _sample(
 # Per-case random parameters: a function of (seed, case index, shape) only
 # ----------------------------------------------------------------------------------------------------------
 
+#: Published BraTS 2020 training-set figures the tumour volumes are matched to (mL, whole tumour = labels
+#: 1 + 2 + 4; n = 369: 293 HGG, 76 LGG). Source and derivation: module docstring and docs/PHANTOM.md.
+BRATS_WT_REFERENCE: dict[str, float] = {
+    "n": 369,
+    "mean": 99.55,
+    "sd": 59.43,
+    "median": 90.74,
+    "iqr": 94.39,
+    "min": 5.8,
+    "fraction_over_150": 79 / 369,
+}
+#: Whole-tumour volume model: log(V / mL) ~ Normal(mu, sigma), truncated to [min_ml, max_ml]. The three free
+#: parameters (mu, sigma, max_ml) were fitted by least squares on the relative errors of the reference mean,
+#: SD, median, IQR and fraction over 150 mL (min_ml is the published minimum); the model's own figures are in
+#: docs/PHANTOM.md. The published SD (59) is small for its IQR (94), so an untruncated log-normal cannot fit.
+WT_VOLUME_MODEL: dict[str, float] = {"mu": 4.952, "sigma": 1.103, "min_ml": 5.8, "max_ml": 228.0}
+#: Appearance patterns and their probabilities among tumours (see docs/PHANTOM.md for why these).
+PATTERNS: dict[str, float] = {"ring": 0.60, "solid": 0.25, "non-enhancing": 0.15}
+#: Tumour core (labels 1 + 4) as a fraction of the whole tumour: Beta distribution (mean, concentration) per
+#: pattern; the rest is oedema. Means from the reference (HGG TC/WT 0.38, LGG 0.50).
+_CORE_FRACTION = {"ring": (0.38, 14.0), "solid": (0.33, 14.0), "non-enhancing": (0.50, 10.0)}
+#: Enhancing rim as a fraction of a ring tumour's core (reference HGG ET/TC: 23.4 / 37.7 = 0.62).
+_RING_ET_FRACTION = (0.62, 12.0)
+_SECOND_LESION_PROBABILITY = 0.15
+_FOV_HALF_Z = FIELD_OF_VIEW_MM[2] / 2.0
+
 
 @dataclass(frozen=True, eq=False)
 class _Lesion:
     """One tumour, placed in the case's MNI-like frame (after the similarity transform)."""
 
+    pattern: str  # "ring" (NCR core + ET rim), "solid" (ET core), "non-enhancing" (NET core, label 1)
+    target_ml: dict[str, float]  # "ncr_net", "ed", "et", "total": volumes to render, in output (world) mL
     centre: np.ndarray  # MNI mm
-    semi_axes: np.ndarray  # mm, of the core ellipsoid
+    shape_axes: np.ndarray  # relative semi-axes of the core ellipsoid (product 1)
     rotation: np.ndarray  # 3x3, ellipsoid axes
-    kind: str  # "necrotic" (NCR core + ET rim), "solid" (ET only), "non_enhancing" (NET core)
     irregularity: float  # amplitude of the boundary noise, fraction of the radius
-    rim_mm: float  # mean thickness of the enhancing rim around necrosis
-    oedema_mm: float  # oedema reach beyond the core in pure white matter
-    push_mm: float  # radial displacement at the core surface (mass effect)
+    rim_variation_mm: float  # how much the enhancing rim's thickness varies around the necrosis
+    push_fraction: float  # mass effect: the core holds what was a sphere (1 - push_fraction) times smaller
     swelling: float  # volume fraction added in the oedema zone
     push_decay_mm: float  # Gaussian fade of the displaced volume beyond the oedema zone
     noise_seed: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Contrast:
+    """One case's scanner/protocol: relative class intensities and image degradations, per sequence."""
+
+    table: np.ndarray  # (4, 7): rows MODALITIES, columns _CLASSES
+    oedema_strength: float  # how fully oedema replaces the normal tissue signal
+    bias_sd: np.ndarray  # (4,) SD of the log bias field's quadratic-polynomial coefficients
+    noise: np.ndarray  # (4,) Rician noise SD, fraction of the brighter of GM and WM
+    inplane_blur_mm: np.ndarray  # (4,) Gaussian sigma in-plane
+    slice_thickness_mm: np.ndarray  # (4,) through-plane resolution (Gaussian sigma = 0.42 x thickness)
+    gain: np.ndarray  # (4,) overall scale of the stored integers
+    seed: int  # bias coefficients and noise realisations
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,13 +358,16 @@ class _CaseParams:
     shape: tuple[int, int, int]
     healthy: bool
     scale: np.ndarray  # head size relative to the template, per axis
+    tilt_deg: np.ndarray  # pitch (about left-right), roll (about anterior-posterior), yaw (about vertical)
     rotation: np.ndarray  # 3x3, world -> MNI
     shift_mm: np.ndarray  # head position in the field of view
-    warp_mm: float  # amplitude of the smooth nonlinear deformation
+    warp_mm: tuple[float, float]  # amplitudes of the coarse and the fine smooth nonlinear deformation
     warp_seed: int
-    ventricle_push_mm: float  # ventricle enlargement
+    ventricle_factor: float  # intended lateral-ventricle volume relative to the template
+    ventricle_dilation_mm: float  # the wall displacement that gives it (``_dilate_ventricles``)
+    atrophy: float  # 0..1: share of sulcal-bank grey matter turned into CSF (wider sulci)
     lesions: tuple[_Lesion, ...]
-    contrast_seed: int
+    contrast: _Contrast
 
 
 def _spacing(shape: Sequence[int]) -> tuple[float, float, float]:
@@ -344,77 +418,93 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def _draw_lesion(rng: np.random.Generator, atlas: _Atlas, avoid: list[_Lesion], small: bool) -> _Lesion:
-    diameter = float(rng.uniform(8.0, 20.0)) if small else float(8.0 + 27.0 * rng.beta(1.4, 1.1))
-    radius = diameter / 2.0
-    if diameter < 14.0:
-        kind = str(rng.choice(["solid", "non_enhancing"], p=[0.5, 0.5]))
+def _beta(rng: np.random.Generator, mean: float, concentration: float) -> float:
+    return float(rng.beta(mean * concentration, (1.0 - mean) * concentration))
+
+
+def sample_whole_tumour_ml(rng: np.random.Generator, size: int | None = None) -> np.ndarray | float:
+    """Whole-tumour volumes (mL) drawn from ``WT_VOLUME_MODEL`` (inverse CDF of the truncated log-normal)."""
+    from scipy.special import ndtr, ndtri
+
+    m = WT_VOLUME_MODEL
+    lo, hi = (ndtr((math.log(v) - m["mu"]) / m["sigma"]) for v in (m["min_ml"], m["max_ml"]))
+    u = rng.uniform(lo, hi, size)
+    values = np.exp(m["mu"] + m["sigma"] * ndtri(u))
+    return float(values) if size is None else values
+
+
+def _split_targets(rng: np.random.Generator, pattern: str, total_ml: float) -> dict[str, float]:
+    """Sub-region target volumes of one lesion of ``total_ml``: core fraction per pattern, rest oedema."""
+    core = total_ml * _beta(rng, *_CORE_FRACTION[pattern])
+    if pattern == "ring":
+        et = core * _beta(rng, *_RING_ET_FRACTION)
+        ncr = core - et
+    elif pattern == "solid":
+        et, ncr = core, 0.0
     else:
-        kind = str(rng.choice(["necrotic", "solid", "non_enhancing"], p=[0.65, 0.12, 0.23]))
-    oedema = {
-        "necrotic": rng.uniform(8.0, 30.0),
-        "solid": rng.uniform(5.0, 20.0),
-        "non_enhancing": rng.uniform(2.0, 10.0),
-    }[kind]
-    ok = (atlas.site_depth >= radius + 4.0) & (atlas.site_ventricle_distance >= 0.5 * radius + 3.0)
+        et, ncr = 0.0, core
+    return {"ncr_net": ncr, "ed": total_ml - core, "et": et, "total": total_ml}
+
+
+def _sphere_radius(volume_ml: float) -> float:
+    return (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+
+def _lesion_reach(target_ml: dict[str, float], scale: float) -> tuple[float, float, float]:
+    """(core radius, whole-tumour radius, evaluation radius) of a lesion in the case's MNI frame (mm)."""
+    r_core = _sphere_radius(target_ml["ncr_net"] + target_ml["et"]) / scale
+    r_wt = _sphere_radius(target_ml["total"]) / scale
+    # Oedema spreads along white matter and spares cortex, so it reaches well beyond the equivalent sphere.
+    return r_core, r_wt, min(115.0, max(2.0 * r_wt, r_core + 30.0) + 5.0)
+
+
+def _draw_lesion(
+    rng: np.random.Generator,
+    atlas: _Atlas,
+    avoid: list[_Lesion],
+    pattern: str,
+    total_ml: float,
+    frame: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> _Lesion:
+    """One lesion of ``total_ml`` in deep cerebral white matter, fully inside the axial field of view.
+
+    ``frame`` is (scale, rotation world->MNI, shift) of the case: a site's world z is checked against the
+    field of view so that the core is rendered whole (cropped cases keep their targets).
+    """
+    targets = _split_targets(rng, pattern, total_ml)
+    scale, rotation, shift = frame
+    s = float(np.prod(scale) ** (1.0 / 3.0))
+    r_core, r_wt, _ = _lesion_reach(targets, s)
+    world_z = (scale[2] * ((atlas.sites - _MNI_CENTRE) @ rotation)[:, 2]) + shift[2]
+    depth_ok = atlas.site_depth >= min(r_core + 4.0, 24.0)
+    ventricle_ok = atlas.site_ventricle_distance >= min(0.5 * r_core + 3.0, 12.0)
+    fov_ok = np.abs(world_z) <= _FOV_HALF_Z - min(s * r_core + 8.0, 40.0)
+    apart = np.ones(len(atlas.sites), bool)
     for other in avoid:
-        gap = np.linalg.norm(atlas.sites - other.centre, axis=1)
-        ok &= gap >= radius + float(np.max(other.semi_axes)) + 12.0
-    candidates = np.flatnonzero(ok)
-    if candidates.size == 0:  # a huge second lesion next to the first: fall back to any deep site
-        candidates = np.flatnonzero(atlas.site_depth >= radius + 4.0)
+        other_wt = _sphere_radius(other.target_ml["total"]) / s
+        apart &= np.linalg.norm(atlas.sites - other.centre, axis=1) >= r_wt + other_wt + 5.0
+    candidates = np.flatnonzero(depth_ok & ventricle_ok & fov_ok & apart)
+    for relaxed in (depth_ok & fov_ok & apart, fov_ok & apart, fov_ok, np.ones_like(fov_ok)):
+        if candidates.size:
+            break
+        candidates = np.flatnonzero(relaxed)
     centre = atlas.sites[int(rng.choice(candidates))] + rng.uniform(-1.0, 1.0, 3)
-    semi_axes = radius * rng.uniform(0.75, 1.25, 3)
-    semi_axes *= radius / float(np.prod(semi_axes) ** (1.0 / 3.0))  # keep the equivalent diameter
-    push = radius * rng.uniform(0.4, 0.7)
+    shape_axes = np.exp(rng.normal(0.0, 0.15, 3))
+    shape_axes /= float(np.prod(shape_axes) ** (1.0 / 3.0))
     return _Lesion(
+        pattern=pattern,
+        target_ml=targets,
         centre=centre,
-        semi_axes=semi_axes,
+        shape_axes=shape_axes,
         rotation=_random_rotation(rng),
-        kind=kind,
-        irregularity=float(rng.uniform(0.12, 0.3)),
-        rim_mm=float(rng.uniform(1.5, 4.5)),
-        oedema_mm=float(oedema),
-        push_mm=float(push),
-        swelling=float(rng.uniform(0.2, 0.5)),
+        irregularity=float(rng.uniform(0.12, 0.35)),
+        rim_variation_mm=float(rng.uniform(0.8, 2.5)),
+        push_fraction=float(rng.uniform(0.2, 0.45)),
+        swelling=float(rng.uniform(0.15, 0.4)),
         push_decay_mm=float(rng.uniform(15.0, 35.0)),
         noise_seed=int(rng.integers(2**31)),
     )
 
-
-def _case_params(seed: int, index: int, shape: tuple[int, int, int]) -> _CaseParams:
-    """Draw one case's parameters from the RNG of (seed, index)."""
-    rng = np.random.default_rng([seed, index])
-    healthy = _is_healthy(seed, index)
-    atlas = _atlas()
-    lesions: list[_Lesion] = []
-    if not healthy:
-        lesions.append(_draw_lesion(rng, atlas, [], small=False))
-        if rng.random() < 0.15:
-            lesions.append(_draw_lesion(rng, atlas, lesions, small=True))
-    scale = rng.uniform(0.86, 1.0) * rng.uniform(0.96, 1.04, 3)  # the MNI template is a large brain
-    return _CaseParams(
-        case_id=_case_id(index),
-        seed=seed,
-        index=index,
-        shape=shape,
-        healthy=healthy,
-        scale=scale,
-        rotation=_rotation(rng.uniform([-8.0, -4.0, -6.0], [8.0, 4.0, 6.0])),
-        shift_mm=np.array(
-            [rng.normal(0, 3.0), rng.normal(0, 5.0), float(np.clip(rng.normal(0, 5.0), -10, 10))]
-        ),
-        warp_mm=float(rng.uniform(1.0, 3.0)),
-        warp_seed=int(rng.integers(2**31)),
-        ventricle_push_mm=float(rng.uniform(-1.0, 3.5)),
-        lesions=tuple(lesions),
-        contrast_seed=int(rng.integers(2**31)),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rendering one case
-# ----------------------------------------------------------------------------------------------------------
 
 # Relative intensities per contrast (rows: MODALITIES) and class (columns: _CLASSES), WM in T1 about 0.9.
 _CLASSES = ("csf", "gm", "wm", "ncr", "net", "et", "ed")
@@ -426,6 +516,126 @@ _INTENSITY = np.array(
         [0.12, 0.64, 0.46, 0.40, 0.88, 0.72, 0.95],  # FLAIR: CSF dark, GM > WM, oedema bright
     ]
 )
+#: What keeps a sequence recognisable: (sequence, brighter class, darker class, minimum ratio).
+_CONTRAST_RULES = (
+    ("t1", "wm", "gm", 1.15),
+    ("t1", "gm", "csf", 1.4),
+    ("t1", "gm", "ncr", 1.2),
+    ("t1ce", "wm", "gm", 1.15),
+    ("t1ce", "gm", "csf", 1.4),
+    ("t1ce", "et", "wm", 1.2),
+    ("t1ce", "wm", "ncr", 1.6),
+    ("t2", "csf", "gm", 1.3),
+    ("t2", "gm", "wm", 1.2),
+    ("t2", "ed", "wm", 1.4),
+    ("t2", "ncr", "gm", 1.1),
+    ("flair", "gm", "wm", 1.2),
+    ("flair", "wm", "csf", 2.0),
+    ("flair", "ed", "gm", 1.12),
+)
+
+
+def _contrast_ok(table: np.ndarray) -> bool:
+    rows = {name: table[i] for i, name in enumerate(MODALITIES)}
+    col = {name: j for j, name in enumerate(_CLASSES)}
+    return all(rows[s][col[a]] >= ratio * rows[s][col[b]] for s, a, b, ratio in _CONTRAST_RULES)
+
+
+def _draw_contrast(rng: np.random.Generator) -> _Contrast:
+    """A scanner/protocol profile: class intensities jittered by ~10 % (kept only if every rule in
+    ``_CONTRAST_RULES`` holds), bias, noise, in-plane blur and slice thickness, gain."""
+    table = _INTENSITY
+    for _ in range(200):  # rejection sampling; acceptance is about one in two
+        candidate = _INTENSITY * np.exp(rng.normal(0.0, 0.10, _INTENSITY.shape))
+        if _contrast_ok(candidate):
+            table = candidate
+            break
+    three_d = np.array([True, True, False, False])  # T1 and T1ce from 3D sequences, T2 and FLAIR from 2D
+    return _Contrast(
+        table=table,
+        oedema_strength=float(rng.uniform(0.8, 0.95)),
+        bias_sd=float(rng.uniform(0.02, 0.10)) * rng.uniform(0.7, 1.3, 4),
+        noise=float(rng.uniform(0.015, 0.045)) * rng.uniform(0.8, 1.25, 4),
+        inplane_blur_mm=np.where(three_d, rng.uniform(0.25, 0.6, 4), rng.uniform(0.3, 0.8, 4)),
+        slice_thickness_mm=np.where(three_d, rng.uniform(1.0, 3.0, 4), rng.uniform(2.0, 5.0, 4)),
+        gain=1000.0 * rng.uniform(0.6, 1.6, 4),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+#: Lateral-ventricle volume factor -> wall displacement (mm) of ``_dilate_ventricles``, calibrated on rendered
+#: cases (docs/PHANTOM.md); interpolated linearly in log(factor).
+_VENTRICLE_CALIBRATION = (
+    (0.678, -1.5),
+    (0.812, -0.75),
+    (1.0, 0.0),
+    (1.307, 1.0),
+    (1.653, 2.0),
+    (1.988, 3.0),
+    (2.144, 3.5),
+)
+
+
+def _ventricle_dilation(factor: float) -> float:
+    factors, amounts = zip(*_VENTRICLE_CALIBRATION)
+    return float(np.interp(math.log(factor), np.log(factors), amounts))
+
+
+def _case_params(seed: int, index: int, shape: tuple[int, int, int]) -> _CaseParams:
+    """Draw one case's parameters from the RNG of (seed, index)."""
+    rng = np.random.default_rng([seed, index, 2])
+    healthy = _is_healthy(seed, index)
+    atlas = _atlas()
+    # Anatomy: the MNI template is a large brain, so heads are mostly smaller; atrophy widens the sulci and
+    # (partly) the ventricles.
+    scale = rng.uniform(0.81, 0.97) * rng.uniform(0.95, 1.05, 3)
+    tilt = rng.uniform([-10.0, -8.0, -10.0], [10.0, 8.0, 10.0])
+    rotation = _rotation(tilt)
+    shift = np.array(
+        [rng.normal(0, 3.0), float(np.clip(rng.normal(0, 3.0), -6, 6)), rng.uniform(-16.0, 16.0)]
+    )
+    atrophy = float(rng.beta(1.3, 3.0))
+    ventricle_factor = float(0.7 * 3.0 ** (0.5 * atrophy + 0.5 * rng.random()))  # 0.7 .. 2.1
+    warp = (float(rng.uniform(1.5, 4.0)), float(rng.uniform(1.0, 3.0)))
+    warp_seed = int(rng.integers(2**31))
+    contrast = _draw_contrast(rng)
+    lesions: list[_Lesion] = []
+    if not healthy:
+        pattern = str(rng.choice(list(PATTERNS), p=list(PATTERNS.values())))
+        total = float(sample_whole_tumour_ml(rng))
+        shares = [1.0]
+        if rng.random() < _SECOND_LESION_PROBABILITY:
+            second = float(rng.uniform(0.12, 0.3))
+            shares = [1.0 - second, second]
+        for k, share in enumerate(shares):
+            own = pattern
+            if k and own == "ring" and share * total < 10.0:
+                own = "solid"  # a small satellite rarely shows a necrotic centre
+            lesions.append(_draw_lesion(rng, atlas, lesions, own, share * total, (scale, rotation, shift)))
+    return _CaseParams(
+        case_id=_case_id(index),
+        seed=seed,
+        index=index,
+        shape=shape,
+        healthy=healthy,
+        scale=scale,
+        tilt_deg=tilt,
+        rotation=rotation,
+        shift_mm=shift,
+        warp_mm=warp,
+        warp_seed=warp_seed,
+        ventricle_factor=ventricle_factor,
+        ventricle_dilation_mm=_ventricle_dilation(ventricle_factor),
+        atrophy=atrophy,
+        lesions=tuple(lesions),
+        contrast=contrast,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering one case
+# ----------------------------------------------------------------------------------------------------------
+
 _FLAT = 1.0e6  # "infinitely far" signed distance
 
 
@@ -480,6 +690,26 @@ def _push(
     )
     r0 = np.cbrt(np.maximum(r0_cubed, 0.0))
     return points - d * (damp * (r - r0) / np.maximum(r, 1e-6))
+
+
+def _dilate_ventricles(points: np.ndarray, atlas: _Atlas, amount_mm: float) -> np.ndarray:
+    """Inverse map that widens (``amount_mm`` > 0) or narrows the lateral ventricles by about ``amount_mm``.
+
+    A point at signed distance ``D`` from the ventricle wall takes what was at ``D - delta(D)`` along the
+    wall normal, with ``delta = amount * exp(-max(D, 0) / 8) * clip((D + 4) / 4, 0, 1)``: ``D - delta(D)``
+    increases with ``D`` for ``|amount| < 4`` mm, so the map never folds; deep inside and far away it is 0.
+    """
+    distance = _sample(atlas.ventricle_sdf, points, atlas.origin, 1.0, 1)
+    gradient = np.zeros_like(points)
+    for axis in range(3):
+        offset = np.zeros((3,) + (1,) * (points.ndim - 1))
+        offset[axis] = 1.0
+        ahead = _sample(atlas.ventricle_sdf, points + offset, atlas.origin, 1.0, 1)
+        behind = _sample(atlas.ventricle_sdf, points - offset, atlas.origin, 1.0, 1)
+        gradient[axis] = 0.5 * (ahead - behind)
+    normal = gradient / np.maximum(np.sqrt(np.sum(gradient * gradient, axis=0)), 1.0)
+    delta = amount_mm * np.exp(-np.maximum(distance, 0.0) / 8.0) * np.clip((distance + 4.0) / 4.0, 0.0, 1.0)
+    return points - delta * normal
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -543,6 +773,57 @@ def _upsample(coarse: np.ndarray, step: int, lo: Sequence[int], hi: Sequence[int
     return out
 
 
+def _rank_threshold(values: np.ndarray, eligible: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+    """(``values - t``, ``t``): exactly the ``count`` smallest eligible values fall below ``t`` (all of them
+    when fewer are eligible); ineligible entries become ``_FLAT``.
+
+    Sizing a region by rank rather than by a fixed threshold is what makes rendered volumes meet their
+    targets whatever the anatomy around the lesion (cortex, ventricles, the falx and the field of view).
+    """
+    candidates = values[eligible]
+    if count <= 0 or candidates.size == 0:
+        return np.full(values.shape, _FLAT, np.float32), -_FLAT
+    if count >= candidates.size:
+        threshold = float(candidates.max()) + 1e-3
+    else:
+        low, high = np.partition(candidates, (count - 1, count))[count - 1 : count + 1]
+        threshold = 0.5 * (float(low) + float(high))
+    shifted = np.where(eligible, values - np.float32(threshold), np.float32(_FLAT)).astype(np.float32)
+    return shifted, threshold
+
+
+def _depth_inside(vox: list[np.ndarray], member: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Euclidean distance (mm) from each voxel ``vox`` to the nearest voxel outside the ``member`` set."""
+    idx = [v[member] for v in vox]
+    lo = [int(i.min()) - 1 for i in idx]
+    size = [int(i.max()) + 2 - o for i, o in zip(idx, lo)]
+    grid = np.zeros(size, bool)
+    grid[tuple(i - o for i, o in zip(idx, lo))] = True
+    depth = np.zeros(member.shape, np.float32)
+    depth[member] = ndi.distance_transform_edt(grid, sampling=spacing)[tuple(i - o for i, o in zip(idx, lo))]
+    return depth
+
+
+def _warped_mni(
+    p: _CaseParams, shape: tuple[int, int, int], step: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """MNI position of every coarse-grid node: file voxel -> world -> similarity -> coarse + fine warp."""
+    affine = _affine(shape)
+    nodes = [np.arange(math.ceil((n - 1) / step) + 1) * step for n in shape]
+    grid = np.stack(np.meshgrid(*nodes, indexing="ij")).astype(np.float64)
+    world = np.einsum("ij,j...->i...", affine[:3, :3], grid) + affine[:3, 3].reshape(3, 1, 1, 1)
+    rel = (world - p.shift_mm.reshape(3, 1, 1, 1)) / p.scale.reshape(3, 1, 1, 1)
+    mni = np.einsum("ij,j...->i...", p.rotation, rel) + _MNI_CENTRE.reshape(3, 1, 1, 1)
+    wrng = np.random.default_rng(p.warp_seed)
+    # Two smooth random fields (control points ~80 mm and ~48 mm apart, cubic splines): the displacement
+    # gradient stays well below 1, so the map never folds and labels stay exact.
+    for amplitude, control in zip(p.warp_mm, ((4, 4, 4), (6, 6, 5))):
+        ctrl = wrng.standard_normal((3, *control)) * amplitude
+        at = np.meshgrid(*[np.linspace(0, c - 1, len(nd)) for c, nd in zip(control, nodes)], indexing="ij")
+        mni += np.stack([ndi.map_coordinates(ctrl[i], at, order=3, mode="nearest") for i in range(3)])
+    return mni, nodes
+
+
 def _render_case(p: _CaseParams) -> _Rendered:
     """Synthesise one case: four contrasts, seg and anat, in file voxel order (deterministic given ``p``)."""
     atlas = _atlas()
@@ -550,30 +831,26 @@ def _render_case(p: _CaseParams) -> _Rendered:
     spacing = np.array(_spacing(shape))
     affine = _affine(shape)
     origin = atlas.origin.reshape(3, 1, 1, 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    head_scale = float(np.prod(p.scale) ** (1.0 / 3.0))
 
-    # Coordinates on a coarse (~4 mm) grid: file voxel -> world -> MNI (similarity + smooth warp).
+    # Coordinates on a coarse (~4 mm) grid, then the mass effect of each lesion (radial displacement fields
+    # damped near the brain surface) and the ventricle size (wall dilation).
     step = max(1, round(4.0 / float(spacing.min())))
-    nodes = [np.arange(math.ceil((n - 1) / step) + 1) * step for n in shape]
-    grid = np.stack(np.meshgrid(*nodes, indexing="ij")).astype(np.float64)
-    world = np.einsum("ij,j...->i...", affine[:3, :3], grid) + affine[:3, 3].reshape(3, 1, 1, 1)
-    rel = (world - p.shift_mm.reshape(3, 1, 1, 1)) / p.scale.reshape(3, 1, 1, 1)
-    mni = np.einsum("ij,j...->i...", p.rotation, rel) + _MNI_CENTRE.reshape(3, 1, 1, 1)
-    ctrl = np.random.default_rng(p.warp_seed).standard_normal((3, 6, 6, 5)) * p.warp_mm
-    at = np.meshgrid(*[np.linspace(0, c - 1, len(nd)) for c, nd in zip(ctrl.shape[1:], nodes)], indexing="ij")
-    mni += np.stack([ndi.map_coordinates(ctrl[i], at, order=3, mode="nearest") for i in range(3)])
-
-    # Mass effect of each lesion, then ventricle size, as displacement fields (damped near the surface).
+    mni, nodes = _warped_mni(p, shape, step)
     source = mni.copy()
     pushes = []
     for les in p.lesions:
-        radius = float(np.mean(les.semi_axes))
+        r_core, r_wt, _ = _lesion_reach(les.target_ml, head_scale)
+        push = min(les.push_fraction * r_core, 10.0)
         pushes.append(
-            (les.centre, radius, les.push_mm, radius + 0.7 * les.oedema_mm, les.swelling, les.push_decay_mm)
+            (les.centre, r_core, push, r_core + 0.7 * (r_wt - r_core) + 2.0, les.swelling, les.push_decay_mm)
         )
-    pushes += [(c, 10.0, p.ventricle_push_mm, 10.0, 0.0, 14.0) for c in atlas.ventricle_centres]
     for centre, radius, push, swell_radius, swelling, decay in pushes:
         damp = np.clip(_sample(atlas.depth2, source, atlas.origin, 2.0, 1) / 10.0, 0.0, 1.0)
         source = _push(source, centre, radius, push, swell_radius, swelling, decay, damp)
+    if p.ventricle_dilation_mm != 0.0:
+        source = _dilate_ventricles(source, atlas, p.ventricle_dilation_mm)
     source_vox = (source - origin).astype(np.float32)  # template voxel coordinates
 
     # Full resolution only inside the bounding box of cells that can hold brain.
@@ -600,7 +877,21 @@ def _render_case(p: _CaseParams) -> _Rendered:
     csf, gm, wm = (tissue[:, k] / total for k in range(3))
     del tissue, total, src
 
-    # Tumours, evaluated in the case frame around each lesion.
+    def smooth(values: np.ndarray, sigma_mm: np.ndarray | float) -> np.ndarray:
+        """Gaussian blur of per-voxel values through the box volume (background 0)."""
+        vol = np.zeros(box, np.float32)
+        vol.ravel()[local] = values
+        return ndi.gaussian_filter(vol, np.broadcast_to(sigma_mm, 3) / spacing, truncate=2.5).ravel()[local]
+
+    # Atrophy: grey matter on sulcal banks (where the neighbourhood holds CSF) turns into CSF.
+    if p.atrophy > 0.0:
+        banks = np.clip((smooth(csf, 1.5) - 0.08) / 0.3, 0.0, 1.0)
+        lost = (0.85 * p.atrophy) * gm * banks
+        gm = gm - lost
+        csf = csf + lost
+
+    # Tumours: each sub-region is the set of eligible voxels ranked lowest by a smooth shape function, cut
+    # at the rank that gives its target volume (output voxels).
     n = gm.size
     f_nec = np.zeros(n, np.float32)
     f_et = np.zeros(n, np.float32)
@@ -611,8 +902,9 @@ def _render_case(p: _CaseParams) -> _Rendered:
     lesion_info = []
     mni_packed = np.zeros((*mni.shape[1:], 4), np.float32)
     mni_packed[..., :3] = np.moveaxis(mni, 0, -1)
+    min_rim = float(spacing.max()) + 1e-3  # at least one voxel of enhancing rim around necrosis
     for les in p.lesions:
-        reach = float(np.max(les.semi_axes)) * (1.0 + 3.0 * les.irregularity) + 1.6 * les.oedema_mm + 1.0
+        r_core, _, reach = _lesion_reach(les.target_ml, head_scale)
         near_nodes = np.all(
             np.abs(mni - les.centre.reshape(3, 1, 1, 1)) < reach + 2.0 * step * spacing.max(), axis=0
         )
@@ -622,62 +914,85 @@ def _render_case(p: _CaseParams) -> _Rendered:
         keep = np.sum(d * d, axis=0) < reach * reach
         sel = sel[keep]
         d = d[:, keep]
-        q = (les.rotation.T @ d) / les.semi_axes.reshape(3, 1)
+        semi_axes = (r_core * les.shape_axes).astype(np.float32)
+        q = (les.rotation.T.astype(np.float32) @ d) / semi_axes.reshape(3, 1)
         rho = np.sqrt(np.sum(q * q, axis=0))
         dist = np.sqrt(np.sum(d * d, axis=0))
-        radius_dir = np.where(rho > 1e-6, dist / np.maximum(rho, 1e-6), float(np.mean(les.semi_axes)))
-        # Smooth noise on a 2 mm grid around the lesion: boundary shape, rim thickness, oedema reach, texture.
+        radius_dir = np.where(rho > 1e-6, dist / np.maximum(rho, 1e-6), np.float32(r_core))
+        # Smooth noise around the lesion: boundary shape, rim thickness, oedema reach, texture.
         lrng = np.random.default_rng(les.noise_seed)
-        cell = 2.0
+        cell = max(2.0, reach / 40.0)
         m = math.ceil(2.0 * reach / cell) + 2
         noise = np.zeros((m, m, m, 4), np.float32)
-        noise[..., 0] = 0.8 * _smooth_noise(lrng, (m, m, m), 3.0) + 0.45 * _smooth_noise(lrng, (m, m, m), 1.2)
-        noise[..., 1] = _smooth_noise(lrng, (m, m, m), 1.5)
-        noise[..., 2] = _smooth_noise(lrng, (m, m, m), 2.0)
-        noise[..., 3] = _smooth_noise(lrng, (m, m, m), 1.0)
+        # Boundary noise scales with the core, so large and small tumours are equally (ir)regular.
+        coarse, fine = max(4.0, 0.45 * r_core) / cell, max(2.0, 0.18 * r_core) / cell
+        noise[..., 0] = 0.8 * _smooth_noise(lrng, (m, m, m), coarse) + 0.45 * _smooth_noise(
+            lrng, (m, m, m), fine
+        )
+        noise[..., 1] = _smooth_noise(lrng, (m, m, m), 6.0 / cell)
+        noise[..., 2] = _smooth_noise(lrng, (m, m, m), 4.0 / cell)
+        noise[..., 3] = _smooth_noise(lrng, (m, m, m), 2.0 / cell)
         shape_noise, rim_noise, ed_noise, tex_noise = _trilinear(noise, (d + reach) / cell).T
         del noise
-        phi_core = (rho - 1.0 - les.irregularity * shape_noise) * radius_dir
-        # Confined to the lesion's cerebral hemisphere (the falx stops it); it may reach into the ventricle.
+        shape_fn = (
+            rho - 1.0 - les.irregularity * shape_noise
+        ) * radius_dir  # ~ mm outside the noisy ellipsoid
+
+        # Confined to the lesion's cerebral hemisphere (the falx stops it); the core may reach into the
+        # ventricle; earlier lesions keep their voxels.
         own_cerebrum, own_ventricle = (1, 5) if les.centre[0] < 0 else (2, 6)
         lab = anat[sel]
+        old = seg[sel]
         cerebrum = lab == own_cerebrum
-        phi_core = np.where(cerebrum | (lab == own_ventricle), phi_core, _FLAT)
-        if les.kind == "necrotic":
-            phi_nec = phi_core + les.rim_mm * np.clip(1.0 + 0.6 * rim_noise, 0.35, None)
+        core_ok = (cerebrum | (lab == own_ventricle)) & ((old == 0) | (old == 2))
+        target_vox = {k: round(v / voxel_ml) for k, v in les.target_ml.items()}
+        n_core = target_vox["ncr_net"] + target_vox["et"]
+        phi_core, core_threshold = _rank_threshold(shape_fn, core_ok, n_core)
+        core = phi_core < 0.0
+        if les.pattern == "ring" and core.any():
+            # Necrosis: the deepest part of the core (true distance to the core's edge), behind an enhancing
+            # rim of varying thickness; only voxels whose six neighbours are all core qualify.
+            depth = _depth_inside([v[sel] for v in vox], core, spacing)
+            deep = -depth - les.rim_variation_mm * np.clip(rim_noise, -2.0, 2.0)  # slowly varying: no islands
+            phi_nec, _ = _rank_threshold(deep, core & (depth > min_rim), target_vox["ncr_net"])
         else:
             phi_nec = np.full_like(phi_core, _FLAT)
-        reach_ed = les.oedema_mm * (0.12 + 0.88 * wm[sel]) * np.clip(1.0 + 0.45 * ed_noise, 0.2, 1.6)
-        phi_ed = np.where(cerebrum & (csf[sel] < 0.5), phi_core - reach_ed, _FLAT)
+        # Oedema: ranked by "travel time" from the core, fast in white matter, slow in grey matter.
+        speed = (0.12 + 0.88 * wm[sel]) * np.clip(1.0 + 0.45 * ed_noise, 0.2, 1.6)
+        outside = np.maximum(shape_fn - np.float32(max(core_threshold, -r_core)), 0.0)
+        ed_ok = cerebrum & (csf[sel] < 0.5) & ~core & (old == 0)
+        travel, _ = _rank_threshold(outside / speed, ed_ok, target_vox["ed"])
+        phi_ed = np.where(ed_ok, travel * speed, _FLAT)
 
         fc = _sigmoid(-phi_core / 0.5)
         fn = np.minimum(_sigmoid(-phi_nec / 0.7), fc)
         rim = fc - fn
         f_nec[sel] = np.maximum(f_nec[sel], fn)
-        if les.kind == "non_enhancing":
+        if les.pattern == "non-enhancing":
             f_net[sel] = np.maximum(f_net[sel], rim)
         else:
             f_et[sel] = np.maximum(f_et[sel], rim)
         f_ed[sel] = np.maximum(f_ed[sel], _sigmoid(-phi_ed / 1.0) * (1.0 - fc))
         texture[sel] = tex_noise
 
-        core = phi_core < 0.0
-        codes = np.where(phi_nec < 0.0, 1, 1 if les.kind == "non_enhancing" else 4)
+        codes = np.where(phi_nec < 0.0, 1, 1 if les.pattern == "non-enhancing" else 4)
         new = np.where(core, codes, np.where(phi_ed < 0.0, 2, 0)).astype(np.uint8)
-        old = seg[sel]
-        seg[sel] = np.where((new != 0) & ((old == 0) | (old == 2)), new, old)
+        seg[sel] = np.where(new != 0, new, old)
         anat[sel] = np.where(core & (lab == own_ventricle), own_cerebrum, lab)
-        core_vox = np.stack([v[sel[core]] for v in vox]).astype(np.float64)
-        if core_vox.shape[1]:
-            centre_vox = core_vox.mean(axis=1)
-            lesion_info.append(
-                {
-                    "kind": les.kind,
-                    "centre_mm": [round(float(c), 2) for c in affine[:3, :3] @ centre_vox + affine[:3, 3]],
-                    "centre_voxel": [round(float(c), 2) for c in centre_vox],
-                    "core_diameter_mm": round(float(2.0 * np.prod(les.semi_axes) ** (1.0 / 3.0)), 2),
-                }
-            )
+        counts = np.bincount(new, minlength=5)
+        drawn = sel[core] if core.any() else sel[new != 0]
+        if drawn.size == 0:  # nothing of it inside the field of view
+            continue
+        centre_vox = np.stack([v[drawn] for v in vox]).astype(np.float64).mean(axis=1)
+        lesion_info.append(
+            {
+                "pattern": les.pattern,
+                "centre_mm": [round(float(c), 2) for c in affine[:3, :3] @ centre_vox + affine[:3, 3]],
+                "centre_voxel": [round(float(c), 3) for c in centre_vox],
+                "target_ml": {k: round(float(v), 3) for k, v in les.target_ml.items()},
+                "volume_ml": _volumes_ml(counts, voxel_ml),
+            }
+        )
 
     f_core = f_nec + f_et + f_net
     over = f_core > 1.0
@@ -686,11 +1001,11 @@ def _render_case(p: _CaseParams) -> _Rendered:
             f[over] /= f_core[over]
         f_core = np.minimum(f_core, 1.0)
 
-    # Contrasts: class mixtures, per-case jitter, bias, blur, Rician noise, gain.
-    crng = np.random.default_rng(p.contrast_seed)
-    table = (_INTENSITY * np.exp(crng.normal(0.0, 0.04, _INTENSITY.shape))).astype(np.float32)
-    oedema_strength = float(crng.uniform(0.75, 0.95))
-    a_ed = f_ed * oedema_strength * (gm + wm)
+    # Contrasts: class mixtures with the case's intensity table, bias, blur, Rician noise, gain.
+    contrast = p.contrast
+    crng = np.random.default_rng(contrast.seed)
+    table = contrast.table.astype(np.float32)
+    a_ed = f_ed * np.float32(contrast.oedema_strength) * (gm + wm)
     u = [(v.astype(np.float32) - (s - 1) / 2.0) / (s / 2.0) for v, s in zip(vox, shape)]
     monomials = np.stack(
         [u[0], u[1], u[2], u[0] * u[0], u[1] * u[1], u[2] * u[2], u[0] * u[1], u[0] * u[2], u[1] * u[2]]
@@ -710,23 +1025,17 @@ def _render_case(p: _CaseParams) -> _Rendered:
                 + f_et * t[5] * (1.0 + 0.2 * texture)
                 + f_net * t[4] * (1.0 + 0.08 * texture)
             )
-        value *= np.exp(crng.normal(0.0, 0.09, 9).astype(np.float32) @ monomials)
-        sigma_mm = np.array(
-            [crng.uniform(0.3, 0.7)] * 2 + [crng.uniform(0.3, 0.8) if ci < 2 else crng.uniform(0.5, 1.6)]
-        )
-        sigma = sigma_mm / spacing
-        if float(sigma.max()) >= 0.2:
-            vol = np.zeros(box, np.float32)
-            vol.ravel()[local] = value
-            value = ndi.gaussian_filter(vol, sigma, truncate=2.5).ravel()[local]
-            del vol
-        noise = float(crng.uniform(0.02, 0.045)) * float(max(t[1], t[2]))
+        coefficients = crng.normal(0.0, float(contrast.bias_sd[ci]), 9).astype(np.float32)
+        value *= np.exp(coefficients @ monomials)
+        sigma_mm = np.array([contrast.inplane_blur_mm[ci]] * 2 + [0.42 * contrast.slice_thickness_mm[ci]])
+        if float((sigma_mm / spacing).max()) >= 0.2:
+            value = smooth(value, sigma_mm)
+        noise = float(contrast.noise[ci]) * float(max(t[1], t[2]))
         real = value + noise * crng.standard_normal(n, dtype=np.float32)
         imag = noise * crng.standard_normal(n, dtype=np.float32)
         value = np.sqrt(real * real + imag * imag)
-        gain = 1000.0 * float(crng.uniform(0.6, 1.6))
         out = np.zeros(shape, np.int16)
-        out.ravel()[flat] = np.clip(np.rint(value * gain), 1, 32767).astype(np.int16)
+        out.ravel()[flat] = np.clip(np.rint(value * float(contrast.gain[ci])), 1, 32767).astype(np.int16)
         images[name] = out
 
     seg_vol = np.zeros(shape, np.uint8)
@@ -736,30 +1045,57 @@ def _render_case(p: _CaseParams) -> _Rendered:
     probabilities = np.stack([csf, gm, wm])
     tissue_vol = np.zeros(shape, np.uint8)
     tissue_vol.ravel()[flat] = np.where(probabilities.max(axis=0) >= 0.7, probabilities.argmax(axis=0) + 1, 4)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(seg, minlength=5)
     anat_counts = np.bincount(anat, minlength=7)
+    targets = {k: sum(les.target_ml[k] for les in p.lesions) for k in ("ncr_net", "ed", "et", "total")}
     summary = {
         "case_id": p.case_id,
         "healthy": p.healthy,
+        "pattern": p.lesions[0].pattern if p.lesions else None,
         "n_lesions": len(lesion_info),
         "lesions": lesion_info,
-        "tumour_volume_ml": {
-            "ncr_net": round(float(counts[1]) * voxel_ml, 3),
-            "ed": round(float(counts[2]) * voxel_ml, 3),
-            "et": round(float(counts[4]) * voxel_ml, 3),
-            "total": round(float(counts[1] + counts[2] + counts[4]) * voxel_ml, 3),
-        },
+        "tumour_volume_ml": _volumes_ml(np.bincount(seg, minlength=5), voxel_ml),
+        "tumour_target_ml": {k: round(float(v), 3) for k, v in targets.items()},
         "anat_volume_ml": {
             ANAT_LABELS[k].replace(" ", "_"): round(float(anat_counts[k]) * voxel_ml, 3)
             for k in sorted(ANAT_LABELS)
         },
         "brain_volume_ml": round(n * voxel_ml, 3),
+        "parenchyma_volume_ml": round(float(np.sum(gm + wm)) * voxel_ml, 3),
         "cropped": {"bottom": bool(np.any(vox[2] == 0)), "top": bool(np.any(vox[2] == shape[2] - 1))},
+        "anatomy": {
+            "head_scale": round(head_scale, 4),
+            "scale": [round(float(s), 4) for s in p.scale],
+            "tilt_deg": {k: round(float(a), 2) for k, a in zip(("pitch", "roll", "yaw"), p.tilt_deg)},
+            "shift_mm": [round(float(s), 2) for s in p.shift_mm],
+            "warp_mm": [round(float(w), 2) for w in p.warp_mm],
+            "ventricle_factor": round(p.ventricle_factor, 3),
+            "atrophy": round(p.atrophy, 3),
+        },
+        "contrast": {
+            name: {
+                **{c: round(float(v), 3) for c, v in zip(_CLASSES, contrast.table[ci])},
+                "bias_sd": round(float(contrast.bias_sd[ci]), 4),
+                "noise": round(float(contrast.noise[ci]), 4),
+                "inplane_blur_mm": round(float(contrast.inplane_blur_mm[ci]), 3),
+                "slice_thickness_mm": round(float(contrast.slice_thickness_mm[ci]), 3),
+                "gain": round(float(contrast.gain[ci]), 1),
+            }
+            for ci, name in enumerate(MODALITIES)
+        },
     }
     return _Rendered(
         images=images, seg=seg_vol, anat=anat_vol, tissue=tissue_vol, affine=affine, summary=summary
     )
+
+
+def _volumes_ml(counts: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """BraTS sub-region volumes from label counts (index = file code)."""
+    return {
+        "ncr_net": round(float(counts[1]) * voxel_ml, 3),
+        "ed": round(float(counts[2]) * voxel_ml, 3),
+        "et": round(float(counts[4]) * voxel_ml, 3),
+        "total": round(float(counts[1] + counts[2] + counts[4]) * voxel_ml, 3),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------

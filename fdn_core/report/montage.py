@@ -119,7 +119,9 @@ def render_montage(
     rows = (n + cols - 1) // cols
     legend_h = 0.45
     title_h = 0.4 if title else 0.0
-    fig = Figure(figsize=(cols * tile_inches, rows * (tile_inches + 0.3) + legend_h + title_h), dpi=dpi)
+    panel_title_h = 0.3  # the first row's panel titles (up to two lines) sit above its tiles
+    height = rows * (tile_inches + 0.3) + legend_h + title_h + panel_title_h
+    fig = Figure(figsize=(cols * tile_inches, height), dpi=dpi)
     FigureCanvasAgg(fig)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -138,7 +140,7 @@ def render_montage(
         handles += [Patch(color=ANATOMY_COLORS[c], label=ANATOMY_NAMES[c]) for c in sorted(ANATOMY_COLORS)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
     bottom = legend_h / fig.get_figheight()
-    top = 1.0 - title_h / fig.get_figheight()
+    top = 1.0 - (title_h + panel_title_h) / fig.get_figheight()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=bottom, top=top, wspace=0.05, hspace=0.25)
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
