@@ -180,10 +180,14 @@ def test_install_plan_reads_the_bundled_source(tmp_path: Path) -> None:
         deps.make_plan(MODULE_DIR, tmp_path / "nowhere")
 
 
-def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> None:
+def test_ensure_installed_asks_once_and_skips_what_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple] = []
     plan = deps.make_plan(MODULE_DIR)
-    # everything (numpy, monai, ... and fdn-retrieval itself) is installed in the test environment
+    # everything (torch in range, numpy, monai, ... and fdn-retrieval itself) is installed here: no prompt,
+    # and PyTorch Utils is not even asked (its torchInstalled() would import torch on the GUI thread)
+    assert deps.check_environment(plan).ready
     assert (
         deps.ensure_installed(
             plan,
@@ -193,7 +197,7 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
         )
         == []
     )
-    assert calls == [("torch", plan.torch_requirement)]
+    assert calls == []
     missing = deps.InstallPlan(
         version="0.0.0-not-installed", torch_requirement="", requirements=("surely-absent-pkg>=1",),
         source_dir=MODULE_DIR.parent, wheelhouse=None,
@@ -202,9 +206,9 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
         deps.ensure_installed(
             missing, install_torch=lambda s: True, confirm=lambda t, x: False, pip_install=print
         )
-    with pytest.raises(deps.DependencyError, match="PyTorch"):
+    with pytest.raises(deps.DependencyError, match=r"testing mode.*FDNRETRIEVAL_TEST_INSTALL"):
         deps.ensure_installed(
-            missing, install_torch=lambda s: False, confirm=lambda t, x: True, pip_install=print
+            missing, install_torch=lambda s: True, confirm=lambda t, x: True, pip_install=print, allowed=False
         )
     recorded: list[list[str]] = []
     with pytest.raises(deps.DependencyError, match="still missing"):
@@ -212,6 +216,62 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
             missing, install_torch=lambda s: True, confirm=lambda t, x: True, pip_install=recorded.append
         )
     assert recorded == [["surely-absent-pkg>=1"]]
+    # torch absent: PyTorch Utils is asked for the required range; declined -> the fix is explained
+    real_version = deps.installed_version
+    monkeypatch.setattr(
+        deps, "installed_version", lambda d=deps.DISTRIBUTION: None if d == "torch" else real_version(d)
+    )
+    asked: list[str] = []
+    with pytest.raises(deps.DependencyError, match="PyTorch Utils"):
+        deps.ensure_installed(
+            plan,
+            install_torch=lambda s: asked.append(s) or False,
+            confirm=lambda t, x: True,
+            pip_install=print,
+        )
+    assert asked == [plan.torch_requirement]
+
+
+def test_torch_outside_the_required_range_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = deps.make_plan(MODULE_DIR)
+    real_version = deps.installed_version
+    monkeypatch.setattr(
+        deps, "installed_version", lambda d=deps.DISTRIBUTION: "2.1.0" if d == "torch" else real_version(d)
+    )
+    report = deps.check_environment(plan)
+    assert report.torch_version == "2.1.0" and not report.torch_ok and not report.ready
+    message = deps.torch_problem(report.torch_version, plan.torch_requirement)
+    assert message is not None
+    assert "2.1.0" in message and plan.torch_requirement in message and "PyTorch Utils" in message
+    installs: list[str] = []
+    with pytest.raises(deps.DependencyError, match="Uninstall PyTorch"):
+        deps.ensure_installed(
+            plan,
+            install_torch=lambda s: installs.append(s) or True,
+            confirm=lambda t, x: True,
+            pip_install=print,
+        )
+    assert installs == []  # a loaded torch is never replaced behind the user's back
+    assert deps.torch_problem("2.13.0", ">=2.4,<2.15") is None
+
+
+def test_install_allowed_only_outside_testing_unless_asked() -> None:
+    assert deps.install_allowed(testing=False, environ={})
+    assert not deps.install_allowed(testing=True, environ={})
+    assert deps.install_allowed(testing=True, environ={deps.TEST_INSTALL_ENV: "1"})
+    assert not deps.install_allowed(testing=True, environ={deps.TEST_INSTALL_ENV: "0"})
+
+
+def test_version_guard() -> None:
+    from FDNRetrievalLib import compat
+
+    assert compat.version_problem((5, 10), (3, 12)) is None
+    old = compat.version_problem((5, 8), (3, 9))
+    assert old is not None and "5.10" in old and "5.8" in old and "3.9" in old
+    assert compat.version_problem((5, 10), (3, 9)) is not None
+    # the guard and the module file must load on Slicer 5.8's Python 3.9 to show the message
+    for path in (MODULE_DIR / "FDNRetrievalLib" / "compat.py", MODULE_DIR / "SlicerFDNRetrieval.py"):
+        ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
 
 
 def test_wheelhouse_pins_skip_slicer_provided_packages() -> None:
@@ -240,7 +300,7 @@ def test_default_resource_paths(tmp_path: Path) -> None:
     assert deps.default_resource_paths(module) == (demo, demo / "db")
 
 
-def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
+def test_default_database_is_the_demo_built_here(tmp_path: Path) -> None:
     module = tmp_path / "SlicerFDNRetrieval"
     demo = module / "Resources" / "models" / "demo"
     demo.mkdir(parents=True)
@@ -249,6 +309,10 @@ def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
     (tmp_path / "demo_out" / "db").mkdir(parents=True)
     (tmp_path / "demo_out" / "db" / "manifest.json").write_text("{}")
     assert deps.default_resource_paths(module) == (demo, tmp_path / "demo_out" / "db")
+    built = tmp_path / "cache" / "demo" / "db"
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text("{}")
+    assert deps.default_resource_paths(module, tmp_path / "cache") == (demo, built)
 
 
 def test_layout_xml_is_well_formed() -> None:
@@ -388,27 +452,3 @@ def test_module_file_imports_only_slicer_at_top_level() -> None:
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
     assert top <= {"__future__", "logging", "pathlib", "tempfile", "typing", "qt", "slicer", "vtk"}, top
-
-
-def test_demo_sample_studies(tmp_path: Path) -> None:
-    import hashlib
-    import json
-
-    module = tmp_path / "SlicerFDNRetrieval"
-    module.mkdir()
-    assert deps.demo_sample_studies(module) == []  # no demo cohort yet
-    cohort = tmp_path / "demo_out" / "cohort"
-    cases = [("p0", True), ("p1", False), ("p2", False), ("p3", False)]
-    for cid, _ in cases:
-        (cohort / cid).mkdir(parents=True)
-        for seq in ("t1", "t1ce", "t2", "flair"):
-            (cohort / cid / f"{cid}_{seq}.nii.gz").write_bytes(f"{cid}-{seq}".encode())
-    (cohort / "p2" / "p2_t2.nii.gz").unlink()  # an incomplete case is not offered
-    meta = {"cases": [{"case_id": c, "healthy": h} for c, h in cases]}
-    (cohort / "cohort.json").write_text(json.dumps(meta))
-    studies = deps.demo_sample_studies(module, limit=2)
-    assert [s.case_id for s in studies] == ["p1", "p3"]  # healthy p0 and incomplete p2 skipped
-    first = studies[0]
-    assert first.file_names == ["p1_t1.nii.gz", "p1_t1ce.nii.gz", "p1_t2.nii.gz", "p1_flair.nii.gz"]
-    assert first.uris[1] == (cohort / "p1" / "p1_t1ce.nii.gz").resolve().as_uri()
-    assert first.checksums[0] == "SHA256:" + hashlib.sha256(b"p1-t1").hexdigest()
