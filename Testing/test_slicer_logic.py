@@ -22,7 +22,7 @@ import pytest
 from fdn_core.data.readers import find_cases, load_case, write_brats_case
 from fdn_core.labels import MODALITIES
 from fdn_core.progress import Cancelled
-from FDNRetrievalLib import deps, naming, scenario
+from FDNRetrievalLib import deps, naming, scenario, tasks, views
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import workflow as wf
 
@@ -340,18 +340,32 @@ def test_module_files_are_valid() -> None:
         if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".ui", ".png"):
             rel = path.relative_to(MODULE_DIR).as_posix()
             assert rel in cmake or rel.replace("SlicerFDNRetrieval", "${MODULE_NAME}") in cmake, rel
-    for name in ("scene", "workflow", "scenario", "deps", "naming"):
-        text = (MODULE_DIR / "FDNRetrievalLib" / f"{name}.py").read_text(encoding="utf-8")
-        assert "import qt" not in text and "slicer.app" not in text, name
+    for path in sorted((MODULE_DIR / "FDNRetrievalLib").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "import qt" not in text and "slicer.app" not in text, path.name
+    # what runs before fdn_core is installed (or on an old Slicer) imports only the standard library
+    for name in ("compat", "deps", "demo", "naming", "tasks"):
+        tree = ast.parse((MODULE_DIR / "FDNRetrievalLib" / f"{name}.py").read_text(encoding="utf-8"))
+        top = {
+            alias.name.split(".")[0]
+            for node in tree.body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (
+                node.names
+                if isinstance(node, ast.Import)
+                else [types.SimpleNamespace(name=node.module or "")]
+            )
+        }
+        assert not top & {"numpy", "torch", "fdn_core", "vtk", "slicer"}, (name, top)
     assert len(MODALITIES) == 4
 
 
 def _load_module_with_standins(
-    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, cache: Path
 ) -> types.ModuleType:
     """Execute SlicerFDNRetrieval.py with minimal stand-ins for what only the Slicer application has (Qt,
-    the scripted-module base classes, parameterNodeWrapper, slicer.modules) over the real slicer-core
-    scene, so that the module's Logic class runs for real."""
+    the scripted-module base classes, parameterNodeWrapper, slicer.app, slicer.modules) over the real
+    slicer-core scene, so that the module's Logic class runs for real."""
     import slicer
 
     qt = types.ModuleType("qt")
@@ -373,13 +387,22 @@ def _load_module_with_standins(
         volumes=types.SimpleNamespace(logic=lambda: ctx.volumes_logic),
         segmentations=types.SimpleNamespace(logic=lambda: ctx.segmentations_logic),
     )
+    layout_logic = types.SimpleNamespace(GetLayoutNode=lambda: ctx.layout_node)
+    layout_manager = types.SimpleNamespace(
+        layoutLogic=lambda: layout_logic,
+        setLayout=lambda layout_id: ctx.layout_node.SetViewArrangement(layout_id),
+    )
+    app = types.SimpleNamespace(
+        majorVersion=5,
+        minorVersion=10,
+        cachePath=str(cache),
+        testingEnabled=lambda: True,
+        layoutManager=lambda: layout_manager,
+    )
     monkeypatch.setattr(slicer, "modules", logics, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", ctx.scene, raising=False)
-    torch_utils = types.ModuleType("PyTorchUtils")
-    torch_utils.PyTorchUtilsLogic = type(
-        "PyTorchUtilsLogic", (), {"torchInstalled": staticmethod(lambda: True)}
-    )
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *a: None, raising=False)
     spec = importlib.util.spec_from_file_location("SlicerFDNRetrieval", MODULE_DIR / "SlicerFDNRetrieval.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -387,35 +410,51 @@ def _load_module_with_standins(
 
 
 def test_module_logic_runs_on_a_real_scene(
-    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, fixture: scenario.Fixture
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, fixture: scenario.Fixture, tmp_path: Path
 ) -> None:
-    """The module's thin Logic class, driven like the widget drives it (encode, publish, search, show)."""
-    module = _load_module_with_standins(monkeypatch, ctx)
+    """The module's thin Logic class, driven like the widget drives it: capture on the main thread, the
+    package check, model, checks, resampling and encoding in a task, publish, follow the query view, search
+    in a task, show, open one result large."""
+    module = _load_module_with_standins(monkeypatch, ctx, tmp_path / "cache")
+    assert module.versionProblem() is None
+    assert module.demoRoot() == tmp_path / "cache" / "FDNRetrieval"
     logic = module.SlicerFDNRetrievalLogic()
-    assert logic.ensureDependencies() == []  # everything is installed here: nothing to do, no prompt
+    assert logic.ensureDependencies() == []  # everything is installed: nothing to do, no prompt
+    assert logic.environmentProblem() is None
+    assert not logic.demoStatus().ready and "Build demo database" in logic.demoStatus().message
+    assert "MB" in logic.demoPlan().describe()
     case = sorted(find_cases(fixture.cohort_dir), key=lambda c: c.case_id)[0]
     nodes = scenario.load_case_nodes(ctx, case)
-    study = logic.readStudy(nodes)
-    resources = logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu")
-    assert logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu") is resources  # cached
-    assert "CPU" in logic.deviceWarning(study) and "cases" in logic.resourcesSummary()
-    task = logic.encodeTask(study, resources).start()
-    assert task.wait(timeout=300).error is None
+    captured = logic.captureStudy(nodes)
+    task = logic.encodeTask(captured, fixture.bundle_dir, fixture.db_dir, "cpu")
+    poller = tasks.TaskPoller()
+    ends: list[tasks.TaskStatus] = []
+    poller.start(task, "encode", lambda kind, t, status: ends.append(status))
+    while not ends:
+        poller.tick()
+    assert ends[0].error is None, ends[0].error
     published = logic.publishEncoding(task.result())
-    assert logic.indexedCase == case.case_id
+    study = logic.study
+    assert logic.indexedCase == case.case_id and "cases" in logic.resourcesSummary()
+    assert "CPU" in logic.deviceWarning()
     assert published["segmentation"].GetSegmentation().GetNumberOfSegments() == 3
     assert len(published["reconstruction"]) == 4
-    k = study.shape[2] // 2
+    # the query slice follows the red view (standard layout)
+    scrolled: list[int] = []
+    follower = logic.makeQueryFollower(scrolled.append)
+    follower.set_study(study.affine, study.shape)
+    k = study.shape[2] // 3  # not the centre, where the red view starts
     red = sc.slice_node_by_layout_name(ctx.scene, "Red")
+    red.SetOrientation("Axial")
     red.JumpSliceByCentering(*sc.ras_of_axial_slice(study.affine, study.shape, k))
-    assert logic.querySliceFromRedView() == k
+    assert scrolled[-1] == k and follower.current_index() == k
     settings = logic.searchSettings(k, "both", "euclidean", 2, True, None)
     search = logic.searchTask(settings).start()
     assert search.wait(timeout=60).error is None
     hits = search.result()
     assert len(hits) == 2 and all(h.case_id != case.case_id for h in hits)
     table = logic.publishHits(hits)
-    assert table.GetTable().GetNumberOfRows() == 2
+    assert table.GetTable().GetNumberOfRows() == 2 and table.GetLocked()
     ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))
     logic.showTable()
     fitted: list[str] = []
@@ -426,13 +465,25 @@ def test_module_logic_runs_on_a_real_scene(
         shown = sc.displayed_axial_index(ctx.scene, view, logic_volume(ctx, hit.case_id))
         assert shown == hit.slice_index
     assert fitted == [sc.QUERY_VIEW, *sc.result_view_names(len(hits))]
+    # after the search the query view is what counts: scroll it
+    sc.jump_to_study_slice(ctx.scene, sc.QUERY_VIEW, study, k + 1)
+    assert follower.source_view() == sc.QUERY_VIEW and follower.current_index() == k + 1
     logic.linkResultViews()
+    # a table row opens that result large beside the query, in the one-result layout
+    assert logic.hitForRow(1) is hits[1]
+    caption = logic.showDetail(1, "t2", fitted.append)
+    assert ctx.layout_node.GetViewArrangement() == views.DETAIL_LAYOUT_ID
+    assert caption.startswith("Result 2:") and hits[1].case_id in caption
+    assert sc.displayed_axial_index(ctx.scene, views.DETAIL_VIEW, logic_volume(ctx, hits[1].case_id)) == (
+        hits[1].slice_index
+    )
+    follower.remove()
     logic.clearResults()
     assert logic.encoded is None and logic.study is None
 
 
 def logic_volume(ctx: scenario.SceneContext, case_id: str):
-    """The reference volume node the module loaded for ``case_id``."""
+    """The reference volume node (T2) the module loaded for ``case_id``."""
     for i in range(ctx.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = ctx.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
         if (
@@ -451,4 +502,14 @@ def test_module_file_imports_only_slicer_at_top_level() -> None:
             top.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
-    assert top <= {"__future__", "logging", "pathlib", "tempfile", "typing", "qt", "slicer", "vtk"}, top
+    stdlib = {
+        "__future__",
+        "collections",
+        "contextlib",
+        "logging",
+        "pathlib",
+        "tempfile",
+        "time",
+        "traceback",
+    }
+    assert top <= {*stdlib, "typing", "qt", "slicer", "vtk"}, top

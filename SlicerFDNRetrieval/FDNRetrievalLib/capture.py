@@ -39,7 +39,7 @@ def node_ijk_to_ras(node: Any) -> np.ndarray:
         to_world = vtk.vtkMatrix4x4()
         transform.GetMatrixTransformToWorld(to_world)
         ijk_to_ras = slicer.util.arrayFromVTKMatrix(to_world) @ ijk_to_ras
-    return ijk_to_ras
+    return np.asarray(ijk_to_ras, dtype=np.float64)
 
 
 @dataclass
@@ -81,6 +81,7 @@ def capture_study(selection: Mapping[str, Any | None]) -> CapturedStudy:
     volumes: dict[str, CapturedVolume] = {}
     for key in MODALITIES:
         node = selection[key]
+        assert node is not None  # describe_missing found none missing
         node_id = node.GetID()
         if node_id in seen:
             raise DataError(

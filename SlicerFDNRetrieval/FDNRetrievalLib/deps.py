@@ -213,7 +213,7 @@ class InstallPlan:
         return installed_version(DISTRIBUTION) != self.version
 
 
-def _source_version(source: Path, project: dict) -> str:
+def _source_version(source: Path, project: dict[str, Any]) -> str:
     """The bundled package's version: pyproject's static ``version``, else ``fdn_core.__version__``."""
     if "version" in project:
         return str(project["version"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import slicer
 import vtk
 
@@ -53,6 +54,7 @@ __all__ = [
     "axial_index_from_ijk",
     "axial_index_from_ras",
     "capture_study",
+    "composite_node",
     "displayed_axial_index",
     "jump_to_axial_slice",
     "jump_to_study_slice",
@@ -214,7 +216,7 @@ def read_study(selection: Mapping[str, Any | None]) -> StudyVolumes:
 # ---------------------------------------------------------------------------------------- slice indices
 
 
-def axial_index_from_ras(affine: np.ndarray, shape: Sequence[int], ras: Sequence[float]) -> int:
+def axial_index_from_ras(affine: np.ndarray, shape: Sequence[int], ras: npt.ArrayLike) -> int:
     """Canonical axial slice index (0..Z-1) of the voxel nearest to RAS point ``ras``.
 
     ``affine``/``shape``: canonical voxel-to-RAS matrix and (X, Y, Z). DataError when outside the volume.
@@ -240,7 +242,8 @@ def axial_index_from_ijk(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int], ijk: 
 def ras_of_axial_slice(affine: np.ndarray, shape: Sequence[int], k: int) -> np.ndarray:
     """RAS position (3,) of the centre of canonical axial slice ``k``."""
     centre = np.array([(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0, float(k), 1.0])
-    return (np.asarray(affine, np.float64) @ centre)[:3]
+    ras: np.ndarray = (np.asarray(affine, np.float64) @ centre)[:3]
+    return ras
 
 
 def slice_node_by_layout_name(scene: Any, layout_name: str) -> Any | None:
@@ -259,7 +262,7 @@ def slice_view_center(scene: Any, layout_name: str = "Red") -> np.ndarray:
         raise DataError(
             f"there is no '{layout_name}' slice view in this layout; type the query slice number instead"
         )
-    return slicer.util.arrayFromVTKMatrix(node.GetSliceToRAS())[:3, 3].copy()
+    return np.array(slicer.util.arrayFromVTKMatrix(node.GetSliceToRAS())[:3, 3], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -560,7 +563,8 @@ def register_results_layout(layout_node: Any, top_k: int) -> int:
     return layout_id
 
 
-def _composite_node(scene: Any, layout_name: str) -> Any:
+def composite_node(scene: Any, layout_name: str) -> Any:
+    """The slice composite node (layers) of the view ``layout_name``, created when missing."""
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
         if node.GetLayoutName() == layout_name:
@@ -575,7 +579,7 @@ def assign_view_volumes(
     scene: Any, layout_name: str, background: Any, labels: Any | None = None, label_opacity: float = 0.5
 ) -> Any:
     """Show ``background`` (and ``labels`` as the label layer) in the view ``layout_name``."""
-    composite = _composite_node(scene, layout_name)
+    composite = composite_node(scene, layout_name)
     composite.SetBackgroundVolumeID(background.GetID())
     composite.SetForegroundVolumeID(None)
     composite.SetLabelVolumeID(labels.GetID() if labels is not None else None)

@@ -38,6 +38,7 @@ __all__ = [
     "TaskPoller",
     "TaskProgress",
     "TaskStatus",
+    "describe_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,30 @@ class TaskProgress:
 
 class TaskCancelled(RuntimeError):
     """The work stopped because the user cancelled it (fdn_core raises its own ``Cancelled``)."""
+
+
+#: Exception classes whose message is written for the user (bad input, damaged files, missing packages):
+#: shown as they are, without a traceback.
+_USER_ERRORS = ("FDNError", "DependencyError", "TaskCancelled")
+
+
+def describe_failure(exc: BaseException) -> tuple[str, bool]:
+    """(message for the user, whether it is an expected problem). Expected problems (bad input, a damaged
+    file, a missing package, the GPU out of memory) are explained without a traceback; anything else is a bug
+    and the caller shows its traceback as details."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).strip() or type(exc).__name__
+    if "OutOfMemoryError" in names or "out of memory" in text.lower():
+        return (
+            "The GPU ran out of memory. Choose 'cpu' in 'Compute on' (Model and database) and try again, or "
+            "close other programs that use the GPU.",
+            True,
+        )
+    if names & set(_USER_ERRORS):
+        return text, True
+    if isinstance(exc, MemoryError):
+        return "The computer ran out of memory; close other programs or use a smaller study.", True
+    return f"{type(exc).__name__}: {text}", False
 
 
 def _make_progress(callback: Callable[[int, int, str], None]) -> Any:

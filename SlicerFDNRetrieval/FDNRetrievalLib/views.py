@@ -152,9 +152,8 @@ class QueryFollower:
             return None
         node = self._nodes[view]
         self._muted = True
-        try:
-            node.SetOrientation("Axial")
-            node.JumpSliceByCentering(*sc.ras_of_axial_slice(self._affine, self._shape, int(index)))
+        try:  # along the view's normal only: the user's panning and zoom stay
+            node.JumpSliceByOffsetting(*sc.ras_of_axial_slice(self._affine, self._shape, int(index)))
         finally:
             self._muted = False
         return view

@@ -268,7 +268,7 @@ def encode_study(
         for c, (mean, std) in enumerate(_brain_statistics(image)):
             mask = image[c] > 0
             recon[c][mask] = np.maximum(recon_z[c][mask] * std + mean, 0.0)
-    has_abnormal = (seg_slices > 0).reshape(n, -1).any(axis=1)
+    has_abnormal = np.asarray((seg_slices > 0).reshape(n, -1).any(axis=1))
     return EncodedStudy(
         normal=normal,
         abnormal=abnormal,
