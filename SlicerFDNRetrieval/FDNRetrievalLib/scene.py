@@ -57,6 +57,7 @@ __all__ = [
     "composite_node",
     "displayed_axial_index",
     "jump_to_axial_slice",
+    "label_color_table",
     "jump_to_study_slice",
     "load_reference_case",
     "node_ijk_to_ras",
@@ -67,6 +68,7 @@ __all__ = [
     "read_table_row",
     "register_results_layout",
     "result_view_names",
+    "results_grid",
     "results_layout_xml",
     "show_only_in_views",
     "show_table_in_view",
@@ -429,7 +431,7 @@ def _find_loaded(scene: Any, case_id: str, role: str) -> Any | None:
     return None
 
 
-def _label_colors(scene: Any, layout: str) -> Any:
+def label_color_table(scene: Any, layout: str) -> Any:
     """A colour table for label files: BraTS values 1/2/4 or our classes 1/2/3, in the segment colours."""
     name = f"FDN abnormal labels ({layout})"
     existing = scene.GetFirstNodeByName(name)
@@ -489,7 +491,7 @@ def load_reference_case(
                     f"reference case {case_id}: Slicer could not read {files.seg}; check the file"
                 )
             labels.CreateDefaultDisplayNodes()
-            labels.GetDisplayNode().SetAndObserveColorNodeID(_label_colors(scene, "brats").GetID())
+            labels.GetDisplayNode().SetAndObserveColorNodeID(label_color_table(scene, "brats").GetID())
     else:
         case = load_case(files)
         channel = MODALITIES.index(sequence)
@@ -498,7 +500,7 @@ def load_reference_case(
         )
         if case.seg is not None:
             labels = add_scalar_volume(scene, case.seg, case.affine, f"{case_id} labels", "reference", True)
-            labels.GetDisplayNode().SetAndObserveColorNodeID(_label_colors(scene, "classes").GetID())
+            labels.GetDisplayNode().SetAndObserveColorNodeID(label_color_table(scene, "classes").GetID())
     _mark(volume, f"reference:{sequence}", case_id)
     if labels is not None:
         _mark(labels, "reference:labels", case_id)
@@ -525,12 +527,19 @@ def slice_view_xml(name: str, label: str, color: str) -> str:
     )
 
 
+def results_grid(top_k: int) -> tuple[int, int]:
+    """(rows, views per row) of the result views: at most five per row, rows as even as possible."""
+    rows = -(-top_k // 5)
+    return rows, -(-top_k // rows)
+
+
 def results_layout_xml(top_k: int) -> str:
-    """Layout: the query view (left), the top-K result views in rows of up to five, the table below."""
+    """Layout: the query view (left, as tall as the result rows and about as wide), the top-K result views
+    in even rows of up to five (row-major, 1..K), the table below."""
     if not 1 <= top_k <= 20:
         raise DataError(f"top-K must be between 1 and 20, got {top_k}")
     names = result_view_names(top_k)
-    per_row = min(5, top_k)
+    n_rows, per_row = results_grid(top_k)
     rows = []
     for start in range(0, top_k, per_row):
         views = "".join(
@@ -541,8 +550,9 @@ def results_layout_xml(top_k: int) -> str:
     results = f'<layout type="vertical">{"".join(rows)}</layout>'
     top = (
         '<layout type="horizontal" split="true">'
-        + slice_view_xml(QUERY_VIEW, "Q", "#F34A33")
-        + f'<item splitSize="{max(2, min(top_k, 5)) * 100}">{results}</item>'
+        + f'<item splitSize="{n_rows * 100}">'
+        + slice_view_xml(QUERY_VIEW, "Q", "#F34A33")[len("<item>") :]
+        + f'<item splitSize="{per_row * 100}">{results}</item>'
         + "</layout>"
     )
     table = (
