@@ -513,3 +513,17 @@ def test_module_file_imports_only_slicer_at_top_level() -> None:
         "traceback",
     }
     assert top <= {*stdlib, "typing", "qt", "slicer", "vtk"}, top
+
+
+def test_failures_are_explained_without_tracebacks_when_expected() -> None:
+    from fdn_core.errors import DataError as CoreDataError
+
+    text, expected = tasks.describe_failure(CoreDataError("T2 volume 'x' is empty; check the series"))
+    assert expected and text == "T2 volume 'x' is empty; check the series"
+    oom = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
+    text, expected = tasks.describe_failure(oom)
+    assert expected and "'cpu'" in text and "Compute on" in text
+    text, expected = tasks.describe_failure(deps.DependencyError("installation declined"))
+    assert expected and text == "installation declined"
+    text, expected = tasks.describe_failure(KeyError("boom"))
+    assert not expected and text.startswith("KeyError")  # a bug: the panel adds the traceback as details
