@@ -425,6 +425,8 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         ):
             return
         with self._userErrors("Could not build the demo database."):
+            # a rebuilt demo replaces the folder: let go of the open (memory-mapped) database first
+            self.logic.forgetResources()
             task = self.logic.demoTask(plan, self._parameterNode.wheelhousePath)
             self._startTask(
                 "build the demo database", task, self._onDemoBuilt, retry=lambda: self._buildDemo(False)
@@ -640,7 +642,9 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onQuerySliceFromView(self) -> None:
         with self._userErrors("Could not read the viewed slice."):
             if self._follower is None:
-                raise RuntimeError("Encode a study first.")
+                from fdn_core.errors import DataError
+
+                raise DataError("Encode a study first.")
             self._parameterNode.querySlice = self._follower.current_index()
 
     # ---------------------------------------------------------------- search
@@ -809,8 +813,12 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return remove_demo(demoRoot())
 
     def forgetResources(self) -> None:
-        """Drop the cached model and database (their files are about to change)."""
+        """Drop the cached model and database (their files are about to change or go): the database's
+        memory-mapped arrays are closed, so that its folder can be replaced or deleted (Windows)."""
+        import gc
+
         self._resources, self._resourcesKey, self._engine = None, None, None
+        gc.collect()
 
     # ---------------------------------------------------------------- dependencies
     def environmentProblem(self, wheelhouse: Any = None, demo: bool = False) -> _NeedsInstall | None:
@@ -1015,8 +1023,10 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         from FDNRetrievalLib import tasks, workflow
 
         if self.encoded is None:
-            raise ValueError("Encode a study first.")
-        encoded, database = self.encoded, self._resources.database
+            from fdn_core.errors import DataError
+
+            raise DataError("Encode a study first.")
+        encoded, database = self.encoded, self._database()
         settings = replace(settings, exclude_case=self.indexedCase)
 
         def work(progress: Any) -> Any:
@@ -1062,10 +1072,17 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene, self._segmentation, [*STANDARD_VIEWS, scene.QUERY_VIEW]
             )
 
+    def _database(self) -> Any:
+        if self._resources is None:
+            from fdn_core.errors import DataError
+
+            raise DataError("The database was closed (the demo was rebuilt or removed): press Encode again.")
+        return self._resources.database
+
     def _caseFiles(self, hit: Any) -> Any:
         from fdn_core.data.readers import CaseFiles
 
-        return CaseFiles.from_database(self._resources.database, hit.case_id)
+        return CaseFiles.from_database(self._database(), hit.case_id)
 
     def showHit(self, hit: Any, sequence: str, fitView: Any) -> None:
         from FDNRetrievalLib import scene
@@ -1086,7 +1103,9 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         from FDNRetrievalLib import views
 
         if self._table is None:
-            raise ValueError("Search first.")
+            from fdn_core.errors import DataError
+
+            raise DataError("Search first.")
         return views.hit_for_table_row(self._hits, self._table, row)
 
     def showDetail(self, row: int, sequence: str, fitView: Any) -> str:

@@ -527,3 +527,16 @@ def test_failures_are_explained_without_tracebacks_when_expected() -> None:
     assert expected and text == "installation declined"
     text, expected = tasks.describe_failure(KeyError("boom"))
     assert not expected and text.startswith("KeyError")  # a bug: the panel adds the traceback as details
+
+
+def test_demo_model_is_found_in_the_bundled_source_before_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "SlicerFDNRetrieval"
+    bundled = (
+        module / "Resources" / deps.BUNDLED_SOURCE_DIRNAME / "fdn_core" / "resources" / "models" / "demo"
+    )
+    bundled.mkdir(parents=True)
+    (bundled / "bundle.json").write_text("{}")
+    monkeypatch.setattr(deps.importlib.util, "find_spec", lambda name: None)  # fdn_core not installed yet
+    assert deps.default_resource_paths(module, tmp_path / "cache") == (bundled, None)

@@ -98,16 +98,19 @@ def default_resource_paths(
 ) -> tuple[Path | None, Path | None]:
     """The shipped demo model and a database for it, where they exist.
 
-    The model is looked for in the module's Resources and in the installed ``fdn_core`` package
-    (``fdn_core/resources/models/demo``); (None, None) when there is none. The database is ``<model>/db``
-    when shipped, else the demo database built on this computer (``<demo_root>/demo/db``, see
+    The model is looked for in the module's Resources, in the installed ``fdn_core`` package
+    (``fdn_core/resources/models/demo``), then in the fdn_core source shipped with the extension (so that
+    the panel shows it before the first-use install); (None, None) when there is none. The database is
+    ``<model>/db`` when shipped, else the demo database built on this computer (``<demo_root>/demo/db``, see
     ``FDNRetrievalLib.demo``), else the one ``make demo`` wrote in a source checkout (``demo_out/db``).
     """
     module_dir = Path(module_dir)
+    shipped = Path("fdn_core") / "resources" / "models" / "demo"
     roots = [module_dir / "Resources" / "models" / "demo"]
     spec = importlib.util.find_spec("fdn_core")
     if spec is not None and spec.origin:
         roots.append(Path(spec.origin).resolve().parent / "resources" / "models" / "demo")
+    roots.append(module_dir / "Resources" / BUNDLED_SOURCE_DIRNAME / shipped)
     for root in roots:
         if (root / "bundle.json").is_file():
             dbs = [root / "db"]
