@@ -22,7 +22,7 @@ import pytest
 from fdn_core.data.readers import find_cases, load_case, write_brats_case
 from fdn_core.labels import MODALITIES
 from fdn_core.progress import Cancelled
-from FDNRetrievalLib import deps, naming, scenario
+from FDNRetrievalLib import deps, naming, scenario, tasks, views
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import workflow as wf
 
@@ -180,10 +180,14 @@ def test_install_plan_reads_the_bundled_source(tmp_path: Path) -> None:
         deps.make_plan(MODULE_DIR, tmp_path / "nowhere")
 
 
-def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> None:
+def test_ensure_installed_asks_once_and_skips_what_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple] = []
     plan = deps.make_plan(MODULE_DIR)
-    # everything (numpy, monai, ... and fdn-retrieval itself) is installed in the test environment
+    # everything (torch in range, numpy, monai, ... and fdn-retrieval itself) is installed here: no prompt,
+    # and PyTorch Utils is not even asked (its torchInstalled() would import torch on the GUI thread)
+    assert deps.check_environment(plan).ready
     assert (
         deps.ensure_installed(
             plan,
@@ -193,7 +197,7 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
         )
         == []
     )
-    assert calls == [("torch", plan.torch_requirement)]
+    assert calls == []
     missing = deps.InstallPlan(
         version="0.0.0-not-installed", torch_requirement="", requirements=("surely-absent-pkg>=1",),
         source_dir=MODULE_DIR.parent, wheelhouse=None,
@@ -202,9 +206,9 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
         deps.ensure_installed(
             missing, install_torch=lambda s: True, confirm=lambda t, x: False, pip_install=print
         )
-    with pytest.raises(deps.DependencyError, match="PyTorch"):
+    with pytest.raises(deps.DependencyError, match=r"testing mode.*FDNRETRIEVAL_TEST_INSTALL"):
         deps.ensure_installed(
-            missing, install_torch=lambda s: False, confirm=lambda t, x: True, pip_install=print
+            missing, install_torch=lambda s: True, confirm=lambda t, x: True, pip_install=print, allowed=False
         )
     recorded: list[list[str]] = []
     with pytest.raises(deps.DependencyError, match="still missing"):
@@ -212,6 +216,62 @@ def test_ensure_installed_asks_once_and_skips_what_is_there(tmp_path: Path) -> N
             missing, install_torch=lambda s: True, confirm=lambda t, x: True, pip_install=recorded.append
         )
     assert recorded == [["surely-absent-pkg>=1"]]
+    # torch absent: PyTorch Utils is asked for the required range; declined -> the fix is explained
+    real_version = deps.installed_version
+    monkeypatch.setattr(
+        deps, "installed_version", lambda d=deps.DISTRIBUTION: None if d == "torch" else real_version(d)
+    )
+    asked: list[str] = []
+    with pytest.raises(deps.DependencyError, match="PyTorch Utils"):
+        deps.ensure_installed(
+            plan,
+            install_torch=lambda s: asked.append(s) or False,
+            confirm=lambda t, x: True,
+            pip_install=print,
+        )
+    assert asked == [plan.torch_requirement]
+
+
+def test_torch_outside_the_required_range_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = deps.make_plan(MODULE_DIR)
+    real_version = deps.installed_version
+    monkeypatch.setattr(
+        deps, "installed_version", lambda d=deps.DISTRIBUTION: "2.1.0" if d == "torch" else real_version(d)
+    )
+    report = deps.check_environment(plan)
+    assert report.torch_version == "2.1.0" and not report.torch_ok and not report.ready
+    message = deps.torch_problem(report.torch_version, plan.torch_requirement)
+    assert message is not None
+    assert "2.1.0" in message and plan.torch_requirement in message and "PyTorch Utils" in message
+    installs: list[str] = []
+    with pytest.raises(deps.DependencyError, match="Uninstall PyTorch"):
+        deps.ensure_installed(
+            plan,
+            install_torch=lambda s: installs.append(s) or True,
+            confirm=lambda t, x: True,
+            pip_install=print,
+        )
+    assert installs == []  # a loaded torch is never replaced behind the user's back
+    assert deps.torch_problem("2.13.0", ">=2.4,<2.15") is None
+
+
+def test_install_allowed_only_outside_testing_unless_asked() -> None:
+    assert deps.install_allowed(testing=False, environ={})
+    assert not deps.install_allowed(testing=True, environ={})
+    assert deps.install_allowed(testing=True, environ={deps.TEST_INSTALL_ENV: "1"})
+    assert not deps.install_allowed(testing=True, environ={deps.TEST_INSTALL_ENV: "0"})
+
+
+def test_version_guard() -> None:
+    from FDNRetrievalLib import compat
+
+    assert compat.version_problem((5, 10), (3, 12)) is None
+    old = compat.version_problem((5, 8), (3, 9))
+    assert old is not None and "5.10" in old and "5.8" in old and "3.9" in old
+    assert compat.version_problem((5, 10), (3, 9)) is not None
+    # the guard and the module file must load on Slicer 5.8's Python 3.9 to show the message
+    for path in (MODULE_DIR / "FDNRetrievalLib" / "compat.py", MODULE_DIR / "SlicerFDNRetrieval.py"):
+        ast.parse(path.read_text(encoding="utf-8"), feature_version=(3, 9))
 
 
 def test_wheelhouse_pins_skip_slicer_provided_packages() -> None:
@@ -240,7 +300,7 @@ def test_default_resource_paths(tmp_path: Path) -> None:
     assert deps.default_resource_paths(module) == (demo, demo / "db")
 
 
-def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
+def test_default_database_is_the_demo_built_here(tmp_path: Path) -> None:
     module = tmp_path / "SlicerFDNRetrieval"
     demo = module / "Resources" / "models" / "demo"
     demo.mkdir(parents=True)
@@ -249,6 +309,10 @@ def test_default_database_falls_back_to_the_demo_output(tmp_path: Path) -> None:
     (tmp_path / "demo_out" / "db").mkdir(parents=True)
     (tmp_path / "demo_out" / "db" / "manifest.json").write_text("{}")
     assert deps.default_resource_paths(module) == (demo, tmp_path / "demo_out" / "db")
+    built = tmp_path / "cache" / "demo" / "db"
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text("{}")
+    assert deps.default_resource_paths(module, tmp_path / "cache") == (demo, built)
 
 
 def test_layout_xml_is_well_formed() -> None:
@@ -276,18 +340,32 @@ def test_module_files_are_valid() -> None:
         if path.is_file() and "__pycache__" not in path.parts and path.suffix in (".py", ".ui", ".png"):
             rel = path.relative_to(MODULE_DIR).as_posix()
             assert rel in cmake or rel.replace("SlicerFDNRetrieval", "${MODULE_NAME}") in cmake, rel
-    for name in ("scene", "workflow", "scenario", "deps", "naming"):
-        text = (MODULE_DIR / "FDNRetrievalLib" / f"{name}.py").read_text(encoding="utf-8")
-        assert "import qt" not in text and "slicer.app" not in text, name
+    for path in sorted((MODULE_DIR / "FDNRetrievalLib").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "import qt" not in text and "slicer.app" not in text, path.name
+    # what runs before fdn_core is installed (or on an old Slicer) imports only the standard library
+    for name in ("compat", "deps", "demo", "naming", "tasks"):
+        tree = ast.parse((MODULE_DIR / "FDNRetrievalLib" / f"{name}.py").read_text(encoding="utf-8"))
+        top = {
+            alias.name.split(".")[0]
+            for node in tree.body
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in (
+                node.names
+                if isinstance(node, ast.Import)
+                else [types.SimpleNamespace(name=node.module or "")]
+            )
+        }
+        assert not top & {"numpy", "torch", "fdn_core", "vtk", "slicer"}, (name, top)
     assert len(MODALITIES) == 4
 
 
 def _load_module_with_standins(
-    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, cache: Path
 ) -> types.ModuleType:
     """Execute SlicerFDNRetrieval.py with minimal stand-ins for what only the Slicer application has (Qt,
-    the scripted-module base classes, parameterNodeWrapper, slicer.modules) over the real slicer-core
-    scene, so that the module's Logic class runs for real."""
+    the scripted-module base classes, parameterNodeWrapper, slicer.app, slicer.modules) over the real
+    slicer-core scene, so that the module's Logic class runs for real."""
     import slicer
 
     qt = types.ModuleType("qt")
@@ -309,13 +387,22 @@ def _load_module_with_standins(
         volumes=types.SimpleNamespace(logic=lambda: ctx.volumes_logic),
         segmentations=types.SimpleNamespace(logic=lambda: ctx.segmentations_logic),
     )
+    layout_logic = types.SimpleNamespace(GetLayoutNode=lambda: ctx.layout_node)
+    layout_manager = types.SimpleNamespace(
+        layoutLogic=lambda: layout_logic,
+        setLayout=lambda layout_id: ctx.layout_node.SetViewArrangement(layout_id),
+    )
+    app = types.SimpleNamespace(
+        majorVersion=5,
+        minorVersion=10,
+        cachePath=str(cache),
+        testingEnabled=lambda: True,
+        layoutManager=lambda: layout_manager,
+    )
     monkeypatch.setattr(slicer, "modules", logics, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", ctx.scene, raising=False)
-    torch_utils = types.ModuleType("PyTorchUtils")
-    torch_utils.PyTorchUtilsLogic = type(
-        "PyTorchUtilsLogic", (), {"torchInstalled": staticmethod(lambda: True)}
-    )
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *a: None, raising=False)
     spec = importlib.util.spec_from_file_location("SlicerFDNRetrieval", MODULE_DIR / "SlicerFDNRetrieval.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -323,35 +410,51 @@ def _load_module_with_standins(
 
 
 def test_module_logic_runs_on_a_real_scene(
-    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, fixture: scenario.Fixture
+    monkeypatch: pytest.MonkeyPatch, ctx: scenario.SceneContext, fixture: scenario.Fixture, tmp_path: Path
 ) -> None:
-    """The module's thin Logic class, driven like the widget drives it (encode, publish, search, show)."""
-    module = _load_module_with_standins(monkeypatch, ctx)
+    """The module's thin Logic class, driven like the widget drives it: capture on the main thread, the
+    package check, model, checks, resampling and encoding in a task, publish, follow the query view, search
+    in a task, show, open one result large."""
+    module = _load_module_with_standins(monkeypatch, ctx, tmp_path / "cache")
+    assert module.versionProblem() is None
+    assert module.demoRoot() == tmp_path / "cache" / "FDNRetrieval"
     logic = module.SlicerFDNRetrievalLogic()
-    assert logic.ensureDependencies() == []  # everything is installed here: nothing to do, no prompt
+    assert logic.ensureDependencies() == []  # everything is installed: nothing to do, no prompt
+    assert logic.environmentProblem() is None
+    assert not logic.demoStatus().ready and "Build demo database" in logic.demoStatus().message
+    assert "MB" in logic.demoPlan().describe()
     case = sorted(find_cases(fixture.cohort_dir), key=lambda c: c.case_id)[0]
     nodes = scenario.load_case_nodes(ctx, case)
-    study = logic.readStudy(nodes)
-    resources = logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu")
-    assert logic.openResources(fixture.bundle_dir, fixture.db_dir, "cpu") is resources  # cached
-    assert "CPU" in logic.deviceWarning(study) and "cases" in logic.resourcesSummary()
-    task = logic.encodeTask(study, resources).start()
-    assert task.wait(timeout=300).error is None
+    captured = logic.captureStudy(nodes)
+    task = logic.encodeTask(captured, fixture.bundle_dir, fixture.db_dir, "cpu")
+    poller = tasks.TaskPoller()
+    ends: list[tasks.TaskStatus] = []
+    poller.start(task, "encode", lambda kind, t, status: ends.append(status))
+    while not ends:
+        poller.tick()
+    assert ends[0].error is None, ends[0].error
     published = logic.publishEncoding(task.result())
-    assert logic.indexedCase == case.case_id
+    study = logic.study
+    assert logic.indexedCase == case.case_id and "cases" in logic.resourcesSummary()
+    assert "CPU" in logic.deviceWarning()
     assert published["segmentation"].GetSegmentation().GetNumberOfSegments() == 3
     assert len(published["reconstruction"]) == 4
-    k = study.shape[2] // 2
+    # the query slice follows the red view (standard layout)
+    scrolled: list[int] = []
+    follower = logic.makeQueryFollower(scrolled.append)
+    follower.set_study(study.affine, study.shape)
+    k = study.shape[2] // 3  # not the centre, where the red view starts
     red = sc.slice_node_by_layout_name(ctx.scene, "Red")
+    red.SetOrientation("Axial")
     red.JumpSliceByCentering(*sc.ras_of_axial_slice(study.affine, study.shape, k))
-    assert logic.querySliceFromRedView() == k
+    assert scrolled[-1] == k and follower.current_index() == k
     settings = logic.searchSettings(k, "both", "euclidean", 2, True, None)
     search = logic.searchTask(settings).start()
     assert search.wait(timeout=60).error is None
     hits = search.result()
     assert len(hits) == 2 and all(h.case_id != case.case_id for h in hits)
     table = logic.publishHits(hits)
-    assert table.GetTable().GetNumberOfRows() == 2
+    assert table.GetTable().GetNumberOfRows() == 2 and table.GetLocked()
     ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))
     logic.showTable()
     fitted: list[str] = []
@@ -362,13 +465,25 @@ def test_module_logic_runs_on_a_real_scene(
         shown = sc.displayed_axial_index(ctx.scene, view, logic_volume(ctx, hit.case_id))
         assert shown == hit.slice_index
     assert fitted == [sc.QUERY_VIEW, *sc.result_view_names(len(hits))]
+    # after the search the query view is what counts: scroll it
+    sc.jump_to_study_slice(ctx.scene, sc.QUERY_VIEW, study, k + 1)
+    assert follower.source_view() == sc.QUERY_VIEW and follower.current_index() == k + 1
     logic.linkResultViews()
+    # a table row opens that result large beside the query, in the one-result layout
+    assert logic.hitForRow(1) is hits[1]
+    caption = logic.showDetail(1, "t2", fitted.append)
+    assert ctx.layout_node.GetViewArrangement() == views.DETAIL_LAYOUT_ID
+    assert caption.startswith("Result 2:") and hits[1].case_id in caption
+    assert sc.displayed_axial_index(ctx.scene, views.DETAIL_VIEW, logic_volume(ctx, hits[1].case_id)) == (
+        hits[1].slice_index
+    )
+    follower.remove()
     logic.clearResults()
     assert logic.encoded is None and logic.study is None
 
 
 def logic_volume(ctx: scenario.SceneContext, case_id: str):
-    """The reference volume node the module loaded for ``case_id``."""
+    """The reference volume node (T2) the module loaded for ``case_id``."""
     for i in range(ctx.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = ctx.scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
         if (
@@ -387,28 +502,41 @@ def test_module_file_imports_only_slicer_at_top_level() -> None:
             top.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
-    assert top <= {"__future__", "logging", "pathlib", "tempfile", "typing", "qt", "slicer", "vtk"}, top
+    stdlib = {
+        "__future__",
+        "collections",
+        "contextlib",
+        "logging",
+        "pathlib",
+        "tempfile",
+        "time",
+        "traceback",
+    }
+    assert top <= {*stdlib, "typing", "qt", "slicer", "vtk"}, top
 
 
-def test_demo_sample_studies(tmp_path: Path) -> None:
-    import hashlib
-    import json
+def test_failures_are_explained_without_tracebacks_when_expected() -> None:
+    from fdn_core.errors import DataError as CoreDataError
 
+    text, expected = tasks.describe_failure(CoreDataError("T2 volume 'x' is empty; check the series"))
+    assert expected and text == "T2 volume 'x' is empty; check the series"
+    oom = type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB")
+    text, expected = tasks.describe_failure(oom)
+    assert expected and "'cpu'" in text and "Compute on" in text
+    text, expected = tasks.describe_failure(deps.DependencyError("installation declined"))
+    assert expected and text == "installation declined"
+    text, expected = tasks.describe_failure(KeyError("boom"))
+    assert not expected and text.startswith("KeyError")  # a bug: the panel adds the traceback as details
+
+
+def test_demo_model_is_found_in_the_bundled_source_before_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module = tmp_path / "SlicerFDNRetrieval"
-    module.mkdir()
-    assert deps.demo_sample_studies(module) == []  # no demo cohort yet
-    cohort = tmp_path / "demo_out" / "cohort"
-    cases = [("p0", True), ("p1", False), ("p2", False), ("p3", False)]
-    for cid, _ in cases:
-        (cohort / cid).mkdir(parents=True)
-        for seq in ("t1", "t1ce", "t2", "flair"):
-            (cohort / cid / f"{cid}_{seq}.nii.gz").write_bytes(f"{cid}-{seq}".encode())
-    (cohort / "p2" / "p2_t2.nii.gz").unlink()  # an incomplete case is not offered
-    meta = {"cases": [{"case_id": c, "healthy": h} for c, h in cases]}
-    (cohort / "cohort.json").write_text(json.dumps(meta))
-    studies = deps.demo_sample_studies(module, limit=2)
-    assert [s.case_id for s in studies] == ["p1", "p3"]  # healthy p0 and incomplete p2 skipped
-    first = studies[0]
-    assert first.file_names == ["p1_t1.nii.gz", "p1_t1ce.nii.gz", "p1_t2.nii.gz", "p1_flair.nii.gz"]
-    assert first.uris[1] == (cohort / "p1" / "p1_t1ce.nii.gz").resolve().as_uri()
-    assert first.checksums[0] == "SHA256:" + hashlib.sha256(b"p1-t1").hexdigest()
+    bundled = (
+        module / "Resources" / deps.BUNDLED_SOURCE_DIRNAME / "fdn_core" / "resources" / "models" / "demo"
+    )
+    bundled.mkdir(parents=True)
+    (bundled / "bundle.json").write_text("{}")
+    monkeypatch.setattr(deps.importlib.util, "find_spec", lambda name: None)  # fdn_core not installed yet
+    assert deps.default_resource_paths(module, tmp_path / "cache") == (bundled, None)

@@ -187,6 +187,7 @@ def _encode_cases(
     progress: Progress | None,
     message: str,
     workers: int = 2,
+    db_path: Path | None = None,
 ) -> list[CaseCodes]:
     out = []
     if progress is not None:
@@ -201,7 +202,7 @@ def _encode_cases(
                 normal=enc.normal,
                 abnormal=enc.abnormal,
                 has_abnormal=_has_abnormal(stack, enc),
-                source=f.to_source(),
+                source=f.to_source(base=db_path),
                 slice_indices=np.arange(enc.normal.shape[0], dtype=np.int32),
             )
         )
@@ -265,7 +266,7 @@ def index_cohort(
         )
         if fit_hamming:
             fit_hamming_codes(db, progress, bundle_dir=bundle.path)
-        db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Indexing cases", workers))
+        db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Indexing cases", workers, db_path))
     return CodeDatabase.open(db_path, expected_fingerprint=bundle.fingerprint, verify=False)
 
 
@@ -298,7 +299,7 @@ def add_cases(
             )
     if not files:
         return []
-    db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Adding cases", workers))
+    db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Adding cases", workers, Path(db_path)))
     return [f.case_id for f in files]
 
 

@@ -22,12 +22,13 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,20 @@ __all__ = [
     "BUNDLED_SOURCE_DIRNAME",
     "DISTRIBUTION",
     "SLICER_PROVIDED",
+    "TEST_INSTALL_ENV",
     "DependencyError",
+    "EnvironmentReport",
     "InstallPlan",
+    "check_environment",
     "default_resource_paths",
     "ensure_installed",
     "find_bundled_source",
+    "install_allowed",
     "installed_version",
     "make_plan",
     "missing_requirements",
     "pins_from_report",
+    "torch_problem",
     "write_wheelhouse",
 ]
 
@@ -53,6 +59,8 @@ BUNDLED_SOURCE_DIRNAME = "FDNRetrievalSource"
 #: Distributions Slicer provides itself: torch through the PyTorch extension, SimpleITK bundled.
 SLICER_PROVIDED = ("torch", "SimpleITK")
 REQUESTER = "FDN Retrieval"
+#: Set to 1 to let the self-test install missing packages in testing mode (never set on the build factory).
+TEST_INSTALL_ENV = "FDNRETRIEVAL_TEST_INSTALL"
 
 
 class DependencyError(RuntimeError):
@@ -85,70 +93,32 @@ def find_bundled_source(module_dir: str | Path) -> Path | None:
     return None
 
 
-def default_resource_paths(module_dir: str | Path) -> tuple[Path | None, Path | None]:
+def default_resource_paths(
+    module_dir: str | Path, demo_root: str | Path | None = None
+) -> tuple[Path | None, Path | None]:
     """The shipped demo model and a database for it, where they exist.
 
-    The model is looked for in the module's Resources (an installed extension) and in the installed
-    ``fdn_core`` package (``fdn_core/resources/models/demo``); (None, None) when there is none. The database
-    is ``<model>/db`` when shipped, else the one ``make demo`` / ``fdn demo`` wrote in the source checkout
-    beside the module (``demo_out/db``, whose reference volumes are the demo's phantom cohort).
+    The model is looked for in the module's Resources, in the installed ``fdn_core`` package
+    (``fdn_core/resources/models/demo``), then in the fdn_core source shipped with the extension (so that
+    the panel shows it before the first-use install); (None, None) when there is none. The database is
+    ``<model>/db`` when shipped, else the demo database built on this computer (``<demo_root>/demo/db``, see
+    ``FDNRetrievalLib.demo``), else the one ``make demo`` wrote in a source checkout (``demo_out/db``).
     """
     module_dir = Path(module_dir)
+    shipped = Path("fdn_core") / "resources" / "models" / "demo"
     roots = [module_dir / "Resources" / "models" / "demo"]
     spec = importlib.util.find_spec("fdn_core")
     if spec is not None and spec.origin:
         roots.append(Path(spec.origin).resolve().parent / "resources" / "models" / "demo")
+    roots.append(module_dir / "Resources" / BUNDLED_SOURCE_DIRNAME / shipped)
     for root in roots:
         if (root / "bundle.json").is_file():
-            dbs = [root / "db", module_dir.parent / "demo_out" / "db"]
+            dbs = [root / "db"]
+            if demo_root is not None:
+                dbs.append(Path(demo_root) / "demo" / "db")
+            dbs.append(module_dir.parent / "demo_out" / "db")
             return root, next((db for db in dbs if (db / "manifest.json").is_file()), None)
     return None, None
-
-
-@dataclass(frozen=True)
-class SampleStudy:
-    """One phantom case of the demo cohort, described for SampleData's registerCustomSampleDataSource."""
-
-    case_id: str
-    uris: list[str]
-    file_names: list[str]
-    node_names: list[str]
-    checksums: list[str]
-
-
-def demo_sample_studies(module_dir: str | Path, limit: int = 2) -> list[SampleStudy]:
-    """The first ``limit`` tumour cases of the phantom cohort ``make demo`` wrote (``demo_out/cohort``
-    beside the shipped model), as local-file sample data; [] when there is no demo cohort.
-
-    Files are referenced in place (file:// URIs) with their SHA256 so SampleData verifies them.
-    """
-    import hashlib
-
-    cohort = Path(module_dir).parent / "demo_out" / "cohort"
-    try:
-        meta = json.loads((cohort / "cohort.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    studies = []
-    for case in meta.get("cases", []):
-        if case.get("healthy", True):
-            continue
-        cid = str(case["case_id"])
-        files = [cohort / cid / f"{cid}_{seq}.nii.gz" for seq in ("t1", "t1ce", "t2", "flair")]
-        if not all(f.is_file() for f in files):
-            continue
-        studies.append(
-            SampleStudy(
-                case_id=cid,
-                uris=[f.resolve().as_uri() for f in files],
-                file_names=[f.name for f in files],
-                node_names=[f"{cid}_{seq}" for seq in ("t1", "t1ce", "t2", "flair")],
-                checksums=["SHA256:" + hashlib.sha256(f.read_bytes()).hexdigest() for f in files],
-            )
-        )
-        if len(studies) >= limit:
-            break
-    return studies
 
 
 def installed_version(distribution: str = DISTRIBUTION) -> str | None:
@@ -213,6 +183,8 @@ class InstallPlan:
     source_dir: Path | None
     wheelhouse: Path | None = None
     skip_packages: tuple[str, ...] = field(default=SLICER_PROVIDED)
+    #: What building the demo database needs beyond the core (the ``phantom`` extra: nilearn's template).
+    demo_requirements: tuple[str, ...] = ()
 
     def dependency_pip_args(self, requirements: Sequence[str]) -> list[str]:
         """pip arguments installing ``requirements`` (offline from the wheelhouse when one is set)."""
@@ -244,7 +216,7 @@ class InstallPlan:
         return installed_version(DISTRIBUTION) != self.version
 
 
-def _source_version(source: Path, project: dict) -> str:
+def _source_version(source: Path, project: dict[str, Any]) -> str:
     """The bundled package's version: pyproject's static ``version``, else ``fdn_core.__version__``."""
     if "version" in project:
         return str(project["version"])
@@ -288,13 +260,73 @@ def make_plan(module_dir: str | Path, wheelhouse: str | Path | None = None) -> I
             torch_requirement = requirement[len(name) :].strip()
         elif _canonical(name) not in provided:
             requirements.append(requirement)
+    extras = project.get("optional-dependencies", {})
     return InstallPlan(
         version=_source_version(source, project),
         torch_requirement=torch_requirement,
         requirements=tuple(requirements),
         source_dir=source,
         wheelhouse=wheelhouse,
+        demo_requirements=tuple(extras.get("phantom", ())),
     )
+
+
+@dataclass(frozen=True)
+class EnvironmentReport:
+    """What this Python has, compared with a plan; read from package metadata only (nothing imported, so it
+    is cheap and safe in a worker thread)."""
+
+    torch_version: str | None
+    torch_requirement: str
+    missing: tuple[str, ...]
+    package_needs_install: bool
+
+    @property
+    def torch_ok(self) -> bool:
+        """torch is installed in the required range."""
+        return self.torch_version is not None and (
+            not self.torch_requirement or _satisfies(self.torch_version, self.torch_requirement)
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Nothing to install: the module can run."""
+        return self.torch_ok and not self.missing and not self.package_needs_install
+
+
+def torch_problem(version: str | None, requirement: str) -> str | None:
+    """What is wrong with the installed torch for ``requirement`` and how to fix it, or None."""
+    if version is None:
+        return (
+            "PyTorch is not installed. Open the 'PyTorch Utils' module (install the PyTorch extension from "
+            f"the Extensions Manager if it is missing), set the version requirement to '{requirement}', "
+            "press 'Install PyTorch', then restart Slicer."
+        )
+    if requirement and not _satisfies(version, requirement):
+        return (
+            f"PyTorch {version} is installed, but FDN Retrieval needs torch{requirement}. Open the "
+            "'PyTorch Utils' module, press 'Uninstall PyTorch' and restart Slicer; then set the version "
+            f"requirement to '{requirement}' there, press 'Install PyTorch' and restart Slicer again."
+        )
+    return None
+
+
+def check_environment(plan: InstallPlan, extra: Sequence[str] = ()) -> EnvironmentReport:
+    """Compare this Python with ``plan`` (plus ``extra`` requirements, e.g. ``plan.demo_requirements``)."""
+    return EnvironmentReport(
+        torch_version=installed_version("torch"),
+        torch_requirement=plan.torch_requirement,
+        missing=tuple(missing_requirements([*plan.requirements, *extra])),
+        package_needs_install=plan.package_needs_install(),
+    )
+
+
+def install_allowed(testing: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """May the module install packages now? Not in Slicer's testing mode (the Extensions Index's build
+    factory runs the self-test there, and dialogs accept themselves) unless ``FDNRETRIEVAL_TEST_INSTALL=1``
+    is set."""
+    environ = os.environ if environ is None else environ
+    return not testing or environ.get(TEST_INSTALL_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def ensure_installed(
@@ -304,19 +336,37 @@ def ensure_installed(
     confirm: Callable[[str, str], bool],
     pip_install: Callable[[list[str]], None],
     pip_ensure: Callable[[list[str]], None] | None = None,
+    extra: Sequence[str] = (),
+    allowed: bool = True,
 ) -> list[str]:
     """Install what is missing, asking once for consent; returns the list of what was installed.
 
-    ``install_torch(version_spec)`` returns True when torch is (now) importable. ``confirm(title, text)``
-    asks the user. ``pip_install(args)`` runs pip; ``pip_ensure(requirements)``, when Slicer offers it
-    (>= 5.11, with progress and restart detection), installs plain requirements.
+    ``install_torch(version_spec)`` is called only when torch is missing and returns True when it is (now)
+    installed; a torch outside the required range is never replaced here (it may already be loaded): the
+    error says how to fix it with PyTorch Utils. ``confirm(title, text)`` asks the user. ``pip_install(args)``
+    runs pip; ``pip_ensure(requirements)``, when Slicer offers it (>= 5.11, with progress and restart
+    detection), installs plain requirements. ``extra``: requirements beyond the core (e.g. the demo's).
+    ``allowed=False`` (testing mode, see ``install_allowed``): nothing is installed; DependencyError names
+    what is missing.
     """
-    if not install_torch(plan.torch_requirement):
+    report = check_environment(plan, extra)
+    if report.ready:
+        return []
+    if not allowed:
+        what = [*report.missing, *([DISTRIBUTION] if report.package_needs_install else [])]
+        if not report.torch_ok:
+            what.insert(0, f"torch{plan.torch_requirement}")
         raise DependencyError(
-            "PyTorch is needed but was not installed. Install it with the 'PyTorch Utils' module "
-            "(PyTorch extension, from the Extensions Manager), restart Slicer, and try again."
+            f"not installing {', '.join(what)} in testing mode; set {TEST_INSTALL_ENV}=1 to allow it"
         )
-    missing = missing_requirements(plan.requirements)
+    if report.torch_version is None and not install_torch(plan.torch_requirement):
+        raise DependencyError(
+            torch_problem(None, plan.torch_requirement) or "PyTorch is needed but was not installed."
+        )
+    problem = torch_problem(installed_version("torch"), plan.torch_requirement)
+    if problem:
+        raise DependencyError(problem)
+    missing = missing_requirements([*plan.requirements, *extra])
     package = plan.package_needs_install()
     if not missing and not package:
         return []
@@ -378,7 +428,8 @@ def pins_from_report(report: dict[str, Any]) -> list[str]:
 
 def write_wheelhouse(module_dir: str | Path, dest: str | Path, python: str = sys.executable) -> list[Path]:
     """Fill ``dest`` with every wheel the module needs beyond what ``python`` already has (run it with a
-    Slicer of the same version and platform as the offline computer, PyTorch extension installed).
+    Slicer of the same version and platform as the offline computer, PyTorch extension installed), the
+    demo database's (nilearn) included.
 
     Steps: ``pip install --dry-run --report`` lists what is missing; ``pip download --no-deps`` fetches
     exactly those (torch and SimpleITK never); ``pip wheel --no-deps`` builds fdn-retrieval itself from
@@ -391,7 +442,16 @@ def write_wheelhouse(module_dir: str | Path, dest: str | Path, python: str = sys
         report_path = Path(tmp) / "report.json"
         pip = [python, "-m", "pip"]
         subprocess.run(
-            [*pip, "install", "--dry-run", "--quiet", "--report", str(report_path), *plan.requirements],
+            [
+                *pip,
+                "install",
+                "--dry-run",
+                "--quiet",
+                "--report",
+                str(report_path),
+                *plan.requirements,
+                *plan.demo_requirements,
+            ],
             check=True,
         )
         pins = pins_from_report(json.loads(report_path.read_text(encoding="utf-8")))

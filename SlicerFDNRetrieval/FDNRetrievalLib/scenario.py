@@ -119,15 +119,13 @@ def make_scene_context() -> SceneContext:
 
 def load_case_nodes(ctx: SceneContext, files: CaseFiles, suffix: str = "") -> dict[str, Any]:
     """Load a BraTS-layout case's four volumes through the Volumes logic; node names ``<case>_<mod>``."""
-    _check(
-        files.layout == "brats" and files.images is not None, f"case {files.case_id} is not in BraTS layout"
-    )
+    images = files.images
+    if files.layout != "brats" or images is None:
+        raise AssertionError(f"case {files.case_id} is not in BraTS layout")
     nodes = {}
     for key in MODALITIES:
-        node = ctx.volumes_logic.AddArchetypeVolume(
-            str(files.images[key]), f"{files.case_id}_{key}{suffix}", 0
-        )
-        _check(node is not None, f"the Volumes logic could not load {files.images[key]}")
+        node = ctx.volumes_logic.AddArchetypeVolume(str(images[key]), f"{files.case_id}_{key}{suffix}", 0)
+        _check(node is not None, f"the Volumes logic could not load {images[key]}")
         nodes[key] = node
     return nodes
 
@@ -205,6 +203,13 @@ def build_fixture(work_dir: str | Path, cohort_dir: str | Path | None = None, se
 # --------------------------------------------------------------------------------------------- scenario
 
 
+def _slice_node(scene: Any, name: str) -> Any:
+    node = sc.slice_node_by_layout_name(scene, name)
+    if node is None:
+        raise AssertionError(f"the scene has no {name} slice view")
+    return node
+
+
 def _canonical_voxels(node: Any) -> np.ndarray:
     return to_canonical(sc.node_voxels(node), sc.node_ijk_to_ras(node))[0]
 
@@ -222,7 +227,9 @@ def _same_grid(node: Any, reference: Any, what: str) -> None:
     _check(dims == ref_dims, f"{what}: dimensions {dims} differ from the input's {ref_dims}")
 
 
-def _encode(resources: wf.Resources, study: sc.StudyVolumes) -> tuple[wf.EncodedStudy, wf.TaskStatus, list]:
+def _encode(
+    resources: wf.Resources, study: sc.StudyVolumes
+) -> tuple[wf.EncodedStudy, wf.TaskStatus, list[tuple[int, int, str]]]:
     """Encode in a worker thread exactly as the GUI does, recording the progress reports."""
     reports: list[tuple[int, int, str]] = []
     batch = wf.choose_batch_size(resources.bundle)
@@ -261,7 +268,8 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     found = match_sequence_nodes(volumes)
     for key in MODALITIES:
         _check(
-            found[key] is nodes[key], f"{key} selector pre-filled with {found[key] and found[key].GetName()}"
+            found[key] is nodes[key],
+            f"{key} selector pre-filled with {getattr(found[key], 'GetName', str)()}",
         )
 
     # 2. the study: four channels on one grid, canonical orientation equal to fdn_core's reader
@@ -299,7 +307,10 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     segmentation = sc.add_abnormal_segmentation(
         scene, ctx.segmentations_logic, encoded.seg, study, "query abnormal"
     )
-    recon = sc.add_reconstruction(scene, encoded.recon_normal, study, "query")
+    recon_normal = encoded.recon_normal
+    if recon_normal is None:
+        raise AssertionError("the encoding made no reconstruction")
+    recon = sc.add_reconstruction(scene, recon_normal, study, "query")
     folder = sc.put_in_folder(scene, "FDN results - query", [segmentation, *recon])
     seg_model = segmentation.GetSegmentation()
     names = [seg_model.GetSegment(sid).GetName() for sid, _n, _c in sc.ABNORMAL_SEGMENTS]
@@ -323,7 +334,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     for c, node in enumerate(recon):
         _same_grid(node, nodes["t1ce"], node.GetName())
         _check(
-            np.allclose(_canonical_voxels(node), encoded.recon_normal[c], atol=1e-4),
+            np.allclose(_canonical_voxels(node), recon_normal[c], atol=1e-4),
             f"{node.GetName()} content",
         )
     sh = sc._subject_hierarchy(scene)
@@ -336,8 +347,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
             )
 
     # 5. query slice from the red view (RAS -> canonical axial index), and from a voxel index
-    red = sc.slice_node_by_layout_name(scene, "Red")
-    _check(red is not None, "the scene has no Red slice view")
+    red = _slice_node(scene, "Red")
     for k in sorted({0, z // 2, z - 1}):
         red.SetOrientation("Axial")
         red.JumpSliceByCentering(*sc.ras_of_axial_slice(study.affine, study.shape, k))
@@ -418,7 +428,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     sc.show_only_in_views(scene, segmentation, ["Red", "Green", "Yellow", sc.QUERY_VIEW])
     display = segmentation.GetDisplayNode()
     for name, expected in (("Red", True), (sc.QUERY_VIEW, True), (sc.result_view_names(1)[0], False)):
-        view_id = sc.slice_node_by_layout_name(scene, name).GetID()
+        view_id = _slice_node(scene, name).GetID()
         _check(
             bool(display.IsDisplayableInView(view_id)) == expected,
             f"segmentation shown in {name}: {not expected}",
@@ -427,7 +437,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     _check(shown == q, f"the query view shows slice {shown}, not {q}")
     flair = MODALITIES.index("flair")
     for hit, view in zip(hits, sc.result_view_names(len(hits))):
-        source = CaseFiles.from_source(hit.case_id, resources.database.sources(hit.case_id))
+        source = CaseFiles.from_database(resources.database, hit.case_id)
         case = sc.load_reference_case(scene, ctx.volumes_logic, source, "flair")
         count = scene.GetNumberOfNodes()
         again = sc.load_reference_case(scene, ctx.volumes_logic, source, "flair")
@@ -457,11 +467,11 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     # 9. zooming one view zooms the others
     views = [sc.QUERY_VIEW, *sc.result_view_names(len(hits))]
     link = sc.FieldOfViewLink(scene, views)
-    query_node = sc.slice_node_by_layout_name(scene, sc.QUERY_VIEW)
+    query_node = _slice_node(scene, sc.QUERY_VIEW)
     query_node.SetFieldOfView(123.0, 123.0, query_node.GetFieldOfView()[2])
     spacing = 123.0 / query_node.GetDimensions()[0]
     for name in views[1:]:
-        node = sc.slice_node_by_layout_name(scene, name)
+        node = _slice_node(scene, name)
         fov, dims = node.GetFieldOfView(), node.GetDimensions()
         want = (spacing * dims[0], spacing * dims[1])
         _check(

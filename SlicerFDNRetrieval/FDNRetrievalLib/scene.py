@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import slicer
 import vtk
 
@@ -30,7 +31,8 @@ from fdn_core.data.readers import (
 from fdn_core.errors import DataError
 from fdn_core.labels import ABNORMAL_COLORS, ABNORMAL_SEGMENT_IDS, MODALITIES
 
-from .naming import ROLE_ATTRIBUTE, SEQUENCE_LABELS, describe_missing
+from .capture import CapturedStudy, CapturedVolume, capture_study, node_ijk_to_ras
+from .naming import ROLE_ATTRIBUTE, SEQUENCE_LABELS
 
 __all__ = [
     "ABNORMAL_SEGMENTS",
@@ -39,18 +41,24 @@ __all__ = [
     "RESULTS_LAYOUT_BASE_ID",
     "RESULTS_TABLE_VIEW",
     "TABLE_COLUMNS",
+    "CapturedStudy",
+    "CapturedVolume",
     "FieldOfViewLink",
     "ReferenceCase",
     "StudyVolumes",
     "add_abnormal_segmentation",
     "add_reconstruction",
     "add_scalar_volume",
+    "assemble_study",
     "assign_view_volumes",
     "axial_index_from_ijk",
     "axial_index_from_ras",
+    "capture_study",
+    "composite_node",
     "displayed_axial_index",
     "jump_to_axial_slice",
     "jump_to_study_slice",
+    "label_color_table",
     "load_reference_case",
     "node_ijk_to_ras",
     "node_voxels",
@@ -60,11 +68,13 @@ __all__ = [
     "read_table_row",
     "register_results_layout",
     "result_view_names",
+    "results_grid",
     "results_layout_xml",
     "show_only_in_views",
     "show_table_in_view",
     "slice_node_by_layout_name",
     "slice_view_center",
+    "slice_view_xml",
     "write_results_table",
 ]
 
@@ -85,25 +95,6 @@ _GRID_TOL_MM = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-
-def node_ijk_to_ras(node: Any) -> np.ndarray:
-    """The node's voxel-to-world matrix (4, 4), including a linear parent transform."""
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    ijk_to_ras = slicer.util.arrayFromVTKMatrix(matrix)
-    transform = node.GetParentTransformNode()
-    if transform is not None:
-        if not transform.IsTransformToWorldLinear():
-            raise DataError(
-                f"volume '{node.GetName()}' is under a non-linear transform '{transform.GetName()}'; "
-                "harden the "
-                "transform (Data module, right-click > Harden transform) and try again"
-            )
-        to_world = vtk.vtkMatrix4x4()
-        transform.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = slicer.util.arrayFromVTKMatrix(to_world) @ ijk_to_ras
-    return ijk_to_ras
 
 
 def node_voxels(node: Any, label: str = "volume") -> np.ndarray:
@@ -158,96 +149,76 @@ class StudyVolumes:
         )
 
 
-def read_study(selection: Mapping[str, Any | None]) -> StudyVolumes:
-    """Read the four selected volume nodes (keys ``MODALITIES``) into one canonical 4-channel image.
+def assemble_study(captured: CapturedStudy) -> StudyVolumes:
+    """Worker thread: check the captured sequences and put them on the T1ce grid in canonical orientation.
 
-    Sequences on another grid than T1ce are resampled onto the T1ce grid (a warning says so). DataError
-    for a missing sequence, the same node picked twice, a 2D image, an empty (all-zero) or non-finite volume.
+    Sequences on another grid than T1ce are resampled onto the T1ce grid (a warning says so). DataError for
+    a 2D image, an empty (all-zero) or non-finite volume, or a sequence that does not overlap the T1ce one.
     """
-    missing = describe_missing(selection)
-    if missing:
-        raise DataError(
-            f"No {', '.join(missing)} volume selected. FDN retrieval needs all four sequences of one study "
-            "(T1, T1ce, T2, FLAIR): load the missing series and pick it in the Inputs section."
-        )
-    seen: dict[str, str] = {}
-    for key in MODALITIES:
-        node_id = selection[key].GetID()
-        if node_id in seen:
-            raise DataError(
-                f"The same volume '{selection[key].GetName()}' is selected for "
-                f"{SEQUENCE_LABELS[seen[node_id]]} "
-                f"and {SEQUENCE_LABELS[key]}; pick a different series for each sequence."
-            )
-        seen[node_id] = key
-    ref_node = selection["t1ce"]
-    ref_ijk_to_ras = node_ijk_to_ras(ref_node)
+    ref = captured.volumes["t1ce"]
     arrays: dict[str, np.ndarray] = {}
     for key in MODALITIES:
-        node, label = selection[key], SEQUENCE_LABELS[key]
-        array = node_voxels(node, label)
+        vol = captured.volumes[key]
+        array = np.ascontiguousarray(vol.voxels_kji.transpose(2, 1, 0), dtype=np.float32)
         if min(array.shape) < 2:
             raise DataError(
-                f"{label} volume '{node.GetName()}' is a 2D image (size {array.shape[0]} x "
-                f"{array.shape[1]} x "
+                f"{vol.label} volume '{vol.name}' is a 2D image (size {array.shape[0]} x {array.shape[1]} x "
                 f"{array.shape[2]} voxels); FDN retrieval needs the whole 3D series with its axial slices."
             )
         if not np.isfinite(array).all():
-            raise DataError(
-                f"{label} volume '{node.GetName()}' contains NaN or infinite values; re-export the series."
-            )
+            raise DataError(f"{vol.label} volume '{vol.name}' contains NaN or infinite values; re-export it.")
         if not (array > 0).any():
             raise DataError(
-                f"{label} volume '{node.GetName()}' is empty (no voxel above 0); check that the right "
-                "series is "
-                "selected and that it loaded completely."
+                f"{vol.label} volume '{vol.name}' is empty (no voxel above 0); check that the right series "
+                "is selected and that it loaded completely."
             )
         arrays[key] = array
     ref_shape = arrays["t1ce"].shape
     warnings: list[str] = []
     resampled: list[str] = []
     for key in MODALITIES:
-        if key == "t1ce":
-            continue
-        node, label = selection[key], SEQUENCE_LABELS[key]
-        ijk_to_ras = node_ijk_to_ras(node)
-        if arrays[key].shape == ref_shape and np.allclose(
-            ijk_to_ras, ref_ijk_to_ras, rtol=0, atol=_GRID_TOL_MM
+        vol = captured.volumes[key]
+        if key == "t1ce" or (
+            arrays[key].shape == ref_shape
+            and np.allclose(vol.ijk_to_ras, ref.ijk_to_ras, rtol=0, atol=_GRID_TOL_MM)
         ):
             continue
-        arrays[key] = resample_to_grid(arrays[key], ijk_to_ras, ref_ijk_to_ras, ref_shape)
+        arrays[key] = resample_to_grid(arrays[key], vol.ijk_to_ras, ref.ijk_to_ras, ref_shape)
         if not (arrays[key] > 0).any():
             raise DataError(
-                f"{label} volume '{node.GetName()}' does not overlap the T1ce volume "
-                f"'{ref_node.GetName()}' in "
-                "space; are they from the same study? Pick the four series of one examination."
+                f"{vol.label} volume '{vol.name}' does not overlap the T1ce volume '{ref.name}' in space; "
+                "are they from the same study? Pick the four series of one examination."
             )
         resampled.append(key)
         warnings.append(
-            f"{label} ('{node.GetName()}') is on a different voxel grid from T1ce "
-            f"('{ref_node.GetName()}'); it was "
+            f"{vol.label} ('{vol.name}') is on a different voxel grid from T1ce ('{ref.name}'); it was "
             "resampled onto the T1ce grid (linear interpolation) before encoding."
         )
     for warning in warnings:
         log.warning(warning)
     image_ijk = np.stack([arrays[key] for key in MODALITIES])
-    image, affine = to_canonical(image_ijk, ref_ijk_to_ras, channels_first=True)
+    image, affine = to_canonical(image_ijk, ref.ijk_to_ras, channels_first=True)
     return StudyVolumes(
         image=np.ascontiguousarray(image, dtype=np.float32),
         affine=affine,
-        reference_ijk_to_ras=ref_ijk_to_ras,
-        reference_shape=tuple(int(s) for s in ref_shape),  # type: ignore[arg-type]
-        reference_name=ref_node.GetName(),
-        names={key: selection[key].GetName() for key in MODALITIES},
+        reference_ijk_to_ras=ref.ijk_to_ras,
+        reference_shape=(int(ref_shape[0]), int(ref_shape[1]), int(ref_shape[2])),
+        reference_name=ref.name,
+        names={key: captured.volumes[key].name for key in MODALITIES},
         warnings=warnings,
         resampled=tuple(resampled),
     )
 
 
+def read_study(selection: Mapping[str, Any | None]) -> StudyVolumes:
+    """``capture_study`` then ``assemble_study`` in one call (scripts, tests; the panel splits them)."""
+    return assemble_study(capture_study(selection))
+
+
 # ---------------------------------------------------------------------------------------- slice indices
 
 
-def axial_index_from_ras(affine: np.ndarray, shape: Sequence[int], ras: Sequence[float]) -> int:
+def axial_index_from_ras(affine: np.ndarray, shape: Sequence[int], ras: npt.ArrayLike) -> int:
     """Canonical axial slice index (0..Z-1) of the voxel nearest to RAS point ``ras``.
 
     ``affine``/``shape``: canonical voxel-to-RAS matrix and (X, Y, Z). DataError when outside the volume.
@@ -273,7 +244,8 @@ def axial_index_from_ijk(ijk_to_ras: np.ndarray, shape_ijk: Sequence[int], ijk: 
 def ras_of_axial_slice(affine: np.ndarray, shape: Sequence[int], k: int) -> np.ndarray:
     """RAS position (3,) of the centre of canonical axial slice ``k``."""
     centre = np.array([(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0, float(k), 1.0])
-    return (np.asarray(affine, np.float64) @ centre)[:3]
+    ras: np.ndarray = (np.asarray(affine, np.float64) @ centre)[:3]
+    return ras
 
 
 def slice_node_by_layout_name(scene: Any, layout_name: str) -> Any | None:
@@ -292,7 +264,7 @@ def slice_view_center(scene: Any, layout_name: str = "Red") -> np.ndarray:
         raise DataError(
             f"there is no '{layout_name}' slice view in this layout; type the query slice number instead"
         )
-    return slicer.util.arrayFromVTKMatrix(node.GetSliceToRAS())[:3, 3].copy()
+    return np.array(slicer.util.arrayFromVTKMatrix(node.GetSliceToRAS())[:3, 3], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -393,13 +365,15 @@ def put_in_folder(scene: Any, folder_name: str, nodes: Iterable[Any]) -> int:
 
 
 def write_results_table(scene: Any, hits: Sequence[Any], name: str, table: Any | None = None) -> Any:
-    """A table node with one row per hit: rank (1..), case, slice (canonical axial index), distance.
+    """A locked (read-only) table node with one row per hit: rank (1..), case, slice (canonical axial
+    index), distance.
 
     ``hits``: objects with ``rank``, ``case_id``, ``slice_index`` and ``distance``. ``table``: reuse a node.
     """
     if table is None:
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
         _mark(table, "results")
+    table.SetLocked(False)
     table.RemoveAllColumns()
     columns = (vtk.vtkIntArray(), vtk.vtkStringArray(), vtk.vtkIntArray(), vtk.vtkDoubleArray())
     for array, column in zip(columns, TABLE_COLUMNS):
@@ -411,6 +385,7 @@ def write_results_table(scene: Any, hits: Sequence[Any], name: str, table: Any |
         columns[3].InsertNextValue(float(hit.distance))
     for array in columns:
         table.AddColumn(array)
+    table.SetLocked(True)  # read-only: rows name results, they are not for editing
     table.Modified()
     return table
 
@@ -456,7 +431,7 @@ def _find_loaded(scene: Any, case_id: str, role: str) -> Any | None:
     return None
 
 
-def _label_colors(scene: Any, layout: str) -> Any:
+def label_color_table(scene: Any, layout: str) -> Any:
     """A colour table for label files: BraTS values 1/2/4 or our classes 1/2/3, in the segment colours."""
     name = f"FDN abnormal labels ({layout})"
     existing = scene.GetFirstNodeByName(name)
@@ -516,7 +491,7 @@ def load_reference_case(
                     f"reference case {case_id}: Slicer could not read {files.seg}; check the file"
                 )
             labels.CreateDefaultDisplayNodes()
-            labels.GetDisplayNode().SetAndObserveColorNodeID(_label_colors(scene, "brats").GetID())
+            labels.GetDisplayNode().SetAndObserveColorNodeID(label_color_table(scene, "brats").GetID())
     else:
         case = load_case(files)
         channel = MODALITIES.index(sequence)
@@ -525,7 +500,7 @@ def load_reference_case(
         )
         if case.seg is not None:
             labels = add_scalar_volume(scene, case.seg, case.affine, f"{case_id} labels", "reference", True)
-            labels.GetDisplayNode().SetAndObserveColorNodeID(_label_colors(scene, "classes").GetID())
+            labels.GetDisplayNode().SetAndObserveColorNodeID(label_color_table(scene, "classes").GetID())
     _mark(volume, f"reference:{sequence}", case_id)
     if labels is not None:
         _mark(labels, "reference:labels", case_id)
@@ -540,7 +515,8 @@ def result_view_names(top_k: int) -> list[str]:
     return [f"FDNResult{i}" for i in range(1, top_k + 1)]
 
 
-def _slice_view_xml(name: str, label: str, color: str) -> str:
+def slice_view_xml(name: str, label: str, color: str) -> str:
+    """Layout XML of one axial slice view named ``name`` with view label ``label`` and colour ``color``."""
     return (
         f'<item><view class="vtkMRMLSliceNode" singletontag="{name}">'
         '<property name="orientation" action="default">Axial</property>'
@@ -551,24 +527,32 @@ def _slice_view_xml(name: str, label: str, color: str) -> str:
     )
 
 
+def results_grid(top_k: int) -> tuple[int, int]:
+    """(rows, views per row) of the result views: at most five per row, rows as even as possible."""
+    rows = -(-top_k // 5)
+    return rows, -(-top_k // rows)
+
+
 def results_layout_xml(top_k: int) -> str:
-    """Layout: the query view (left), the top-K result views in rows of up to five, the table below."""
+    """Layout: the query view (left, as tall as the result rows and about as wide), the top-K result views
+    in even rows of up to five (row-major, 1..K), the table below."""
     if not 1 <= top_k <= 20:
         raise DataError(f"top-K must be between 1 and 20, got {top_k}")
     names = result_view_names(top_k)
-    per_row = min(5, top_k)
+    n_rows, per_row = results_grid(top_k)
     rows = []
     for start in range(0, top_k, per_row):
         views = "".join(
-            _slice_view_xml(name, str(start + i + 1), "#6EB04B")
+            slice_view_xml(name, str(start + i + 1), "#6EB04B")
             for i, name in enumerate(names[start : start + per_row])
         )
         rows.append(f'<item><layout type="horizontal">{views}</layout></item>')
     results = f'<layout type="vertical">{"".join(rows)}</layout>'
     top = (
         '<layout type="horizontal" split="true">'
-        + _slice_view_xml(QUERY_VIEW, "Q", "#F34A33")
-        + f'<item splitSize="{max(2, min(top_k, 5)) * 100}">{results}</item>'
+        + f'<item splitSize="{n_rows * 100}">'
+        + slice_view_xml(QUERY_VIEW, "Q", "#F34A33")[len("<item>") :]
+        + f'<item splitSize="{per_row * 100}">{results}</item>'
         + "</layout>"
     )
     table = (
@@ -589,7 +573,8 @@ def register_results_layout(layout_node: Any, top_k: int) -> int:
     return layout_id
 
 
-def _composite_node(scene: Any, layout_name: str) -> Any:
+def composite_node(scene: Any, layout_name: str) -> Any:
+    """The slice composite node (layers) of the view ``layout_name``, created when missing."""
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
         if node.GetLayoutName() == layout_name:
@@ -604,7 +589,7 @@ def assign_view_volumes(
     scene: Any, layout_name: str, background: Any, labels: Any | None = None, label_opacity: float = 0.5
 ) -> Any:
     """Show ``background`` (and ``labels`` as the label layer) in the view ``layout_name``."""
-    composite = _composite_node(scene, layout_name)
+    composite = composite_node(scene, layout_name)
     composite.SetBackgroundVolumeID(background.GetID())
     composite.SetForegroundVolumeID(None)
     composite.SetLabelVolumeID(labels.GetID() if labels is not None else None)

@@ -1,30 +1,33 @@
-"""Computing side of the module: model + database, encoding a study, searching, background tasks.
+"""Computing side of the module: model + database, encoding a study, searching.
 
-Nothing here touches MRML or Qt: functions take numpy arrays and return numpy arrays, so they can run in a
-worker thread while the main thread keeps the GUI alive (``BackgroundTask``), and under pytest.
+Nothing here touches MRML or Qt: functions take numpy arrays and return numpy arrays, so they run in the
+panel's worker thread (``tasks.BackgroundTask``, re-exported here) while the main thread keeps the GUI alive,
+and under pytest. Importing this module imports torch: the panel does it first in the worker thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from fdn_core.codes.database import CodeDatabase
 from fdn_core.codes.search import Hit, Query, SearchEngine
-from fdn_core.data.preprocess import slices_to_volume
+from fdn_core.data.preprocess import slices_to_volume, volume_to_slices
 from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
 from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
 from fdn_core.model.bundle import InferenceBundle, load_bundle
-from fdn_core.progress import Cancelled, Progress
-from fdn_core.retrieval import encode_case_stack, load_hamming_codes
+from fdn_core.progress import Progress
+from fdn_core.retrieval import load_hamming_codes
+
+from .tasks import BackgroundTask, TaskStatus
 
 __all__ = [
     "BackgroundTask",
@@ -43,6 +46,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Seconds one encoding step should take: Cancel is answered within about this time.
+STEP_SECONDS = 0.2
 
 #: The panel's similarity choices ("both": each code's distance divided by its typical size, summed).
 MODES: tuple[str, ...] = ("normal", "abnormal", "both")
@@ -174,6 +179,36 @@ def _brain_statistics(image: np.ndarray) -> list[tuple[float, float]]:
     return stats
 
 
+def _in_timed_steps(
+    num_slices: int,
+    max_batch: int,
+    run: Callable[[int, int], T],
+    progress: Progress | None,
+    message: str,
+    target_s: float = STEP_SECONDS,
+) -> list[T]:
+    """``run(start, stop)`` over slices ``[0, num_slices)`` in steps sized to last about ``target_s`` each.
+
+    The first step is one slice; each next step holds as many slices as the last step's speed allows in
+    ``target_s`` (1 to ``max_batch``). Progress is reported, and Cancel checked, after every step, so a Cancel
+    is answered within about ``target_s`` whatever the model, image size and device.
+    """
+    out: list[T] = []
+    if progress is not None:
+        progress.update(0, num_slices, message)
+    start, size = 0, 1
+    while start < num_slices:
+        stop = min(num_slices, start + size)
+        began = time.perf_counter()
+        out.append(run(start, stop))
+        per_slice = max((time.perf_counter() - began) / (stop - start), 1e-6)
+        size = int(max(1, min(max_batch, target_s / per_slice)))
+        start = stop
+        if progress is not None:
+            progress.update(start, num_slices, message)
+    return out
+
+
 def encode_study(
     bundle: InferenceBundle,
     image: np.ndarray,
@@ -184,10 +219,11 @@ def encode_study(
 ) -> EncodedStudy:
     """Encode every axial slice of a canonical 4-channel study ``image`` (4, X, Y, Z).
 
-    Preprocessing and encoding are ``fdn_core.retrieval.encode_case_stack``, exactly as databases are
-    indexed. With ``reconstruct`` the normal-appearing image is decoded too and mapped back to the input's
-    intensities (z-score undone with each channel's brain mean and standard deviation; 0 outside that
-    channel's brain voxels).
+    Preprocessing and encoding are those of ``fdn_core.retrieval.encode_case_stack`` (``volume_to_slices``,
+    then ``InferenceBundle.encode_slices``), exactly as databases are indexed, run in steps of about
+    ``STEP_SECONDS`` (at most ``batch_size`` slices) so that Cancel is answered quickly. With ``reconstruct``
+    the normal-appearing image is decoded too and mapped back to the input's intensities (z-score undone
+    with each channel's brain mean and standard deviation; 0 outside that channel's brain voxels).
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4 or image.shape[0] != len(MODALITIES):
@@ -202,20 +238,40 @@ def encode_study(
         spacing=spacing,  # type: ignore[arg-type]
         files=CaseFiles("query", "brats", None, None, None, None),
     )
-    stack, encoded = encode_case_stack(bundle, case, batch_size=batch_size, progress=progress)
-    seg = slices_to_volume(encoded.seg, stack.geometry).astype(np.uint8)
+    stack = volume_to_slices(case, bundle.preprocess)
+    n = int(stack.images.shape[0])
+    if n == 0:
+        raise DataError("the study has no axial slices")
+    cap = bundle.default_batch_size() if batch_size is None else max(1, int(batch_size))
+    parts = _in_timed_steps(
+        n,
+        cap,
+        lambda a, b: bundle.encode_slices(stack.images[a:b], batch_size=b - a),
+        progress,
+        "Encoding slices",
+    )
+    normal = np.concatenate([p.normal for p in parts])
+    abnormal = np.concatenate([p.abnormal for p in parts])
+    seg_slices = np.concatenate([p.seg for p in parts])
+    seg = slices_to_volume(seg_slices, stack.geometry).astype(np.uint8)
     recon = None
     if reconstruct:
-        _full, recon_slices, _seg = bundle.reconstruct(stack.images, batch_size=batch_size, progress=progress)
-        recon_z = slices_to_volume(recon_slices, stack.geometry, mode="bilinear")
+        recon_parts = _in_timed_steps(
+            n,
+            cap,
+            lambda a, b: bundle.reconstruct(stack.images[a:b], batch_size=b - a)[1],
+            progress,
+            "Reconstructing slices",
+        )
+        recon_z = slices_to_volume(np.concatenate(recon_parts), stack.geometry, mode="bilinear")
         recon = np.zeros_like(image)
         for c, (mean, std) in enumerate(_brain_statistics(image)):
             mask = image[c] > 0
             recon[c][mask] = np.maximum(recon_z[c][mask] * std + mean, 0.0)
-    has_abnormal = (encoded.seg > 0).reshape(encoded.seg.shape[0], -1).any(axis=1)
+    has_abnormal = np.asarray((seg_slices > 0).reshape(n, -1).any(axis=1))
     return EncodedStudy(
-        normal=encoded.normal,
-        abnormal=encoded.abnormal,
+        normal=normal,
+        abnormal=abnormal,
         has_abnormal=has_abnormal,
         seg=seg,
         recon_normal=recon,
@@ -325,96 +381,3 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
         per="volume" if settings.volume_wise else "slice",
     )
     return hits
-
-
-# --------------------------------------------------------------------------------------- background work
-
-
-@dataclass
-class TaskStatus:
-    """A snapshot of a background task: progress, and how it ended (if it has)."""
-
-    done: int = 0
-    total: int = 0
-    message: str = ""
-    finished: bool = False
-    cancelled: bool = False
-    error: BaseException | None = None
-
-    @property
-    def fraction(self) -> float:
-        """Progress in [0, 1] (0 while the total is unknown)."""
-        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
-
-
-@dataclass
-class BackgroundTask(Generic[T]):
-    """Runs ``work(progress)`` in a worker thread (numpy/torch only); the caller polls ``status()``.
-
-    Inside Slicer a ``qt.QTimer`` polls and applies the result to the scene on the main thread; the
-    worker never touches MRML. ``cancel()`` makes the work raise ``Cancelled`` at its next progress report.
-    """
-
-    work: Callable[[Progress], T]
-    name: str = "FDN retrieval"
-    _status: TaskStatus = field(default_factory=TaskStatus)
-    _result: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _thread: threading.Thread | None = None
-    _progress: Progress | None = None
-
-    def start(self) -> BackgroundTask[T]:
-        """Start the worker thread (once)."""
-        if self._thread is not None:
-            raise RuntimeError(f"task {self.name!r} was already started")
-        self._progress = Progress(callback=self._report)
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    def _report(self, done: int, total: int, message: str) -> None:
-        with self._lock:
-            self._status.done, self._status.total, self._status.message = done, total, message
-
-    def _run(self) -> None:
-        assert self._progress is not None
-        try:
-            result = self.work(self._progress)
-        except Cancelled as exc:
-            with self._lock:
-                self._status.cancelled, self._status.error = True, exc
-        except BaseException as exc:
-            log.debug("background task %s failed", self.name, exc_info=True)
-            with self._lock:
-                self._status.error = exc
-        else:
-            with self._lock:
-                self._result = result
-        finally:
-            with self._lock:
-                self._status.finished = True
-
-    def cancel(self) -> None:
-        """Ask the work to stop at its next progress report."""
-        if self._progress is not None:
-            self._progress.cancel.set()
-
-    def status(self) -> TaskStatus:
-        """A copy of the current status (safe to call from any thread)."""
-        with self._lock:
-            return TaskStatus(**vars(self._status))
-
-    def wait(self, timeout: float | None = None) -> TaskStatus:
-        """Block until the work ends (tests and scripts; the GUI polls instead)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.status()
-
-    def result(self) -> T:
-        """The work's return value; re-raises its exception (Cancelled when cancelled)."""
-        status = self.status()
-        if not status.finished:
-            raise RuntimeError(f"task {self.name!r} has not finished")
-        if status.error is not None:
-            raise status.error
-        return self._result

@@ -169,6 +169,7 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from fdn_core.codes.database import CodeDatabase
+    from fdn_core.data.readers import resolve_source
     from fdn_core.errors import DataError, IntegrityError
     from fdn_core.retrieval import HAMMING_DIR, load_hamming_codes
 
@@ -204,7 +205,7 @@ def _info(args: argparse.Namespace) -> int:
             )
     missing = []
     for case_id in db.cases:
-        src = db.sources(case_id)
+        src = resolve_source(case_id, db.sources(case_id), db.path)
         paths = [*(src.get("images") or {}).values(), src.get("image4d"), src.get("seg"), src.get("anat")]
         if any(p is not None and not Path(p).is_file() for p in paths):
             missing.append(case_id)

@@ -151,16 +151,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.montage is not None:
         if volume is None:
-            volume = load_case(CaseFiles.from_source(query.case_id, db.sources(query.case_id)))
+            volume = load_case(CaseFiles.from_database(db, query.case_id))
         title = (
             f"{query.case_id}:{query.slice_index} - {args.mode}, {args.distance}, {unit} top {args.top}"
             f"{composite}"
         )
         extra = None
         if abnormal_from is not None:
-            source = db.sources(abnormal_from.case_id)
             extra = (
-                load_case(CaseFiles.from_source(abnormal_from.case_id, source)),
+                load_case(CaseFiles.from_database(db, abnormal_from.case_id)),
                 abnormal_from.slice_index,
             )
         render_retrieval_montage(

@@ -84,6 +84,7 @@ __all__ = [
     "nifti_bytes",
     "parallel_map",
     "resample_to_grid",
+    "resolve_source",
     "scan_cohort",
     "summarize_case",
     "to_canonical",
@@ -157,11 +158,17 @@ class CaseFiles:
         paths += [p for p in (self.image4d, self.seg, self.anat) if p is not None]
         return paths
 
-    def to_source(self) -> dict[str, Any]:
-        """The source a code database records for this case: layout and absolute paths (plain JSON)."""
+    def to_source(self, base: str | Path | None = None) -> dict[str, Any]:
+        """The source a code database records for this case: layout and file paths (plain JSON).
+
+        ``base``: the database folder. A file inside that folder or beside it (under the folder's parent, e.g.
+        ``demo/cohort`` next to ``demo/db``) is recorded relative to ``base`` (POSIX separators), so the
+        database and its cohort can be moved or copied together; any other file, or every file without
+        ``base``, is recorded as an absolute path.
+        """
 
         def opt(p: Path | None) -> str | None:
-            return None if p is None else str(Path(p).resolve())
+            return None if p is None else _source_path(Path(p), base)
 
         return {
             "layout": str(self.layout),
@@ -172,14 +179,18 @@ class CaseFiles:
         }
 
     @classmethod
-    def from_source(cls, case_id: str, source: Mapping[str, Any]) -> CaseFiles:
+    def from_source(
+        cls, case_id: str, source: Mapping[str, Any], base: str | Path | None = None
+    ) -> CaseFiles:
         """The files of a database case from its recorded source (``to_source``, ``CodeDatabase.sources``).
 
+        ``base``: the database folder, against which relative paths are resolved (``from_database`` passes
+        it); absolute paths (databases written before relative paths existed) are used as they are.
         Decathlon cases are looked up again in their cohort folder, because the 4D channel order comes from
         its ``dataset.json`` and is not part of the recorded source. The case was accepted when it was
         indexed, so files on different grids are resampled as they were then.
         """
-        source = validate_source(case_id, source)
+        source = resolve_source(case_id, source, base)
         paths = [p for p in (*(source["images"] or {}).values(), source["image4d"]) if p]
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
@@ -208,6 +219,47 @@ class CaseFiles:
             anat=None if source["anat"] is None else Path(source["anat"]),
             resample=True,
         )
+
+    @classmethod
+    def from_database(cls, db: Any, case_id: str) -> CaseFiles:
+        """The files of case ``case_id`` of code database ``db`` (anything with ``sources()`` and ``path``),
+        relative paths resolved against the database folder."""
+        return cls.from_source(case_id, db.sources(case_id), base=db.path)
+
+
+def _source_path(path: Path, base: str | Path | None) -> str:
+    """``path`` as a database records it: relative to ``base`` if inside ``base``'s parent, else absolute."""
+    absolute = path.resolve()
+    if base is None:
+        return str(absolute)
+    folder = Path(base).resolve()
+    if not absolute.is_relative_to(folder.parent):
+        return str(absolute)
+    return Path(os.path.relpath(absolute, folder)).as_posix()
+
+
+def resolve_source(case_id: str, source: Mapping[str, Any], base: str | Path | None) -> dict[str, Any]:
+    """A validated source (``validate_source``) whose relative paths are made absolute against ``base``.
+
+    DataError when the source holds relative paths but no ``base`` (the database folder) is given.
+    """
+    out = validate_source(case_id, source)
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or os.path.isabs(p):
+            return p
+        if base is None:
+            raise DataError(
+                f"case {case_id!r}: the database records the path {p!r} relative to its own folder; open the "
+                "case with CaseFiles.from_database(db, case_id) (or pass base=<database folder>)"
+            )
+        return os.path.normpath(os.path.join(os.fspath(base), p))
+
+    if out["images"] is not None:
+        out["images"] = {m: absolute(p) for m, p in out["images"].items()}
+    for key in ("image4d", "seg", "anat"):
+        out[key] = absolute(out[key])
+    return out
 
 
 def validate_source(case_id: str, source: Mapping[str, Any]) -> dict[str, Any]:

@@ -480,7 +480,7 @@ def evaluate_retrieval(
     notes: list[str] = []
 
     def case_files(cid: str) -> CaseFiles:
-        return cohort.get(cid) or CaseFiles.from_source(cid, db.sources(cid))
+        return cohort.get(cid) or CaseFiles.from_database(db, cid)
 
     # ---- queries
     explicit = queries is not None

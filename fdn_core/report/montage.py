@@ -200,7 +200,7 @@ def render_retrieval_montage(
     for hit in hits:
         if hit.case_id not in volumes:
             try:
-                volumes[hit.case_id] = load_case(CaseFiles.from_source(hit.case_id, db.sources(hit.case_id)))
+                volumes[hit.case_id] = load_case(CaseFiles.from_database(db, hit.case_id))
             except DataError as exc:
                 log.warning("montage: cannot show case %s: %s", hit.case_id, exc)
                 volumes[hit.case_id] = str(exc)
