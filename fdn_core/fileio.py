@@ -257,15 +257,16 @@ def recover_dir(path: str | Path) -> str | None:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
         return None
-    # Nothing at ``path``: a replacement is between its renames. Give a live one time to finish.
+    # Nothing at ``path``: a replacement is between its renames. One that wrote its marker recently may
+    # still be running: give it time to finish. (Without a marker, it was made by an older version.)
     deadline = time.monotonic() + SWAP_GRACE_S
-    while time.monotonic() < deadline:
+    while marker.exists() and time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             if time.time() - marker.stat().st_mtime > SWAP_GRACE_S:
                 break
-        if path.exists() or not (marker.exists() or old.exists()):
-            return None
         time.sleep(0.05)
+        if path.exists():
+            return None
     new: Path | None = None
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         name = json.loads(marker.read_text(encoding="utf-8"))["new"]

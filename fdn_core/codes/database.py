@@ -761,7 +761,8 @@ class CodeDatabase:
 
     @staticmethod
     def _check_slices(s: _Stored, where: str) -> None:
-        """Slice indices are non-negative and unique within each case (reads every row)."""
+        """Slice indices are non-negative and strictly increasing within each case, as ``add_cases`` stores
+        them (reads every row): row ranges shifted against the slices they hold show here."""
         sl = np.asarray(s.slice_indices, dtype=np.int64)
         if sl.size and sl.min() < 0:
             raise IntegrityError(f"{where}: negative slice indices; {REBUILD_HINT}")
@@ -769,14 +770,12 @@ class CodeDatabase:
         boundary = np.zeros(step.shape, dtype=bool)
         inner = s.case_rows[1:-1] - 1
         boundary[inner[inner < step.size]] = True
-        if np.all((step > 0) | boundary):
-            return  # strictly increasing within every case: unique
-        case = np.repeat(np.arange(len(s.case_ids), dtype=np.int64), np.diff(s.case_rows))
-        key = case * (1 << 32) + sl
-        if np.unique(key).size != key.size:
+        bad = np.flatnonzero((step <= 0) & ~boundary)
+        if bad.size:
+            ci = int(np.searchsorted(s.case_rows, bad[0], side="right") - 1)
             raise IntegrityError(
-                f"{where}: a case holds the same slice index twice (its row ranges do not match its "
-                f"slices); {REBUILD_HINT}"
+                f"{where}: the slice indices of case {s.case_ids[ci]!r} do not increase along its rows (its "
+                f"row range does not match its slices); {REBUILD_HINT}"
             )
 
     @classmethod
@@ -1430,7 +1429,10 @@ class CodeDatabase:
                 raise DataError(f"{where}: slice_indices has repeated values")
             if sl.max() > np.iinfo(np.int32).max:
                 raise DataError(f"{where}: slice_indices exceed int32")
-            sl = sl.astype(np.int32)
+            order = np.argsort(sl, kind="stable")  # stored in slice order (checked by verify)
+            sl = sl[order].astype(np.int32)
+            grids = [g[order] for g in grids]
+            flags = flags[order]
         if c.source_sha256 is not None and (
             not isinstance(c.source_sha256, str) or not _SHA_RE.match(c.source_sha256)
         ):
@@ -1619,11 +1621,13 @@ class CodeDatabase:
             manifest["generation"] = int(m.get("version", 0)) + 1
             if state.stored:
                 s = state.stored[0]
+                arrays = [s.normal_codes, s.abnormal_codes, s.slice_indices, s.has_abnormal]
+                case_of_row = np.repeat(np.arange(len(s.case_ids)), np.diff(s.case_rows))
+                order = np.lexsort((np.asarray(s.slice_indices), case_of_row))
+                if not np.array_equal(order, np.arange(order.size)):  # format 1 allowed any slice order
+                    arrays = [np.asarray(a)[order] for a in arrays]
                 part = _Part(
-                    s.normal_codes,
-                    s.abnormal_codes,
-                    s.slice_indices,
-                    s.has_abnormal,
+                    *arrays,
                     [(int(a), int(b)) for a, b in zip(s.case_rows[:-1], s.case_rows[1:])],
                     list(s.case_ids),
                     list(s.source_sha256),
