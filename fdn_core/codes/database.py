@@ -1605,7 +1605,7 @@ class CodeDatabase:
             )
         if state.legacy:
             state = self._migrate(state)
-        self._sweep(state)
+        self._sweep()
         return state
 
     def _migrate(self, state: _State) -> _State:
@@ -1757,39 +1757,23 @@ class CodeDatabase:
         manifest["manifest_sha256"] = _manifest_hash(manifest)
         _fail_point("manifest")
         atomic_write_json(self._path / name, manifest)
+        _fail_point("replaced")  # committed, but the writer does not know yet (rollback checks the refs)
         created.clear()  # committed: what was created is now referenced, never rolled back
         _fail_point("committed")
 
     def _rollback(self, created: list[Path]) -> None:
-        """Remove the folders this process created for a write that did not commit (never others')."""
+        """Remove the folders this process created for a write that did not commit (never others'). An
+        interruption can land after the manifest was replaced but before the write noticed, so a folder the
+        manifests reference is kept whatever happened."""
+        refs = self._referenced()
         for p in created:
-            shutil.rmtree(p, ignore_errors=True)
+            if refs is not None and f"{p.parent.name}/{p.name}" not in refs:
+                shutil.rmtree(p, ignore_errors=True)
         created.clear()
 
-    def _after_commit(self, name: str, codebooks_changed: bool = False) -> None:
-        """Adopt the committed state and sweep what no manifest references any more."""
-        raw = self._read_manifest_raw(self._path, name)
-        cache = {s.folder: s for s in self._state.stored}
-        state = self._load(self._path, name, raw, verify=False, cache=cache)
-        self._adopt(state)
-        if codebooks_changed:
-            shutil.rmtree(self._path / HAMMING_DIR, ignore_errors=True)
-        try:
-            self._sweep(state)
-        except OSError as exc:  # committed already; litter is swept by the next writer
-            log.warning("%s: could not sweep old segments (%s)", self._path, exc)
-
-    def _adopt(self, state: _State) -> None:
-        with self._mutex:
-            self._state = state
-            self._views = {}
-
-    def _sweep(self, state: _State) -> None:
-        """Delete (under the lock) folders no manifest references: old segments and codebooks, temporary
-        folders of dead writers, format-1 version folders. Best effort: a folder still memory-mapped on
-        Windows is left for a later sweep."""
-        _fail_point("sweep")
-        del state
+    def _referenced(self) -> set[str] | None:
+        """Folders (``segments/...``, ``codebooks/...``, format-1 ``vNNNNNN``) that ``manifest.json`` or
+        ``build.json`` reference; None when one of them cannot be read (then nothing may be deleted)."""
         refs: set[str] = set()
         for name in (MANIFEST, BUILD_MANIFEST):
             if not (self._path / name).is_file():
@@ -1802,7 +1786,35 @@ class CodeDatabase:
                     refs.add(str(raw["codebooks"]["folder"]))
                     refs.update(str(s["folder"]) for s in raw["segments"])
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                return  # an unreadable manifest: sweep nothing
+                return None
+        return refs
+
+    def _after_commit(self, name: str, codebooks_changed: bool = False) -> None:
+        """Adopt the committed state and sweep what no manifest references any more."""
+        raw = self._read_manifest_raw(self._path, name)
+        cache = {s.folder: s for s in self._state.stored}
+        state = self._load(self._path, name, raw, verify=False, cache=cache)
+        self._adopt(state)
+        if codebooks_changed:
+            shutil.rmtree(self._path / HAMMING_DIR, ignore_errors=True)
+        try:
+            self._sweep()
+        except OSError as exc:  # committed already; litter is swept by the next writer
+            log.warning("%s: could not sweep old segments (%s)", self._path, exc)
+
+    def _adopt(self, state: _State) -> None:
+        with self._mutex:
+            self._state = state
+            self._views = {}
+
+    def _sweep(self) -> None:
+        """Delete (under the lock) folders no manifest references: old segments and codebooks, temporary
+        folders of dead writers, format-1 version folders. Best effort: a folder still memory-mapped on
+        Windows is left for a later sweep."""
+        _fail_point("sweep")
+        refs = self._referenced()
+        if refs is None:
+            return  # an unreadable manifest: sweep nothing
         for kind in (SEGMENTS_DIR, CODEBOOKS_DIR):
             base = self._path / kind
             if not base.is_dir():
