@@ -350,7 +350,6 @@ def test_litter_of_a_killed_process_is_ignored_and_swept(tmp_path: Path) -> None
     assert reopened.cases == ["A"] and reopened.generation == generation
     reopened.add_cases([case("B", 2, 2)])
     assert _litter(path) == []
-    assert [s["folder"] for s in _manifest(path)["segments"]][0] == _manifest(path)["segments"][0]["folder"]
     assert not (path / "v000050").exists() and len(_manifest(path)["segments"]) == 2
 
 
@@ -375,7 +374,10 @@ def test_two_writer_processes_never_lose_a_case(tmp_path: Path) -> None:
         pool.apply(time.sleep, (0,))  # warm the pool up
         for t in range(trials):
             start = time.time() + 0.3
-            jobs = [pool.apply_async(add_one, (str(path), f"T{t}{w}", 10 * t + i, start)) for i, w in enumerate("ab")]
+            jobs = [
+                pool.apply_async(add_one, (str(path), f"T{t}{w}", 10 * t + i, start))
+                for i, w in enumerate("ab")
+            ]
             assert sorted(j.get(timeout=60) for j in jobs) == [f"T{t}a", f"T{t}b"]
             expected += [f"T{t}a", f"T{t}b"]
             assert sorted(CodeDatabase.open(path, verify=False).cases) == sorted(expected), f"trial {t}"

@@ -320,7 +320,13 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
                     shutil.rmtree(old)
                 atomic_write_json(marker, {"new": tmp.name, "old": old.name})
                 os.replace(path, old)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    if not path.exists() and old.exists():
+                        os.replace(old, path)  # undo: the previous copy goes back
+                    marker.unlink(missing_ok=True)
+                    raise
                 fsync_dir(path.parent)
                 marker.unlink()
                 shutil.rmtree(old, ignore_errors=True)

@@ -1627,7 +1627,10 @@ class CodeDatabase:
                 if not np.array_equal(order, np.arange(order.size)):  # format 1 allowed any slice order
                     arrays = [np.asarray(a)[order] for a in arrays]
                 part = _Part(
-                    *arrays,
+                    arrays[0],
+                    arrays[1],
+                    arrays[2],
+                    arrays[3],
                     [(int(a), int(b)) for a, b in zip(s.case_rows[:-1], s.case_rows[1:])],
                     list(s.case_ids),
                     list(s.source_sha256),
