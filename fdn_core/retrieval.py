@@ -111,8 +111,9 @@ def fit_hamming_codes(
             out.append(codes)
     if save:
         try:
-            for name, codes in zip(("normal", "abnormal"), out):
-                codes.save(db.path / HAMMING_DIR, name=name)
+            with db.write_lock():  # never beside a concurrent rebuild, nor two fits at once
+                for name, codes in zip(("normal", "abnormal"), out):
+                    codes.save(db.path / HAMMING_DIR, name=name)
         except OSError as exc:
             log.warning(
                 "cannot store the binary codes in %s (%s); they are kept in memory only", db.path, exc

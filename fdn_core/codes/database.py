@@ -1564,6 +1564,20 @@ class CodeDatabase:
 
     # ------------------------------------------------------------------ mutation: machinery
     @contextlib.contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the database's write lock for a write of derived files beside it (the Hamming codes); fails
+        with ModelMismatchError if the database was rebuilt with other codebooks since it was opened."""
+        with self._mutex, self._write_lock():
+            current = self._reread()
+            if current.fingerprint != self._state.fingerprint or any(
+                not np.array_equal(a, b) for a, b in zip(current.books, self._state.books)
+            ):
+                raise ModelMismatchError(
+                    f"{self._path} was rebuilt with another model since it was opened; open it again"
+                )
+            yield
+
+    @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
         """Hold the database's exclusive write lock (a lock file in the folder; waits up to
         ``lock_timeout`` seconds for another writer)."""
