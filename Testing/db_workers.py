@@ -88,18 +88,27 @@ def commit_stream(path: str, seconds: float) -> int:
 # ---------------------------------------------------------------------------------- the format-1 layout
 
 
-def write_v1(path: Path, cases: list[CaseCodes], version: int = 3) -> None:
+def write_v1(
+    path: Path,
+    cases: list[CaseCodes],
+    version: int = 3,
+    fingerprint: str = FP,
+    codebooks: tuple[np.ndarray, np.ndarray] | None = None,
+    grid: tuple[int, int] = GRID,
+) -> None:
     """Write a database in the old format 1 (one vNNNNNN folder, the case table in the manifest)."""
     path.mkdir(parents=True)
     vname = f"v{version:06d}"
     vdir = path / vname
     vdir.mkdir()
-    bn, ba = books()
-    h, w = GRID
+    bn, ba = books() if codebooks is None else codebooks
+    h, w = grid
     arrays = {
         "normal_codes": np.concatenate([c.normal.reshape(-1, h * w) for c in cases]).astype(np.uint16),
         "abnormal_codes": np.concatenate([c.abnormal.reshape(-1, h * w) for c in cases]).astype(np.uint16),
-        "slice_indices": np.concatenate([np.arange(c.normal.shape[0]) for c in cases]).astype(np.int32),
+        "slice_indices": np.concatenate(
+            [np.arange(c.normal.shape[0]) if c.slice_indices is None else c.slice_indices for c in cases]
+        ).astype(np.int32),
         "has_abnormal": np.concatenate([c.has_abnormal for c in cases]).astype(bool),
         "codebook_normal": bn,
         "codebook_abnormal": ba,
@@ -121,10 +130,10 @@ def write_v1(path: Path, cases: list[CaseCodes], version: int = 3) -> None:
     manifest = {
         "format": "fdn-code-database",
         "format_version": 1,
-        "fingerprint": FP,
-        "grid_shape": list(GRID),
-        "num_codes": K,
-        "code_dim": D,
+        "fingerprint": fingerprint,
+        "grid_shape": list(grid),
+        "num_codes": int(bn.shape[0]),
+        "code_dim": int(bn.shape[1]),
         "created": {"utc": "2026-01-01T00:00:00+00:00", "fdn_version": "0.0.9"},
         "modified_utc": "2026-01-01T00:00:00+00:00",
         "version": version,

@@ -243,6 +243,43 @@ def test_an_external_study_named_like_a_database_case_is_not_excluded(cohort: di
     assert q3.database_case == refs[2]
 
 
+def test_format_1_databases_identify_studies_by_their_codes(cohort: dict[str, Any]) -> None:
+    """A format-1 database records no fingerprints: a study is its case when its codes are the case's,
+    slice for slice, whatever its name; a namesake with other codes is another study."""
+    from db_workers import write_v1
+
+    from fdn_core.codes.database import CaseCodes, CodeDatabase
+    from fdn_core.data.readers import case_files_from_paths, load_case
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import Retriever
+
+    bundle = load_bundle(cohort["bundle"], device="cpu")
+    v2 = CodeDatabase.open(cohort["work"] / "db_identity")
+    h, w = v2.grid_shape
+    cases = []
+    for cid in v2.cases:
+        rows = v2.case_rows(cid)
+        cases.append(
+            CaseCodes(
+                cid,
+                np.asarray(v2.normal_codes[rows]).reshape(-1, h, w),
+                np.asarray(v2.abnormal_codes[rows]).reshape(-1, h, w),
+                np.asarray(v2.has_abnormal[rows]),
+                v2.sources(cid),
+                np.asarray(v2.slice_indices[rows]),
+            )
+        )
+    v1 = cohort["work"] / "db_identity_v1"
+    write_v1(v1, cases, fingerprint=v2.fingerprint, codebooks=bundle.codebooks(), grid=(h, w))
+    retriever = Retriever.open(v1, bundle)
+    assert retriever.db.format_version == 1
+    studies = cohort["work"] / "studies"
+    twin = retriever.slice_from_case(load_case(case_files_from_paths([studies / "renamed_study"])), 20)
+    assert twin.database_case == v2.cases[1]  # same codes, other name and place
+    namesake = retriever.slice_from_case(load_case(case_files_from_paths([studies / v2.cases[0]])), 20)
+    assert namesake.database_case is None  # same name, other codes
+
+
 def test_fdn_query_with_a_namesake_study_says_it_is_not_in_the_database(
     cohort: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -615,8 +615,11 @@ class Retriever:
     def database_case_of(self, case: CaseVolume) -> str | None:
         """The database case holding this study, by content: the sha256 of its image files, else the image
         paths recorded when it was indexed. None when neither matches (a same-named case is another study)."""
+        files = getattr(case, "files", None)
+        if not isinstance(files, CaseFiles):
+            return None  # a volume that came without files (e.g. from a viewer's scene)
         try:
-            sha = source_fingerprint(case.files)
+            sha = source_fingerprint(files)
         except OSError as exc:
             log.warning("case %s: cannot hash its image files (%s)", case.case_id, exc)
             sha = None
@@ -624,7 +627,7 @@ class Retriever:
             twins = self.db.cases_with_fingerprint(sha)
             if twins:
                 return twins[0]
-        key = tuple(sorted(image_paths_of_source(case.files.to_source()).items()))
+        key = tuple(sorted(image_paths_of_source(files.to_source()).items()))
         if not key:
             return None
         if self._by_paths is None:
@@ -636,7 +639,16 @@ class Retriever:
                     recorded["image4d"] = os.path.abspath(src["image4d"])
                 index.setdefault(tuple(sorted(recorded.items())), cid)
             self._by_paths = index
-        return self._by_paths.get(key)
+        own = self._by_paths.get(key)
+        if own is not None and sha is not None and self.db.source_fingerprint(own) not in (None, sha):
+            log.warning(
+                "study %s has the image files of database case %s (same paths), but they changed since the "
+                "case was indexed; it is treated as that case (left out of the results): re-index it "
+                "(fdn index remove, then fdn index add)",
+                case.case_id,
+                own,
+            )
+        return own
 
     def _same_codes_case(
         self, case: CaseVolume, stack: SliceStack, k: int, first: EncodedSlices

@@ -514,6 +514,11 @@ class CodeDatabase:
     def _read_manifest_raw(cls, path: Path, name: str) -> dict[str, Any]:
         mpath = path / name
         if not mpath.is_file():
+            if name == BUILD_MANIFEST and (path / MANIFEST).is_file():
+                raise DataError(
+                    f"{path}: the staged build is gone: another process finished or replaced it meanwhile; "
+                    "open the database again (or run the build again)"
+                )
             if name == MANIFEST and (path / BUILD_MANIFEST).is_file():
                 raise DataError(
                     f"{path} holds an unfinished `fdn index build` (interrupted, or still running); run the "
