@@ -157,6 +157,12 @@ def test_segments_are_memory_maps_with_live_rows(tmp_path: Path) -> None:
         parts = [np.asarray(getattr(s, name))[s.alive] for s in segs]
         np.testing.assert_array_equal(getattr(opened, name), np.concatenate(parts))
     assert opened.cases == ["A", "C"] and list(opened.case_ids) == ["A"] * 3 + ["C"] * 4
+    normal, abnormal = opened.slice_codes("C", 2)  # read from its segment, no concatenation
+    np.testing.assert_array_equal(normal, opened.normal_codes[5])
+    np.testing.assert_array_equal(abnormal, opened.abnormal_codes[5])
+    assert opened.case_abnormal_count("C") == int(opened.has_abnormal[3:7].sum())
+    with pytest.raises(DataError, match="has no slice 9"):
+        opened.slice_codes("C", 9)
     # After compaction: one segment, and the views are the memory map itself.
     opened.compact()
     assert len(opened.segments()) == 1 and isinstance(opened.normal_codes, np.memmap)

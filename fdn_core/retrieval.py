@@ -601,13 +601,15 @@ class Retriever:
 
     def slice_from_database(self, case_id: str, slice_index: int) -> QuerySlice:
         """The stored codes of one database slice."""
-        row = self.engine.row_of(case_id, int(slice_index))
+        if case_id not in self.db:
+            raise DataError(f"case {case_id!r} is not in the database")
+        normal, abnormal = self.db.slice_codes(case_id, int(slice_index))
         h, w = self.db.grid_shape
         return QuerySlice(
             case_id,
             int(slice_index),
-            np.asarray(self.db.normal_codes[row]).reshape(h, w),
-            np.asarray(self.db.abnormal_codes[row]).reshape(h, w),
+            normal.reshape(h, w),
+            abnormal.reshape(h, w),
             in_database=True,
             database_case=case_id,
         )

@@ -351,7 +351,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.cases:
         for case_id in db.cases:
             rows = db.case_rows(case_id)
-            n_abn = int(db.has_abnormal[rows].sum())
+            n_abn = db.case_abnormal_count(case_id)
             lines.append(f"  {case_id}: {rows.stop - rows.start} slices, {n_abn} with tumour")
     lines.append(
         "integrity     OK (every file matches its recorded sha256; case table consistent, ids unique)"

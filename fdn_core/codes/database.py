@@ -1275,6 +1275,26 @@ class CodeDatabase:
         si, ci = self._state.where[self._lookup(case_id)]
         return self._state.stored[si], ci
 
+    def slice_codes(self, case_id: str, slice_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(normal, abnormal) (h*w,) uint16 codes of one stored slice, read from its segment (no copy of
+        the database)."""
+        s, ci = self._stored_case(case_id)
+        a, b = int(s.case_rows[ci]), int(s.case_rows[ci + 1])
+        sl = np.asarray(s.slice_indices[a:b])
+        hit = np.flatnonzero(sl == int(slice_index))
+        if not hit.size:
+            raise DataError(
+                f"{self._path}: case {case_id!r} has no slice {slice_index} in the database "
+                f"(it holds slices {int(sl.min())}..{int(sl.max())})"
+            )
+        row = a + int(hit[0])
+        return np.array(s.normal_codes[row]), np.array(s.abnormal_codes[row])
+
+    def case_abnormal_count(self, case_id: str) -> int:
+        """How many of the case's slices have abnormal (tumour) voxels."""
+        s, ci = self._stored_case(case_id)
+        return int(np.count_nonzero(s.has_abnormal[int(s.case_rows[ci]) : int(s.case_rows[ci + 1])]))
+
     def sources(self, case_id: str) -> dict[str, Any]:
         """Where the case's volume lives: ``{"layout", "images", "image4d", "seg", "anat"}`` (str paths)."""
         s, ci = self._stored_case(case_id)
