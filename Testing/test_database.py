@@ -449,6 +449,11 @@ def test_corruption_detected(tmp_path: Path) -> None:
     opened = CodeDatabase.open(path, verify=False)  # explicit opt-out skips hashing the big arrays
     with pytest.raises(IntegrityError, match=r"abnormal_codes\.npy"):
         opened.verify()
+    # Compaction never carries a damaged row into a new, freshly hashed segment.
+    opened.add_cases([case("B", 2, 2)])
+    with pytest.raises(IntegrityError, match=r"abnormal_codes\.npy"):
+        opened.compact()
+    assert len(_manifest(path)["segments"]) == 2 and _litter(path) == []
     target.write_bytes(bytes(data[:-1]))
     with pytest.raises(IntegrityError, match="truncated"):
         CodeDatabase.open(path, verify=False)  # sizes are always checked

@@ -1650,6 +1650,7 @@ class CodeDatabase:
     def _migrate(self, state: _State) -> _State:
         """Convert a format-1 database into segments (one-time rewrite) and commit it."""
         log.info("%s: converting the database to the segment format (version %d)", self._path, FORMAT_VERSION)
+        state = self._load(self._path, state.name, state.manifest, verify=True)  # carry no damaged row over
         m = state.manifest
         created: list[Path] = []
         try:
@@ -1905,11 +1906,21 @@ class CodeDatabase:
         except (OSError, DataError, IntegrityError) as exc:
             log.warning("%s: merging small segments failed (%s); the add is committed", self._path, exc)
 
+    def _verify_stored(self, s: _Stored) -> None:
+        """Check the hashes of a segment's row arrays (once per loaded segment)."""
+        if s.verified or not s.files:
+            return
+        mpath = self._path / self._state.name
+        for name in _ROW_FILES:
+            self._file(self._path, mpath, s.folder, s.files[f"{name}.npy"], hash_it=True)
+        s.verified = True
+
     def _merge(self, state: _State, start: int, end: int, progress: Progress | None) -> None:
         """Replace segments ``start:end`` of ``state`` by one holding their live rows (commits)."""
         parts = []
         group = state.stored[start:end]
         for s in group:
+            self._verify_stored(s)  # never carry a damaged row into a new, freshly hashed segment
             live = [ci for ci in range(len(s.case_ids)) if (s.folder, s.case_ids[ci]) not in state.removed]
             if not live:
                 continue
