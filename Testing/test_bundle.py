@@ -337,3 +337,12 @@ def test_files_outside_the_bundle_are_never_read(bundle_dir: Path, tmp_path: Pat
     weights.symlink_to(moved)
     with pytest.raises(IntegrityError, match="outside"):
         load_bundle(bundle_dir, device="cpu")
+
+
+def test_a_replacement_that_died_between_its_renames_is_repaired_on_load(bundle_dir: Path) -> None:
+    """``save_bundle(overwrite=True)`` of an older version killed between its two renames left the bundle
+    in ``.NAME.old``; loading puts it back."""
+    old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+    bundle_dir.rename(old)
+    assert load_bundle(bundle_dir, device="cpu").fingerprint_version == 2
+    assert bundle_dir.is_dir() and not old.exists()

@@ -37,7 +37,7 @@ from fdn_core.config import config_from_dict, config_to_dict
 from fdn_core.data.preprocess import PreprocessConfig
 from fdn_core.device import autocast_for, select_device
 from fdn_core.errors import ConfigError, DataError, IntegrityError
-from fdn_core.fileio import atomic_dir, resolve_inside, sha256_file
+from fdn_core.fileio import atomic_dir, recover_dir, resolve_inside, sha256_file
 from fdn_core.model.fdn import FDN, FDNConfig
 from fdn_core.progress import Progress
 
@@ -384,6 +384,10 @@ class _BundleManifest:
 
 def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     folder = path.parent if path.is_file() and path.name == MANIFEST_NAME else path
+    if not folder.exists():
+        done = recover_dir(folder)  # a replacement (fdn export --overwrite) died between its renames
+        if done:
+            log.warning("%s", done)
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise DataError(
