@@ -243,6 +243,21 @@ def test_an_external_study_named_like_a_database_case_is_not_excluded(cohort: di
     assert q3.database_case == refs[2]
 
 
+def test_adding_a_namesake_is_refused_and_a_renamed_copy_is_indexed_already(
+    cohort: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = cohort["work"] / "db_identity"
+    studies = cohort["work"] / "studies"
+    if not (studies / "renamed_study").is_dir():
+        pytest.skip("needs test_an_external_study_named_like_a_database_case_is_not_excluded")
+    common = _common(cohort["bundle"], studies)
+    rc, _, err = _run(capsys, "index", "add", "--db", str(db), *common)
+    assert rc == 2 and f"already holds a case {cohort['good'][0]!r} indexed from other image files" in err
+    rc, out, _ = _run(capsys, "index", "add", "--db", str(db), *common, "--skip-bad")
+    assert rc == 0 and "skipped 1 bad case(s)" in out and "nothing to add" in out
+    assert "already indexed (skipped): 1 case(s): renamed_study" in out
+
+
 def test_format_1_databases_identify_studies_by_their_codes(cohort: dict[str, Any]) -> None:
     """A format-1 database records no fingerprints: a study is its case when its codes are the case's,
     slice for slice, whatever its name; a namesake with other codes is another study."""
