@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -336,6 +338,12 @@ def _manifest_hash(m: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in m.items() if k != "manifest_sha256"})).hexdigest()
 
 
+@functools.lru_cache(maxsize=4)
+def _parse_v2(text: str, where: str) -> _ManifestV2:
+    """The typed manifest of the JSON ``text`` (cached: writers re-read an unchanged manifest often)."""
+    return config_from_dict(_ManifestV2, json.loads(text), where=where)
+
+
 def _fail_point(step: str) -> None:
     """Called between the steps of a commit; tests replace it to simulate a crash at ``step``."""
 
@@ -556,7 +564,7 @@ class CodeDatabase:
             return cls._load_v1(path, name, raw, verify)
         mpath = path / name
         try:
-            m = config_from_dict(_ManifestV2, raw, where=str(mpath))
+            m = _parse_v2(json.dumps(raw, sort_keys=True), str(mpath))
         except ConfigError as exc:
             raise IntegrityError(f"{exc}; {REBUILD_HINT}") from None
         if m.manifest_sha256 != _manifest_hash(raw):
@@ -864,15 +872,19 @@ class CodeDatabase:
         """The live cases of ``state`` in row order; case ids must be unique among them."""
         ids: list[str] = []
         where: list[tuple[int, int]] = []
-        counts: list[int] = []
+        counts: list[np.ndarray] = []
+        with_tombstones = {folder for folder, _ in state.removed}
         for si, s in enumerate(state.stored):
-            sizes = np.diff(s.case_rows).tolist()
-            for ci, cid in enumerate(s.case_ids):
-                if (s.folder, cid) in state.removed:
-                    continue
-                ids.append(cid)
-                where.append((si, ci))
-                counts.append(int(sizes[ci]))
+            sizes = np.diff(s.case_rows)
+            if s.folder not in with_tombstones:  # the common case: every case of the segment is live
+                ids.extend(s.case_ids)
+                where.extend(zip(itertools.repeat(si), range(len(s.case_ids))))
+                counts.append(sizes)
+                continue
+            live = [ci for ci, cid in enumerate(s.case_ids) if (s.folder, cid) not in state.removed]
+            ids.extend(s.case_ids[ci] for ci in live)
+            where.extend((si, ci) for ci in live)
+            counts.append(sizes[live])
         index = {cid: i for i, cid in enumerate(ids)}
         if len(index) != len(ids):
             dup = sorted(c for c, k in Counter(ids).items() if k > 1)
@@ -880,7 +892,8 @@ class CodeDatabase:
                 f"{mpath}: case ids {dup[:5]} are stored twice (in different segments); {REBUILD_HINT}"
             )
         state.ids, state.where, state.index = ids, where, index
-        state.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        sizes_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        state.starts = np.concatenate([[0], np.cumsum(sizes_all, dtype=np.int64)]).astype(np.int64)
 
     # ------------------------------------------------------------------ creation and builds
     @classmethod
