@@ -13,12 +13,14 @@ from fdn_core.data.preprocess import PreprocessConfig
 from fdn_core.errors import ConfigError, DataError, IntegrityError
 from fdn_core.model import FDN, FDNConfig
 from fdn_core.model.bundle import (
+    FINGERPRINT_VERSION,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     compute_fingerprint,
     load_bundle,
     model_fingerprint,
     save_bundle,
+    weights_fingerprint,
 )
 from fdn_core.progress import Progress
 
@@ -93,7 +95,8 @@ def test_round_trip_gives_identical_outputs(trained_model: FDN, bundle_dir: Path
     cb_n, cb_a = bundle.codebooks()
     assert cb_n.dtype == np.float32 and cb_n.shape == (16, 8)
     np.testing.assert_array_equal(cb_a, trained_model.codebook("abnormal").detach().numpy())
-    assert compute_fingerprint(cb_n, cb_a, CFG) == bundle.fingerprint
+    assert bundle.fingerprint_version == FINGERPRINT_VERSION == 2
+    assert weights_fingerprint(trained_model.state_dict(), CFG) == bundle.fingerprint
     # Loading by the manifest path works as well.
     again = load_bundle(bundle_dir / MANIFEST_NAME, device="cpu").encode_slices(x, batch_size=5)
     np.testing.assert_array_equal(again.normal, enc.normal)
@@ -102,6 +105,7 @@ def test_round_trip_gives_identical_outputs(trained_model: FDN, bundle_dir: Path
 def test_manifest_records_hashes_configs_and_versions(bundle_dir: Path) -> None:
     manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     assert manifest["format_version"] == 1 and manifest["includes_critic"] is False
+    assert manifest["fingerprint_version"] == 2
     assert manifest["model"]["latent_size"] == 8 and manifest["preprocess"] == {"image_size": 64}
     assert len(manifest["files"][WEIGHTS_NAME]["sha256"]) == 64
     assert {"torch", "monai", "fdn_core", "python"} <= set(manifest["versions"])
@@ -212,3 +216,133 @@ def test_encode_slices_reports_progress(bundle_dir: Path) -> None:
     bundle.encode_slices(_images(5), batch_size=2, progress=Progress(lambda d, t, m: calls.append((d, t))))
     assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
     assert bundle.default_batch_size() == 32
+
+
+# ------------------------------------------------------------------ fingerprint v2, typed manifest, paths
+
+
+def _rewrite(bundle_dir: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Edit bundle.json and recompute its manifest_sha256 (what a careless tool or a tamperer does)."""
+    import hashlib
+
+    path = bundle_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest.pop("manifest_sha256")
+    change(manifest)
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    manifest["manifest_sha256"] = hashlib.sha256(canonical).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+def test_fingerprint_v2_covers_encoder_and_codebooks_not_decoders(trained_model: FDN) -> None:
+    state = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    base = weights_fingerprint(state, CFG)
+    assert base == model_fingerprint(trained_model)
+    tower = next(k for k in state if k.startswith("tower_abnormal.") and k.endswith("weight"))
+    for key in ("stem.0.weight", tower, "vq_normal.embedding.weight"):
+        changed = dict(state)
+        changed[key] = state[key].clone()
+        changed[key].view(-1)[0] += 1e-6
+        assert weights_fingerprint(changed, CFG) != base, key
+    decoder = dict(state)
+    key = next(k for k in state if k.startswith("image_decoder.") and k.endswith("weight"))
+    decoder[key] = state[key] + 1.0
+    assert weights_fingerprint(decoder, CFG) == base  # the decoders do not change the codes
+    assert weights_fingerprint(state, FDNConfig(**{**CFG.__dict__, "ema_decay": 0.98})) != base
+
+
+def test_changed_encoder_weights_with_recomputed_hashes_are_caught(
+    trained_model: FDN, bundle_dir: Path
+) -> None:
+    """Weights changed and every hash recomputed: the fingerprint no longer matches; with the fingerprint
+    recomputed too, it names another code space (a database refuses it, see test_database)."""
+    from safetensors.torch import load_file, save_file
+
+    from fdn_core.fileio import sha256_file
+
+    weights = bundle_dir / WEIGHTS_NAME
+    state = load_file(str(weights))
+    state["stem.0.weight"] = state["stem.0.weight"] * 1.01
+    save_file(state, str(weights), metadata={"format": "fdn-inference-bundle", "format_version": "1"})
+
+    def rehash(m: dict) -> None:
+        m["files"][WEIGHTS_NAME] = {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+
+    _rewrite(bundle_dir, rehash)
+    with pytest.raises(IntegrityError, match="encoder weights, codebooks and config do not give"):
+        load_bundle(bundle_dir, device="cpu")
+    original = model_fingerprint(trained_model)
+    _rewrite(bundle_dir, lambda m: m.update(fingerprint=weights_fingerprint(state, CFG)))
+    assert load_bundle(bundle_dir, device="cpu").fingerprint != original
+
+
+def test_version_1_bundles_still_load_and_say_so(
+    trained_model: FDN, bundle_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cb_n, cb_a = trained_model.codebook("normal"), trained_model.codebook("abnormal")
+    v1 = compute_fingerprint(cb_n, cb_a, CFG)
+
+    def to_v1(m: dict) -> None:
+        m.pop("fingerprint_version")
+        m["fingerprint"] = v1
+
+    _rewrite(bundle_dir, to_v1)
+    with caplog.at_level("WARNING"):
+        bundle = load_bundle(bundle_dir, device="cpu")
+    assert bundle.fingerprint == v1 and bundle.fingerprint_version == 1
+    assert "version-1 fingerprint" in caplog.text and "re-export" in caplog.text
+    _rewrite(bundle_dir, lambda m: m.update(fingerprint_version=7))
+    with pytest.raises(DataError, match="fingerprint version 7"):
+        load_bundle(bundle_dir, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda m: m.update(files=None), "files"),
+        (lambda m: m.update(files=["model.safetensors"]), "files"),
+        (lambda m: m["files"].update({WEIGHTS_NAME: "abc"}), "files"),
+        (lambda m: m["files"][WEIGHTS_NAME].pop("sha256"), "sha256"),
+        (lambda m: m["files"][WEIGHTS_NAME].update(bytes="12"), "bytes"),
+        (lambda m: m.update(model=[1, 2]), "model"),
+        (lambda m: m["model"].update(latent_size="8x8"), "latent_size"),
+        (lambda m: m.update(metadata="none"), "metadata"),
+        (lambda m: m.update(fingerprint=None), "fingerprint"),
+        (lambda m: m.update(fingerprint_version="2"), "fingerprint_version"),
+        (lambda m: m.update(unexpected=1), "unexpected"),
+    ],
+)
+def test_wrongly_typed_manifest_fields_are_clear_errors(bundle_dir: Path, change, match: str) -> None:  # type: ignore[no-untyped-def]
+    _rewrite(bundle_dir, change)
+    with pytest.raises((IntegrityError, ConfigError), match=match) as err:
+        load_bundle(bundle_dir, device="cpu")
+    assert "bundle.json" in str(err.value)
+
+
+def test_files_outside_the_bundle_are_never_read(bundle_dir: Path, tmp_path: Path) -> None:
+    from fdn_core.fileio import sha256_file
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not yours")
+    for name in ("../secret.txt", "../../../etc/hostname", "/etc/hostname", str(outside)):
+        entry = {"sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+        _rewrite(bundle_dir, lambda m, n=name, e=entry: m["files"].update({n: e}))
+        with pytest.raises(IntegrityError, match=r"outside|absolute"):
+            load_bundle(bundle_dir, device="cpu")
+        _rewrite(bundle_dir, lambda m, n=name: m["files"].pop(n))
+    # A link inside the bundle that points outside it is refused as well.
+    weights = bundle_dir / WEIGHTS_NAME
+    moved = tmp_path / "elsewhere.safetensors"
+    weights.rename(moved)
+    weights.symlink_to(moved)
+    with pytest.raises(IntegrityError, match="outside"):
+        load_bundle(bundle_dir, device="cpu")
+
+
+def test_a_replacement_that_died_between_its_renames_is_repaired_on_load(bundle_dir: Path) -> None:
+    """``save_bundle(overwrite=True)`` of an older version killed between its two renames left the bundle
+    in ``.NAME.old``; loading puts it back."""
+    old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+    bundle_dir.rename(old)
+    assert load_bundle(bundle_dir, device="cpu").fingerprint_version == 2
+    assert bundle_dir.is_dir() and not old.exists()

@@ -15,30 +15,40 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fdn_core.codes.binarize import BinaryCodes, fit_binary_codes
-from fdn_core.codes.database import CaseCodes, CodeDatabase
+from fdn_core.codes.database import HAMMING_DIR, CaseCodes, CodeDatabase
+from fdn_core.codes.identity import image_paths_of_source, same_image_paths
 from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import SliceStack, volume_to_slices
+from fdn_core.data.provenance import case_fingerprint
 from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case
 from fdn_core.errors import DataError
-from fdn_core.fileio import atomic_dir
+from fdn_core.fileio import describe_os_error, resolve_inside
 from fdn_core.labels import DISTANCES, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
-from fdn_core.progress import Progress
+from fdn_core.progress import Cancelled, Progress
 
 __all__ = [
+    "COMMIT_EVERY",
+    "COMMIT_SECONDS",
     "HAMMING_DIR",
+    "IndexResult",
     "QuerySlice",
     "Retriever",
     "add_cases",
+    "add_to_index",
+    "build_index",
+    "compact_index",
     "encode_case",
     "encode_case_stack",
     "fit_hamming_codes",
@@ -50,9 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Folder inside a database that holds the binarised codebooks (``normal.*`` and ``abnormal.*``).
-HAMMING_DIR = "hamming"
 
 
 # -------------------------------------------------------------------------------------------- encoding
@@ -78,7 +85,7 @@ def encode_case(
 def _has_abnormal(stack: SliceStack, encoded: EncodedSlices) -> np.ndarray:
     """Per slice: tumour labels > 0 when the case has labels, else the model's predicted segmentation."""
     seg = stack.seg if stack.seg is not None else encoded.seg
-    return (seg.reshape(seg.shape[0], -1) > 0).any(axis=1)
+    return np.asarray((seg.reshape(seg.shape[0], -1) > 0).any(axis=1), dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------- hamming
@@ -105,8 +112,9 @@ def fit_hamming_codes(
             out.append(codes)
     if save:
         try:
-            for name, codes in zip(("normal", "abnormal"), out):
-                codes.save(db.path / HAMMING_DIR, name=name)
+            with db.write_lock():  # never beside a concurrent rebuild, nor two fits at once
+                for name, codes in zip(("normal", "abnormal"), out):
+                    codes.save(db.path / HAMMING_DIR, name=name)
         except OSError as exc:
             log.warning(
                 "cannot store the binary codes in %s (%s); they are kept in memory only", db.path, exc
@@ -130,6 +138,9 @@ def _stored_codes(folder: Path, db: CodeDatabase, strict: bool = False) -> list[
     ``strict``, when they belong to other codebooks; ``strict`` raises DataError then)."""
     if not (folder / "normal.json").is_file() or not (folder / "abnormal.json").is_file():
         return None
+    for name in ("normal", "abnormal"):
+        for suffix in (".json", ".bits.npy", ".pairs.npy"):
+            resolve_inside(folder.parent, f"{folder.name}/{name}{suffix}", str(folder))
     out = []
     for name, book in (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal)):
         codes = BinaryCodes.load(folder, name=name)
@@ -157,14 +168,86 @@ def load_hamming_codes(db: CodeDatabase) -> tuple[BinaryCodes, BinaryCodes] | No
 # -------------------------------------------------------------------------------------------- indexing
 
 
-def _prepared_cases(
-    bundle: InferenceBundle, files: Sequence[CaseFiles], workers: int
-) -> Iterator[tuple[CaseFiles, SliceStack]]:
-    """Yield ``(files, slices)`` in order while up to ``workers`` threads load and preprocess the next cases
-    (reading and decompressing NIfTI files, not the encoder, is what limits indexing on a GPU)."""
+@dataclass
+class IndexResult:
+    """What an indexing run did: the database, the cases added, the cases already indexed (same image files;
+    skipped), the bad cases skipped (``skip_bad``) with their problem, and whether an interrupted build was
+    resumed."""
 
-    def prepare(f: CaseFiles) -> tuple[CaseFiles, SliceStack]:
-        return f, volume_to_slices(load_case(f), bundle.preprocess)
+    database: CodeDatabase
+    added: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    resumed: bool = False
+
+
+@dataclass
+class _Prepared:
+    """One case after the loader thread: skipped (``note``), bad (``problem``), or loaded (``stack``)."""
+
+    files: CaseFiles
+    sha: str | None = None
+    stack: SliceStack | None = None
+    note: str | None = None
+    problem: str | None = None
+
+
+def _case_problem(f: CaseFiles, exc: BaseException) -> str:
+    """One line naming a bad case and what is wrong with it."""
+    text = (
+        str(exc)
+        if isinstance(exc, DataError)
+        else describe_os_error(exc)
+        if isinstance(exc, OSError)
+        else repr(exc)
+    )
+    return text if f.case_id in text else f"case {f.case_id}: {text}"
+
+
+def _resolved_source(db: CodeDatabase, case_id: str) -> dict[str, Any]:
+    """A database case's recorded source with relative paths resolved against the database folder."""
+    try:
+        return CaseFiles.from_database(db, case_id).to_source()
+    except DataError:
+        return dict(db.sources(case_id))
+
+
+def _decide(db: CodeDatabase, f: CaseFiles, sha: str) -> tuple[str | None, str | None]:
+    """(note, problem) for a case about to be indexed: a note when it is indexed already (same image files,
+    or the same recorded files for cases indexed before fingerprints), a problem when its id is taken by
+    another study; (None, None) when it is new."""
+    if f.case_id in db:
+        stored = db.source_fingerprint(f.case_id)
+        recorded = _resolved_source(db, f.case_id)
+        if stored == sha or (stored is None and same_image_paths(recorded, f.to_source())):
+            return f"{f.case_id}: already indexed", None
+        return None, (
+            f"case {f.case_id}: {db.path} already holds a case {f.case_id!r} indexed from other image files "
+            "(another study with the same name, or its files changed); remove it first "
+            f"(fdn index remove --case {f.case_id}) to re-index it, or give this study another name"
+        )
+    twins = db.cases_with_fingerprint(sha)
+    if twins:
+        return f"{f.case_id}: already indexed as {twins[0]} (identical image files)", None
+    return None, None
+
+
+def _prepared_cases(
+    bundle: InferenceBundle, db: CodeDatabase, files: Sequence[CaseFiles], workers: int
+) -> Iterator[_Prepared]:
+    """Yield each case in order while up to ``workers`` threads hash, load and preprocess the next ones
+    (reading and decompressing NIfTI files, not the encoder, is what limits indexing on a GPU). Cases
+    already in ``db`` are not loaded; a case that cannot be read comes back with its problem."""
+
+    def prepare(f: CaseFiles) -> _Prepared:
+        try:
+            sha = case_fingerprint(f)
+            note, problem = _decide(db, f, sha)
+            if note is not None or problem is not None:
+                return _Prepared(f, sha, note=note, problem=problem)
+            return _Prepared(f, sha, stack=volume_to_slices(load_case(f), bundle.preprocess))
+        except (DataError, OSError) as exc:
+            return _Prepared(f, problem=_case_problem(f, exc))
 
     if workers <= 1:
         yield from map(prepare, files)
@@ -180,35 +263,94 @@ def _prepared_cases(
             yield result
 
 
-def _encode_cases(
+def _index_into(
+    db: CodeDatabase,
     bundle: InferenceBundle,
     files: Sequence[CaseFiles],
+    result: IndexResult,
+    *,
     batch_size: int | None,
     progress: Progress | None,
     message: str,
-    workers: int = 2,
-    db_path: Path | None = None,
-) -> list[CaseCodes]:
-    out = []
+    workers: int,
+    skip_bad: bool,
+    commit_every: int,
+    commit_seconds: float,
+) -> None:
+    """Encode ``files`` into ``db``, committing a segment every ``commit_every`` cases or
+    ``commit_seconds`` seconds, so that an interruption or a bad case loses at most one batch (the batch is
+    committed before a bad case's error, and before Ctrl-C / SIGTERM / cancel propagate)."""
+    if commit_every < 1 or commit_seconds <= 0:
+        raise DataError(
+            f"commit_every ({commit_every}) must be >= 1 and commit_seconds ({commit_seconds}) > 0"
+        )
+    pending: list[CaseCodes] = []
+    last = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last
+        if pending:
+            result.added.extend(db.add_cases(pending, if_present="skip"))
+            pending.clear()
+        last = time.monotonic()
+
+    def fail(f: CaseFiles, problem: str) -> None:
+        if skip_bad:
+            log.warning("skipping bad case: %s", problem)
+            result.bad.append((f.case_id, problem))
+            return
+        flush()
+        kept = len(result.added) + len(result.already)
+        raise DataError(
+            f"{problem}\n{kept} case(s) before it are committed to {db.path} and are kept. Fix or remove "
+            "this case, or skip bad cases (skip_bad=True), then run the same command again: it continues "
+            "where it stopped"
+        )
+
     if progress is not None:
         progress.update(0, len(files), message)
-    for i, (f, stack) in enumerate(_prepared_cases(bundle, files, workers), 1):
-        if stack.images.shape[0] == 0:
-            raise DataError(f"case {f.case_id}: the volume has no axial slices")
-        enc = bundle.encode_slices(stack.images, batch_size=batch_size)
-        out.append(
-            CaseCodes(
-                case_id=f.case_id,
-                normal=enc.normal,
-                abnormal=enc.abnormal,
-                has_abnormal=_has_abnormal(stack, enc),
-                source=f.to_source(base=db_path),
-                slice_indices=np.arange(enc.normal.shape[0], dtype=np.int32),
-            )
-        )
-        if progress is not None:
-            progress.update(i, len(files), message)
-    return out
+    try:
+        for i, item in enumerate(_prepared_cases(bundle, db, files, workers), 1):
+            f = item.files
+            if item.note is not None:
+                log.info("%s", item.note)
+                result.already.append(f.case_id)
+            elif item.problem is not None or item.stack is None:
+                fail(f, item.problem or f"case {f.case_id}: could not be loaded")
+            elif item.stack.images.shape[0] == 0:
+                fail(f, f"case {f.case_id}: the volume has no axial slices")
+            else:
+                try:
+                    enc = bundle.encode_slices(item.stack.images, batch_size=batch_size)
+                except DataError as exc:
+                    fail(f, _case_problem(f, exc))
+                else:
+                    pending.append(
+                        CaseCodes(
+                            case_id=f.case_id,
+                            normal=enc.normal,
+                            abnormal=enc.abnormal,
+                            has_abnormal=_has_abnormal(item.stack, enc),
+                            source=f.to_source(base=db.path),
+                            slice_indices=np.arange(enc.normal.shape[0], dtype=np.int32),
+                            source_sha256=item.sha,
+                        )
+                    )
+            if len(pending) >= commit_every or (pending and time.monotonic() - last >= commit_seconds):
+                flush()
+            if progress is not None:
+                progress.update(i, len(files), message)
+        flush()
+    except (KeyboardInterrupt, Cancelled):
+        flush()  # keep the encoded batch; a second interrupt during this commit leaves the last commit
+        raise
+
+
+def _find(data_dir: Path, skip_bad: bool) -> tuple[list[CaseFiles], list[tuple[str, str]]]:
+    """The cohort's cases and, with ``skip_bad``, the bad ones its scan found (id or path, problem)."""
+    found = find_cases(data_dir, skip_bad=skip_bad)
+    bad = [(p.case_id or str(p.path), str(p)) for p in getattr(found, "problems", [])]
+    return list(found), bad
 
 
 def _select_cases(
@@ -226,6 +368,73 @@ def _select_cases(
     return [by_id[c] for c in dict.fromkeys(wanted)]
 
 
+#: Default batch of an indexing run: a segment is committed after this many cases ...
+COMMIT_EVERY = 16
+#: ... or after this many seconds, whichever comes first.
+COMMIT_SECONDS = 120.0
+
+
+def build_index(
+    bundle: InferenceBundle,
+    data_dir: str | Path,
+    db_path: str | Path,
+    cases: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    fit_hamming: bool = True,
+    workers: int = 2,
+    skip_bad: bool = False,
+    commit_every: int = COMMIT_EVERY,
+    commit_seconds: float = COMMIT_SECONDS,
+) -> IndexResult:
+    """Encode every case of ``data_dir`` (or the named ``cases``) into a new database at ``db_path``.
+
+    The build is staged beside any previous database (``CodeDatabase.begin_build``) and committed batch by
+    batch, so an interruption keeps the encoded batches: running the same build again resumes it, skipping
+    committed cases. The previous database stays what ``open`` sees until the build finishes. An existing
+    database is replaced only with ``overwrite``; a folder that is not a database is never replaced. With
+    ``skip_bad`` unreadable cases are reported in the result instead of stopping the build.
+    """
+    data_dir, db_path = Path(data_dir), Path(db_path)
+    found, scan_bad = _find(data_dir, skip_bad)
+    files = _select_cases(found, cases, data_dir)
+    normal_book, abnormal_book = bundle.codebooks()
+    staged = CodeDatabase.begin_build(
+        db_path,
+        fingerprint=bundle.fingerprint,
+        codebook_normal=normal_book,
+        codebook_abnormal=abnormal_book,
+        grid_shape=bundle.grid_shape,
+        overwrite=overwrite,
+        data=str(data_dir),
+        cases=None if cases is None else list(cases),
+    )
+    result = IndexResult(staged, resumed=staged.resumed)
+    if cases is None:
+        result.bad.extend(scan_bad)
+    if staged.resumed:
+        log.info("%s: resuming an interrupted build (%d case(s) committed)", db_path, len(staged.cases))
+    _index_into(
+        staged,
+        bundle,
+        files,
+        result,
+        batch_size=batch_size,
+        progress=progress,
+        message="Indexing cases",
+        workers=workers,
+        skip_bad=skip_bad,
+        commit_every=commit_every,
+        commit_seconds=commit_seconds,
+    )
+    db = staged.finish_build()
+    if fit_hamming:
+        fit_hamming_codes(db, progress, bundle_dir=bundle.path)
+    result.database = db
+    return result
+
+
 def index_cohort(
     bundle: InferenceBundle,
     data_dir: str | Path,
@@ -236,38 +445,63 @@ def index_cohort(
     batch_size: int | None = None,
     fit_hamming: bool = True,
     workers: int = 2,
+    skip_bad: bool = False,
 ) -> CodeDatabase:
-    """Encode every case of ``data_dir`` (or the named ``cases``) into a new database at ``db_path``.
+    """``build_index`` returning just the database."""
+    return build_index(
+        bundle,
+        data_dir,
+        db_path,
+        cases=cases,
+        progress=progress,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        fit_hamming=fit_hamming,
+        workers=workers,
+        skip_bad=skip_bad,
+    ).database
 
-    The database is built in a temporary folder beside ``db_path`` and moved into place only when complete,
-    so an interruption (or a cancel) leaves any previous database untouched. An existing database is replaced
-    only with ``overwrite``; a folder that is not a database is never replaced. ``workers`` threads load the
-    next cases while the model encodes the current one.
+
+def add_to_index(
+    bundle: InferenceBundle,
+    db_path: str | Path,
+    data_dir: str | Path,
+    cases: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    batch_size: int | None = None,
+    workers: int = 2,
+    skip_bad: bool = False,
+    commit_every: int = COMMIT_EVERY,
+    commit_seconds: float = COMMIT_SECONDS,
+) -> IndexResult:
+    """Encode and add cases of ``data_dir`` (default: all) to an existing database, batch by batch.
+
+    Cases whose image files are indexed already (by content, whatever their name) are skipped, so running
+    the same command again after an interruption continues it. A case whose id the database holds for
+    other image files is an error (or, with ``skip_bad``, reported and skipped).
     """
-    data_dir, db_path = Path(data_dir), Path(db_path)
-    if db_path.exists():
-        if not overwrite:
-            raise DataError(
-                f"{db_path} already exists; pass overwrite (CLI: --overwrite) to rebuild it, "
-                "or add cases to it with `fdn index add`"
-            )
-        if not db_path.is_dir() or (any(db_path.iterdir()) and not (db_path / "manifest.json").is_file()):
-            raise DataError(f"{db_path} exists and is not a code database; refusing to replace it")
-    files = _select_cases(find_cases(data_dir), cases, data_dir)
-    h, w = bundle.grid_shape
-    normal_book, abnormal_book = bundle.codebooks()
-    with atomic_dir(db_path, overwrite=overwrite) as tmp:
-        db = CodeDatabase.create(
-            tmp,
-            fingerprint=bundle.fingerprint,
-            codebook_normal=normal_book,
-            codebook_abnormal=abnormal_book,
-            grid_shape=(h, w),
-        )
-        if fit_hamming:
-            fit_hamming_codes(db, progress, bundle_dir=bundle.path)
-        db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Indexing cases", workers, db_path))
-    return CodeDatabase.open(db_path, expected_fingerprint=bundle.fingerprint, verify=False)
+    data_dir = Path(data_dir)
+    books = bundle.codebooks()
+    db = CodeDatabase.open(
+        db_path, expected_fingerprint=bundle.fingerprint, expected_codebooks=books, verify=False
+    )
+    found, scan_bad = _find(data_dir, skip_bad)
+    files = _select_cases(found, cases, data_dir)
+    result = IndexResult(db, bad=scan_bad if cases is None else [])
+    _index_into(
+        db,
+        bundle,
+        files,
+        result,
+        batch_size=batch_size,
+        progress=progress,
+        message="Adding cases",
+        workers=workers,
+        skip_bad=skip_bad,
+        commit_every=commit_every,
+        commit_seconds=commit_seconds,
+    )
+    return result
 
 
 def add_cases(
@@ -278,37 +512,25 @@ def add_cases(
     progress: Progress | None = None,
     batch_size: int | None = None,
     workers: int = 2,
+    skip_bad: bool = False,
 ) -> list[str]:
-    """Encode and add cases of ``data_dir`` to an existing database; returns the ids added.
-
-    Without ``cases``, every case of ``data_dir`` not yet in the database is added. Naming a case that is
-    already in the database is an error (remove it first to re-index it).
-    """
-    data_dir = Path(data_dir)
-    db = CodeDatabase.open(db_path, expected_fingerprint=bundle.fingerprint)
-    all_cases = find_cases(data_dir)
-    if cases is None:
-        files = [c for c in all_cases if c.case_id not in db]
-    else:
-        files = _select_cases(all_cases, cases, data_dir)
-        present = [c.case_id for c in files if c.case_id in db]
-        if present:
-            raise DataError(
-                f"{db.path}: case(s) {present} are already in the database; remove them first "
-                "(fdn index remove) to re-index them"
-            )
-    if not files:
-        return []
-    db.add_cases(_encode_cases(bundle, files, batch_size, progress, "Adding cases", workers, Path(db_path)))
-    return [f.case_id for f in files]
+    """``add_to_index`` returning the ids added."""
+    return add_to_index(
+        bundle, db_path, data_dir, cases, progress, batch_size=batch_size, workers=workers, skip_bad=skip_bad
+    ).added
 
 
 def remove_case(db_path: str | Path, case_id: str) -> None:
-    """Remove one case's slices from the database at ``db_path`` (atomically)."""
-    db = CodeDatabase.open(db_path)
+    """Remove one case from the database at ``db_path`` (a tombstone; ``compact_index`` erases its rows)."""
+    db = CodeDatabase.open(db_path, verify=False)
     if case_id not in db:
         raise DataError(f"{db.path}: no case {case_id!r} in this database; `fdn index info` lists the cases")
     db.remove_case(case_id)
+
+
+def compact_index(db_path: str | Path, progress: Progress | None = None) -> bool:
+    """Merge the database's segments into one and erase removed cases' rows; False if nothing to do."""
+    return CodeDatabase.open(db_path, verify=False).compact(progress)
 
 
 # ------------------------------------------------------------------------------------------- searching
@@ -327,8 +549,10 @@ def parse_case_slice(text: str) -> tuple[str, int]:
 
 @dataclass
 class QuerySlice:
-    """A query's codes and where they came from. ``case`` is set when the slice was encoded from a volume
-    (not read from the database), so callers can show it without loading it again."""
+    """A query's codes and where they came from. ``database_case`` is the database case this slice belongs
+    to (decided by the study's image files or codes, never by its name alone), whose volume is left out of
+    the results; ``in_database`` says whether there is one. ``case`` is set when the slice was encoded
+    from a volume (not read from the database), so callers can show it without loading it again."""
 
     case_id: str
     slice_index: int
@@ -336,12 +560,19 @@ class QuerySlice:
     abnormal: np.ndarray
     in_database: bool
     case: CaseVolume | None = None
+    database_case: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.in_database and self.database_case is None and self.case is None:
+            self.database_case = self.case_id  # read from the database by its id
 
 
 class Retriever:
     """Search one code database with one model. Built with ``Retriever.open``, which refuses a model whose
-    fingerprint differs from the database's (``ModelMismatchError``). The Hamming codes are read from the
-    database; a database without them gets them fitted (and stored) on the first Hamming search."""
+    fingerprint or codebooks differ from the database's (``ModelMismatchError``). The Hamming codes are read
+    from the database; a database without them gets them fitted (and stored) on the first Hamming search.
+
+    Search spans the database's segments through ``SearchEngine.from_database``."""
 
     def __init__(
         self,
@@ -349,11 +580,14 @@ class Retriever:
         bundle: InferenceBundle | None = None,
         hamming: tuple[BinaryCodes, BinaryCodes] | None = None,
     ) -> None:
+        if bundle is not None:
+            db.check_model(bundle.fingerprint, bundle.codebooks())
         self.db = db
         self.bundle = bundle
         self.hamming = hamming
         bits = None if hamming is None else (hamming[0].bits, hamming[1].bits)
         self.engine = SearchEngine.from_database(db, hamming_bits=bits)
+        self._by_paths: dict[tuple[tuple[str, str], ...], str] | None = None
 
     @classmethod
     def open(
@@ -361,7 +595,10 @@ class Retriever:
     ) -> Retriever:
         """Open the database (checking every file's hash when ``verify``) and its stored binary codes."""
         expected = None if bundle is None else bundle.fingerprint
-        db = CodeDatabase.open(db_path, expected_fingerprint=expected, verify=verify)
+        books = None if bundle is None else bundle.codebooks()
+        db = CodeDatabase.open(
+            db_path, expected_fingerprint=expected, verify=verify, expected_codebooks=books
+        )
         return cls(db, bundle, load_hamming_codes(db))
 
     def ensure_hamming(self, progress: Progress | None = None) -> None:
@@ -374,20 +611,94 @@ class Retriever:
 
     def slice_from_database(self, case_id: str, slice_index: int) -> QuerySlice:
         """The stored codes of one database slice."""
-        row = self.engine.row_of(case_id, int(slice_index))
+        if case_id not in self.db:
+            raise DataError(f"case {case_id!r} is not in the database")
+        normal, abnormal = self.db.slice_codes(case_id, int(slice_index))
         h, w = self.db.grid_shape
         return QuerySlice(
             case_id,
             int(slice_index),
-            np.asarray(self.db.normal_codes[row]).reshape(h, w),
-            np.asarray(self.db.abnormal_codes[row]).reshape(h, w),
+            normal.reshape(h, w),
+            abnormal.reshape(h, w),
             in_database=True,
+            database_case=case_id,
         )
+
+    def database_case_of(self, case: CaseVolume) -> str | None:
+        """The database case holding this study, by content: the sha256 of its image files, else the image
+        paths recorded when it was indexed. None when neither matches (a same-named case is another study)."""
+        files = getattr(case, "files", None)
+        if not isinstance(files, CaseFiles):
+            return None  # a volume that came without files (e.g. from a viewer's scene)
+        try:
+            sha = case_fingerprint(files)
+        except DataError as exc:
+            log.warning("case %s: cannot hash its image files (%s)", case.case_id, exc)
+            sha = None
+        if sha is not None:
+            twins = self.db.cases_with_fingerprint(sha)
+            if twins:
+                return twins[0]
+        key = tuple(sorted(image_paths_of_source(files.to_source()).items()))
+        if not key:
+            return None
+        if self._by_paths is None:
+            index: dict[tuple[tuple[str, str], ...], str] = {}
+            for cid in self.db.cases:
+                recorded = image_paths_of_source(_resolved_source(self.db, cid))
+                index.setdefault(tuple(sorted(recorded.items())), cid)
+            self._by_paths = index
+        own = self._by_paths.get(key)
+        if own is not None and sha is not None and self.db.source_fingerprint(own) not in (None, sha):
+            log.warning(
+                "study %s has the image files of database case %s (same paths), but they changed since the "
+                "case was indexed; it is treated as that case (left out of the results): re-index it "
+                "(fdn index remove, then fdn index add)",
+                case.case_id,
+                own,
+            )
+        return own
+
+    def _same_codes_case(
+        self, case: CaseVolume, stack: SliceStack, k: int, first: EncodedSlices
+    ) -> str | None:
+        """A database case indexed before source fingerprints were recorded whose codes equal the study's,
+        slice for slice (the last resort of identity, for format-1 databases)."""
+        assert self.bundle is not None
+        db = self.db
+        n = stack.images.shape[0]
+        candidates = []
+        for cid in db.cases:
+            if db.source_fingerprint(cid) is not None:
+                continue
+            rows = db.case_rows(cid)
+            if rows.stop - rows.start != n:
+                continue
+            sl = np.asarray(db.slice_indices[rows])
+            hit = np.flatnonzero(sl == k)
+            if hit.size and np.array_equal(
+                db.normal_codes[rows.start + int(hit[0])], first.normal[0].reshape(-1)
+            ):
+                candidates.append((cid, rows, sl))
+        if not candidates:
+            return None
+        enc = self.bundle.encode_slices(stack.images)
+        normal = enc.normal.reshape(n, -1)
+        abnormal = enc.abnormal.reshape(n, -1)
+        for cid, rows, sl in candidates:
+            if sl.min() < 0 or sl.max() >= n:
+                continue
+            if np.array_equal(np.asarray(db.normal_codes[rows]), normal[sl]) and np.array_equal(
+                np.asarray(db.abnormal_codes[rows]), abnormal[sl]
+            ):
+                return cid
+        return None
 
     def slice_from_case(
         self, case: CaseVolume, slice_index: int, batch_size: int | None = None
     ) -> QuerySlice:
-        """Encode one axial slice of a loaded volume with the bundle."""
+        """Encode one axial slice of a loaded volume with the bundle, and find out whether the study is a
+        database case (``database_case``; by its image files or codes, not by its name)."""
         if self.bundle is None:
             raise DataError("encoding a new case needs the model bundle; open the Retriever with a bundle")
         z = case.image.shape[-1]
@@ -395,13 +706,19 @@ class Retriever:
             raise DataError(f"case {case.case_id}: slice {slice_index} is outside 0..{z - 1}")
         stack = volume_to_slices(case, self.bundle.preprocess)
         enc = self.bundle.encode_slices(stack.images[slice_index : slice_index + 1], batch_size=batch_size)
+        own = self.database_case_of(case)
+        if own is None:
+            own = self._same_codes_case(case, stack, slice_index, enc)
+        if own is not None and own != case.case_id:
+            log.info("study %s is database case %s (same image files or codes)", case.case_id, own)
         return QuerySlice(
             case.case_id,
             int(slice_index),
             enc.normal[0],
             enc.abnormal[0],
-            in_database=case.case_id in self.db,
+            in_database=own is not None,
             case=case,
+            database_case=own,
         )
 
     def search(
@@ -416,15 +733,16 @@ class Retriever:
         exclude_cases: Sequence[str] = (),
     ) -> list[Hit]:
         """Ranked hits for ``query``. ``abnormal_from`` makes a composite query (the abnormal codes of another
-        slice). The query's own volume (and ``abnormal_from``'s) is never returned, nor ``exclude_cases``."""
+        slice). The database case the query belongs to (``database_case``; and ``abnormal_from``'s) is never
+        returned, nor ``exclude_cases``; a same-named case of another study is."""
         if distance not in DISTANCES:
             raise DataError(f"unknown distance {distance!r}; choose one of {list(DISTANCES)}")
         if distance == "hamming":
             self.ensure_hamming()
         abnormal = query.abnormal if abnormal_from is None else abnormal_from.abnormal
-        excluded = [query.case_id, *exclude_cases]
-        if abnormal_from is not None:
-            excluded.append(abnormal_from.case_id)
+        excluded = [*([query.database_case] if query.database_case else []), *exclude_cases]
+        if abnormal_from is not None and abnormal_from.database_case:
+            excluded.append(abnormal_from.database_case)
         q = Query(normal=query.normal, abnormal=abnormal, exclude_cases=tuple(dict.fromkeys(excluded)))
         return self.engine.search(
             q,

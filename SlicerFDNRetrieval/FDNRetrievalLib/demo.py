@@ -154,15 +154,19 @@ def demo_status(root: str | Path, model_fingerprint: str | None = None) -> DemoS
     )
 
 
-def _phase(progress: Any, offset: int, total: int, message: str) -> Any:
-    """A progress for one phase of the build that reports into the overall ``progress`` (same cancel)."""
+def _phase(progress: Any, offset: int, span: int, total: int, message: str) -> Any:
+    """A progress for one phase of the build (steps ``offset .. offset + span`` of ``total``) that reports
+    into the overall ``progress`` (same cancel). The phase's own sub-steps (cases, then e.g. fitting the
+    Hamming codes) are scaled into its span and never move the bar backwards."""
     from fdn_core.progress import Progress
 
     if progress is None:
         return None
+    reached = [offset]
 
-    def report(done: int, _total: int, _message: str) -> None:
-        progress.update(offset + done, total, message)
+    def report(done: int, phase_total: int, _message: str) -> None:
+        reached[0] = max(reached[0], offset + round(span * done / max(phase_total, 1)))
+        progress.update(reached[0], total, message)
 
     return Progress(callback=report, cancel=progress.cancel)
 
@@ -224,14 +228,14 @@ def build_demo(
             plan.seed,
             shape=plan.shape,
             workers=1,  # never spawn processes from inside Slicer (its executable is not a Python)
-            progress=_phase(progress, 0, total, "Generating phantom cases"),
+            progress=_phase(progress, 0, plan.n_cases, total, "Generating phantom cases"),
         )
         bundle = load_bundle(model_dir, device=device)
         index_cohort(
             bundle,
             tmp / "cohort",
             tmp / "db",
-            progress=_phase(progress, plan.n_cases, total, "Indexing phantom cases"),
+            progress=_phase(progress, plan.n_cases, plan.n_cases, total, "Indexing phantom cases"),
             workers=1,
         )
         record = {

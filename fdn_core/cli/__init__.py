@@ -9,14 +9,18 @@ is a ``register(subparsers)`` callable (the training harness ``fdn-training`` ad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from fdn_core.errors import FDNError
+from fdn_core.fileio import describe_os_error
 
 __all__ = ["COMMAND_MODULES", "ENTRY_POINT_GROUP", "build_parser", "main"]
 
@@ -71,21 +75,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[list[int]]:
+    """Handle SIGTERM (and SIGHUP) like Ctrl-C while a command runs: KeyboardInterrupt unwinds it, so
+    temporary files and folders are removed and committed work is kept. Yields the signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # nohup stays nohup
+            with contextlib.suppress(OSError, ValueError):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fdn`` script; returns the process exit code."""
+    """Entry point of the ``fdn`` script; returns the process exit code.
+
+    Errors the library raises on purpose (``FDNError``) and operating-system errors (disk full, read-only
+    folder, device busy: the path, the errno in words and what to do) print one message and exit 2; Ctrl-C
+    exits 130 and SIGTERM 143, after the command has cleaned up."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return int(args.func(args) or 0)
-    except FDNError as exc:
-        print(f"fdn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fdn {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _terminate_as_interrupt() as received:
+        try:
+            return int(args.func(args) or 0)
+        except FDNError as exc:
+            print(f"fdn {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            signum = received[-1] if received else int(signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            print(f"fdn {args.command}: {what}", file=sys.stderr)
+            return 128 + signum
+        except OSError as exc:
+            notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+            print(f"fdn {args.command}: error: {describe_os_error(exc)}{notes}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,9 @@ from fdn_core.cli.args import (
 )
 
 if TYPE_CHECKING:
+    from fdn_core.errors import DataError
     from fdn_core.model.bundle import InferenceBundle
+    from fdn_core.retrieval import IndexResult
 
 __all__ = ["register", "run"]
 
@@ -34,15 +37,38 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="threads that load and preprocess cases ahead of the encoder",
     )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip cases that cannot be read or encoded (each is reported) instead of stopping",
+    )
+    parser.add_argument(
+        "--commit-every",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="commit the encoded cases every N cases (default 16) so an interruption keeps them",
+    )
+    parser.add_argument(
+        "--commit-seconds",
+        type=positive_int,
+        default=120,
+        metavar="S",
+        help="... or every S seconds, whichever comes first (default 120)",
+    )
     add_no_progress(parser)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``index`` subcommand and its ``build`` / ``add`` / ``remove`` / ``info`` actions."""
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``index`` subcommand and its build / add / remove / compact / info actions."""
     parser = subparsers.add_parser(
         "index",
-        help="build and maintain a code database (build, add, remove, info)",
-        description="Encode a cohort into a searchable code database; add or remove cases; verify it.",
+        help="build and maintain a code database (build, add, remove, compact, info)",
+        description=(
+            "Encode a cohort into a searchable code database; add or remove cases; compact it; verify it. "
+            "Writers take the database's lock, so several commands (and the Slicer module) may write one "
+            "database: they take turns."
+        ),
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -51,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encode a cohort into a new database",
         description=(
             "Encode every axial slice of every case (or the named cases) with the model and write a new "
-            "database. "
-            "The Hamming codes of the codebooks are fitted and stored with it."
+            "database, committing every --commit-every cases: after an interruption, run the same command "
+            "again and it continues where it stopped. The Hamming codes of the codebooks are fitted and "
+            "stored with it."
         ),
     )
     _add_model_args(build)
@@ -70,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "add",
         help="add cases to a database",
         description=(
-            "Encode cases and add them to an existing database (default: every case of --data not in it yet)."
+            "Encode cases and add them to an existing database (default: every case of --data whose image "
+            "files are not indexed yet). Running the same command again after an interruption continues it."
         ),
     )
     add_db(add, help="existing database folder")
@@ -78,17 +106,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--cases", nargs="+", default=None, help="case ids to add (default: all new cases)")
     add.set_defaults(func=run)
 
-    remove = actions.add_parser("remove", help="remove a case from a database")
+    remove = actions.add_parser(
+        "remove",
+        help="remove a case from a database",
+        description=(
+            "Remove cases from a database (search no longer returns them). Their codes stay on disk until "
+            "the database is compacted (--compact, or `fdn index compact`)."
+        ),
+    )
     add_db(remove)
     remove.add_argument("--case", required=True, action="append", dest="cases", help="case id (repeatable)")
+    remove.add_argument(
+        "--compact", action="store_true", help="compact right away: erase the removed cases' codes from disk"
+    )
     remove.set_defaults(func=run)
+
+    compact = actions.add_parser(
+        "compact",
+        help="merge a database's segments and erase removed cases",
+        description="Merge every segment of a database into one and drop the rows of removed cases.",
+    )
+    add_db(compact)
+    compact.set_defaults(func=run)
 
     info = actions.add_parser(
         "info",
         help="summarise and verify a database",
         description=(
-            "Print a summary of a database and verify every file's hash; exits with status 1 when it is "
-            "corrupted."
+            "Print a summary of a database and verify every file's hash and its case table; exits with "
+            "status 1 when it is corrupted."
         ),
     )
     info.add_argument("db", type=Path, help="database folder")
@@ -102,26 +148,77 @@ def _load_bundle(args: argparse.Namespace) -> InferenceBundle:
     return load_bundle(args.model, device=args.device)
 
 
+def _cli_hint(exc: DataError) -> DataError:
+    """The library's advice in command-line words (``skip_bad=True`` -> ``--skip-bad``)."""
+    from fdn_core.errors import DataError
+
+    text = str(exc).replace("(skip_bad=True)", "(--skip-bad)").replace("skip_bad=True", "--skip-bad")
+    return DataError(text) if text != str(exc) else exc
+
+
+def _report(result: IndexResult, what: str) -> None:
+    if result.already:
+        shown = ", ".join(result.already[:10]) + (" ..." if len(result.already) > 10 else "")
+        print(f"already indexed (skipped): {len(result.already)} case(s): {shown}")
+    if result.bad:
+        print(f"skipped {len(result.bad)} bad case(s) ({what}):")
+        for _case, problem in result.bad:
+            print(f"  {problem}")
+
+
+def _index_run(args: argparse.Namespace, run_it: Callable[[], IndexResult]) -> IndexResult:
+    """Run an indexing function with the command line's error messages."""
+    from fdn_core.errors import DataError
+
+    try:
+        return run_it()
+    except DataError as exc:
+        raise _cli_hint(exc) from exc
+    except KeyboardInterrupt:
+        print(
+            f"fdn index {args.action}: interrupted; the cases committed so far are kept in {args.db}: run "
+            "the same command again to continue",
+            file=sys.stderr,
+        )
+        raise
+    except OSError as exc:
+        exc.add_note(
+            f"nothing was half-written: {args.db} keeps its last committed state (run the same command "
+            "again to continue once the problem is fixed)"
+        )
+        raise
+
+
 def _build(args: argparse.Namespace) -> int:
     from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.progress import tqdm_progress
-    from fdn_core.retrieval import index_cohort
+    from fdn_core.retrieval import build_index
 
     bundle = _load_bundle(args)
     warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index build")
     print(f"model {bundle.fingerprint[:12]} on {bundle.device}; indexing {args.data} -> {args.db}")
-    db = index_cohort(
-        bundle,
-        args.data,
-        args.db,
-        cases=args.cases,
-        progress=tqdm_progress(disable=args.no_progress),
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        fit_hamming=not args.no_hamming,
-        workers=args.workers,
+    result = _index_run(
+        args,
+        lambda: build_index(
+            bundle,
+            args.data,
+            args.db,
+            cases=args.cases,
+            progress=tqdm_progress(disable=args.no_progress),
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            fit_hamming=not args.no_hamming,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            commit_every=args.commit_every,
+            commit_seconds=float(args.commit_seconds),
+        ),
     )
+    db = result.database
     info = db.info()
+    if result.resumed:
+        print(f"resumed an interrupted build of {db.path}")
+    _report(result, "not indexed")
     print(
         f"built {db.path}: {info['num_cases']} cases, {info['num_slices']} slices "
         f"({info['num_abnormal_slices']} with tumour)"
@@ -132,21 +229,28 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.progress import tqdm_progress
-    from fdn_core.retrieval import add_cases
+    from fdn_core.retrieval import add_to_index
 
     bundle = _load_bundle(args)
     warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index add")
-    added = add_cases(
-        bundle,
-        args.db,
-        args.data,
-        cases=args.cases,
-        progress=tqdm_progress(disable=args.no_progress),
-        batch_size=args.batch_size,
-        workers=args.workers,
+    result = _index_run(
+        args,
+        lambda: add_to_index(
+            bundle,
+            args.db,
+            args.data,
+            cases=args.cases,
+            progress=tqdm_progress(disable=args.no_progress),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            commit_every=args.commit_every,
+            commit_seconds=float(args.commit_seconds),
+        ),
     )
-    if added:
-        print(f"added {len(added)} case(s) to {args.db}: {', '.join(added)}")
+    _report(result, "not added")
+    if result.added:
+        print(f"added {len(result.added)} case(s) to {args.db}: {', '.join(result.added)}")
     else:
         print(f"nothing to add: every case of {args.data} is already in {args.db}")
     return 0
@@ -156,14 +260,42 @@ def _remove(args: argparse.Namespace) -> int:
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.errors import DataError
 
-    db = CodeDatabase.open(args.db)
+    db = CodeDatabase.open(args.db, verify=False)
     unknown = [c for c in args.cases if c not in db]
     if unknown:
         raise DataError(
             f"{args.db}: no case(s) {unknown} in this database; `fdn index info --cases` lists them"
         )
-    db.remove_cases(list(dict.fromkeys(args.cases)))
+    try:
+        db.remove_cases(list(dict.fromkeys(args.cases)))
+        if args.compact:
+            db.compact()
+    except OSError as exc:
+        exc.add_note(f"nothing was half-written: {args.db} keeps its last committed state")
+        raise
     print(f"removed {', '.join(args.cases)} from {args.db}; {len(db.cases)} case(s), {len(db)} slices left")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from fdn_core.codes.database import CodeDatabase
+
+    db = CodeDatabase.open(args.db, verify=False)
+    before = db.info()
+    try:
+        done = db.compact()
+    except OSError as exc:
+        exc.add_note(f"nothing was half-written: {args.db} keeps its last committed state")
+        raise
+    if not done:
+        print(f"{args.db} is compact already (one segment, nothing removed)")
+        return 0
+    after = db.info()
+    print(
+        f"compacted {args.db}: {before['num_segments']} segment(s) -> {after['num_segments']}, "
+        f"{before['removed_slices']} removed slice(s) erased, {before['size_bytes'] / 1e6:.2f} MB -> "
+        f"{after['size_bytes'] / 1e6:.2f} MB"
+    )
     return 0
 
 
@@ -175,6 +307,7 @@ def _info(args: argparse.Namespace) -> int:
 
     try:
         db = CodeDatabase.open(args.db, verify=True)
+        db.verify()
         hamming = load_hamming_codes(db)
     except (IntegrityError, DataError) as exc:
         if isinstance(exc, DataError) and not (Path(args.db) / "manifest.json").is_file():
@@ -187,13 +320,24 @@ def _info(args: argparse.Namespace) -> int:
         f"model         {info['fingerprint']}",
         f"code grid     {info['grid_shape'][0]}x{info['grid_shape'][1]}, K={info['num_codes']} codes of "
         f"D={info['code_dim']}",
-        f"cases         {info['num_cases']}",
+        f"cases         {info['num_cases']} ({info['cases_with_fingerprint']} with a source fingerprint)",
         f"slices        {info['num_slices']} ({info['num_abnormal_slices']} with tumour)",
+        f"segments      {info['num_segments']}"
+        + (
+            f"; {info['num_removed_cases']} removed case(s) ({info['removed_slices']} slices) still on disk "
+            "until `fdn index compact`"
+            if info["num_removed_cases"]
+            else ""
+        ),
         f"size          {info['size_bytes'] / 1e6:.2f} MB (format {info['format_version']}, "
         f"version {info['version']})",
-        f"created       {info['created']['utc']} (fdn {info['created']['fdn_version']})",
+        f"created       {info['created'].get('utc', '?')} (fdn {info['created'].get('fdn_version', '?')})",
         f"modified      {info['modified_utc']}",
     ]
+    if (Path(args.db) / "build.json").is_file():
+        lines.append(
+            "build         an unfinished `fdn index build` is staged here: run it again to finish it"
+        )
     if hamming is None:
         lines.append(f"hamming codes none stored (fitted on first Hamming search into {HAMMING_DIR}/)")
     else:
@@ -207,14 +351,16 @@ def _info(args: argparse.Namespace) -> int:
     for case_id in db.cases:
         src = resolve_source(case_id, db.sources(case_id), db.path)
         paths = [*(src.get("images") or {}).values(), src.get("image4d"), src.get("seg"), src.get("anat")]
-        if any(p is not None and not Path(p).is_file() for p in paths):
+        if any(p is not None and not Path(p).exists() for p in paths):
             missing.append(case_id)
     if args.cases:
         for case_id in db.cases:
             rows = db.case_rows(case_id)
-            n_abn = int(db.has_abnormal[rows].sum())
+            n_abn = db.case_abnormal_count(case_id)
             lines.append(f"  {case_id}: {rows.stop - rows.start} slices, {n_abn} with tumour")
-    lines.append("integrity     OK (every file matches its recorded sha256)")
+    lines.append(
+        "integrity     OK (every file matches its recorded sha256; case table consistent, ids unique)"
+    )
     if missing:
         lines.append(
             f"warning       {len(missing)} case(s) have source files that no longer exist, so their "
@@ -226,4 +372,5 @@ def _info(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fdn index <action>``."""
-    return {"build": _build, "add": _add, "remove": _remove, "info": _info}[args.action](args)
+    actions = {"build": _build, "add": _add, "remove": _remove, "compact": _compact, "info": _info}
+    return actions[args.action](args)

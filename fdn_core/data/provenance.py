@@ -2,8 +2,8 @@
 
 Case ids are not identities: every phantom cohort has a ``phantom_0000``, and a real cohort may be renamed.
 A case is identified by the content of its images instead: ``case_fingerprint`` is a sha256 streamed over the
-bytes of its four image files in ``MODALITIES`` order (a Decathlon case: its one 4D image file). Labels are
-left out: the same images relabelled are still the same training input.
+bytes of its image files (a Decathlon case: its one 4D image file). Labels are left out: the same images
+relabelled are still the same training input.
 
 ``training_overlap`` compares the cases a command is about to evaluate or index with the cases the bundle
 was trained on. It compares fingerprints when the bundle metadata records ``train_case_fingerprints`` (a list
@@ -47,28 +47,50 @@ class ProvenanceWarning(UserWarning):
     """The training-overlap check could only compare case ids, not image content."""
 
 
-def case_fingerprint(files: CaseFiles) -> str:
-    """sha256 (hex) streamed over the bytes of the case's image files, in ``MODALITIES`` order."""
+def _hash_path(h: Any, path: Path) -> None:
+    """Feed one file (or every file of a DICOM series folder, by relative name) into ``h``, streamed."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        h.update(f"dir\0{len(files)}\0".encode())
+        for p in files:
+            h.update(f"{p.relative_to(path).as_posix()}\0".encode())
+            _hash_path(h, p)
+        return
+    h.update(f"file\0{path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+
+
+def _image_digest(files: CaseFiles) -> str:
+    """Hex sha256 over a case's image files (the four sequences by name, or the 4D image), read in 1 MiB
+    blocks. Label files are left out: adding labels later does not make another study."""
+    h = hashlib.sha256(b"fdn-source-v1\0")
     if files.images:
-        missing = [m for m in MODALITIES if m not in files.images]
-        if missing:
-            raise DataError(f"case {files.case_id}: no {missing} image file(s); a case needs all four")
-        paths = [Path(files.images[m]) for m in MODALITIES]
-    elif files.image4d is not None:
-        paths = [Path(files.image4d)]
-    else:
+        for kind in sorted(files.images):
+            h.update(f"{kind}\0".encode())
+            _hash_path(h, Path(files.images[kind]))
+    if files.image4d is not None:
+        h.update(b"image4d\0")
+        _hash_path(h, Path(files.image4d))
+    return h.hexdigest()
+
+
+def case_fingerprint(files: CaseFiles) -> str:
+    """Hex sha256 streamed over a case's image files (the four sequences by name, DICOM folders file by
+    file, or the Decathlon 4D image). Label files are left out: adding labels later does not make another
+    study. The one content fingerprint of the project (training provenance and database identity)."""
+    if not files.images and files.image4d is None:
         raise DataError(f"case {files.case_id}: no image files recorded, so it cannot be fingerprinted")
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-        except OSError as exc:
-            raise DataError(
-                f"case {files.case_id}: cannot read {path} to fingerprint it ({exc}); check the file"
-            ) from exc
-    return digest.hexdigest()
+    missing = [m for m in MODALITIES if files.images and m not in files.images]
+    if missing:
+        raise DataError(f"case {files.case_id}: no {missing} image file(s); a case needs all four")
+    try:
+        return _image_digest(files)
+    except OSError as exc:
+        raise DataError(
+            f"case {files.case_id}: cannot read its image files to fingerprint them ({exc}); check the files"
+        ) from exc
 
 
 def cases_of(data_dir: str | Path, case_ids: Sequence[str] | None = None) -> list[CaseFiles]:

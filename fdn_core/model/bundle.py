@@ -4,21 +4,27 @@ Layout of a bundle folder::
 
     model.safetensors   every weight and buffer of the FDN (EMA codebooks, EMA statistics, BatchNorm running
                         statistics) except the critic, which inference never uses
-    bundle.json         format/version, FDNConfig, PreprocessConfig, fingerprint, sha256 of model.safetensors,
-                        versions, free-form metadata (training config, seed, ...), and manifest_sha256 over
-                        the canonical JSON of everything else in the file
+    bundle.json         format/version, FDNConfig, PreprocessConfig, fingerprint (and its version), sha256
+                        and size of model.safetensors, versions, free-form metadata (training config, seed,
+                        ...), and manifest_sha256 over the canonical JSON of everything else in the file
 
-The fingerprint (sha256 of both codebooks' float32 bytes and the canonical JSON of the FDNConfig) names the
-code space: databases store it and refuse codes of another model.
+The fingerprint names the code space: databases store it and refuse codes of another model. Version 2
+(``FINGERPRINT_VERSION``) is the sha256 of the canonical FDNConfig JSON and of every weight and buffer that
+decides the codes: the stem, both encoder towers and both codebooks (name, dtype, shape and bytes of each
+tensor), so changed encoder weights make another fingerprint even when every file hash was recomputed.
+Version 1 (bundles exported before; ``bundle.json`` without ``fingerprint_version``) covered only the
+codebooks and the config: such bundles still load, their ``fingerprint_version`` is 1 and a warning says to
+re-export them. Every file ``bundle.json`` names must resolve inside the bundle folder (links resolved).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,13 +37,14 @@ from fdn_core.config import config_from_dict, config_to_dict
 from fdn_core.data.preprocess import PreprocessConfig
 from fdn_core.device import autocast_for, select_device
 from fdn_core.errors import ConfigError, DataError, IntegrityError
-from fdn_core.fileio import atomic_dir, sha256_file
+from fdn_core.fileio import atomic_dir, recover_dir, resolve_inside, sha256_file
 from fdn_core.model.fdn import FDN, FDNConfig
 from fdn_core.progress import Progress
 
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
+    "FINGERPRINT_VERSION",
     "MANIFEST_NAME",
     "TINY_MODEL",
     "WEIGHTS_NAME",
@@ -48,13 +55,21 @@ __all__ = [
     "model_fingerprint",
     "save_bundle",
     "save_untrained_bundle",
+    "weights_fingerprint",
 ]
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "fdn-inference-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
 _EXCLUDED_PREFIX = "critic."
+#: Version of the fingerprint ``save_bundle`` records (see the module docstring).
+FINGERPRINT_VERSION = 2
+#: State-dict entries that decide the codes: the encoder (stem, both towers) and both codebooks.
+_CODE_PREFIXES = ("stem.", "tower_normal.", "tower_abnormal.")
+_CODEBOOK_KEYS = ("vq_normal.embedding.weight", "vq_abnormal.embedding.weight")
 #: A tiny FDN (64x64 input, 8x8 codes, 32 codes per codebook): fast on a CPU, real in every respect. The
 #: tests, the Slicer module's self-test and the browser viewer's tests build untrained bundles of it.
 TINY_MODEL: dict[str, Any] = {
@@ -79,7 +94,8 @@ def compute_fingerprint(
     codebook_abnormal: np.ndarray | torch.Tensor,
     config: FDNConfig,
 ) -> str:
-    """Hex sha256 of both (K, D) codebooks (float32 little-endian, row-major) + canonical config JSON."""
+    """Version-1 fingerprint (bundles exported before version 2): hex sha256 of both (K, D) codebooks
+    (float32 little-endian, row-major) + canonical config JSON. It does not cover the encoder weights."""
     h = hashlib.sha256(b"fdn-fingerprint-v1\0")
     for cb in (codebook_normal, codebook_abnormal):
         if isinstance(cb, torch.Tensor):
@@ -89,9 +105,25 @@ def compute_fingerprint(
     return h.hexdigest()
 
 
+def weights_fingerprint(state: Mapping[str, torch.Tensor], config: FDNConfig) -> str:
+    """Version-2 fingerprint: hex sha256 of the canonical config JSON and of every state-dict tensor that
+    decides the codes (stem, both towers, both codebooks), each as name, dtype, shape and raw bytes."""
+    keys = sorted(k for k in state if k.startswith(_CODE_PREFIXES) or k in _CODEBOOK_KEYS)
+    missing = [k for k in _CODEBOOK_KEYS if k not in state]
+    if missing or not any(k.startswith("stem.") for k in keys):
+        raise IntegrityError(f"weights lack {missing or 'the stem'}; not an FDN state dict")
+    h = hashlib.sha256(b"fdn-fingerprint-v2\0")
+    h.update(_canonical_json(config_to_dict(config)))
+    for key in keys:
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_fingerprint(model: FDN) -> str:
-    """Fingerprint of a live model's codebooks and config."""
-    return compute_fingerprint(model.codebook("normal"), model.codebook("abnormal"), model.config)
+    """Fingerprint (version 2) of a live model's encoder, codebooks and config."""
+    return weights_fingerprint(model.state_dict(), model.config)
 
 
 def _versions() -> dict[str, str]:
@@ -164,6 +196,7 @@ def save_bundle(
             "model": config_to_dict(cfg),
             "preprocess": config_to_dict(preprocess),
             "fingerprint": model_fingerprint(model),
+            "fingerprint_version": FINGERPRINT_VERSION,
             "files": {WEIGHTS_NAME: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
             "includes_critic": False,
             "versions": _versions(),
@@ -196,8 +229,10 @@ class InferenceBundle:
         device: torch.device,
         path: Path,
         manifest: dict[str, Any],
+        fingerprint_version: int = FINGERPRINT_VERSION,
     ) -> None:
         self.model = model
+        self.fingerprint_version = fingerprint_version
         self.config = config
         self.preprocess = preprocess
         self.fingerprint = fingerprint
@@ -321,8 +356,38 @@ class InferenceBundle:
         return out[0], out[1], out[2]
 
 
+@dataclass(frozen=True)
+class _BundleFile:
+    """One file entry of ``bundle.json``."""
+
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class _BundleManifest:
+    """The typed fields of ``bundle.json`` (checked with ``config_from_dict``)."""
+
+    __config_allow_defaults__ = True
+    format: str
+    format_version: int
+    model: dict[str, Any]
+    preprocess: dict[str, Any]
+    fingerprint: str
+    files: dict[str, Any]
+    created_utc: str = ""
+    includes_critic: bool = False
+    versions: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint_version: int = 1
+
+
 def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     folder = path.parent if path.is_file() and path.name == MANIFEST_NAME else path
+    if not folder.exists():
+        done = recover_dir(folder)  # a replacement (fdn export --overwrite) died between its renames
+        if done:
+            log.warning("%s", done)
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise DataError(
@@ -352,56 +417,85 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     return folder, manifest
 
 
+def _check_manifest(folder: Path, manifest: dict[str, Any]) -> tuple[_BundleManifest, dict[str, Path]]:
+    """Typed fields of ``bundle.json`` and the files it names (each inside ``folder``, of the recorded
+    size and sha256)."""
+    where = f"{folder / MANIFEST_NAME}"
+    try:
+        doc = config_from_dict(_BundleManifest, manifest, where=where)
+        entries = {}
+        for name, info in doc.files.items():
+            if not isinstance(info, dict):
+                raise ConfigError(f"{where}: files[{name!r}]: expected a mapping, got {type(info).__name__}")
+            entries[name] = config_from_dict(_BundleFile, info, where=f"{where}: files[{name!r}]")
+    except ConfigError as exc:
+        raise IntegrityError(f"{exc}; {_FIX}") from None
+    if doc.fingerprint_version not in (1, FINGERPRINT_VERSION):
+        raise DataError(
+            f"{where}: fingerprint version {doc.fingerprint_version} is not known to this version of "
+            f"fdn_core (it knows 1 and {FINGERPRINT_VERSION}); update fdn_core or re-export the bundle"
+        )
+    if WEIGHTS_NAME not in entries:
+        raise IntegrityError(f"{where}: lists no {WEIGHTS_NAME}; {_FIX}")
+    paths: dict[str, Path] = {}
+    for name, info in entries.items():
+        file = resolve_inside(folder, name, where)
+        if not file.is_file():
+            raise IntegrityError(f"{file}: missing from the bundle; {_FIX}")
+        if file.stat().st_size != info.bytes or sha256_file(file) != info.sha256:
+            raise IntegrityError(
+                f"{file}: contents do not match the sha256 recorded in {MANIFEST_NAME} "
+                f"(edited, truncated or corrupted); {_FIX}"
+            )
+        paths[name] = file
+    return doc, paths
+
+
 def load_bundle(path: str | Path, device: str | torch.device | None = "auto") -> InferenceBundle:
     """Load and verify the bundle folder ``path`` (or its bundle.json) onto ``device`` ("auto", "cpu", ..)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder, manifest = _read_manifest(Path(path))
-    files = manifest.get("files")
-    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
-        raise IntegrityError(f"{folder / MANIFEST_NAME}: lists no {WEIGHTS_NAME}; {_FIX}")
-    for name, info in files.items():
-        file = folder / name
-        if not file.is_file():
-            raise IntegrityError(f"{file}: missing from the bundle; {_FIX}")
-        if sha256_file(file) != info.get("sha256"):
-            raise IntegrityError(
-                f"{file}: contents do not match the sha256 recorded in {MANIFEST_NAME} "
-                f"(edited, truncated or corrupted); {_FIX}"
-            )
+    doc, paths = _check_manifest(folder, manifest)
     where = f"{folder / MANIFEST_NAME}"
-    for section in ("model", "preprocess"):
-        if not isinstance(manifest.get(section), dict):
-            raise IntegrityError(f"{where}: section {section!r} is missing or not a mapping; {_FIX}")
-    config = config_from_dict(FDNConfig, manifest["model"], where=f"{where}: model")
-    preprocess = config_from_dict(PreprocessConfig, manifest["preprocess"], where=f"{where}: preprocess")
+    config = config_from_dict(FDNConfig, doc.model, where=f"{where}: model")
+    preprocess = config_from_dict(PreprocessConfig, doc.preprocess, where=f"{where}: preprocess")
+    weights = paths[WEIGHTS_NAME]
     try:
-        state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
+        state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as exc:
-        raise IntegrityError(
-            f"{folder / WEIGHTS_NAME}: cannot be read as safetensors ({exc}); {_FIX}"
-        ) from exc
+        raise IntegrityError(f"{weights}: cannot be read as safetensors ({exc}); {_FIX}") from exc
     model = FDN(config)
     expected = {k for k in model.state_dict() if not k.startswith(_EXCLUDED_PREFIX)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise IntegrityError(
-            f"{folder / WEIGHTS_NAME}: weights do not match the model config in {MANIFEST_NAME} "
+            f"{weights}: weights do not match the model config in {MANIFEST_NAME} "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]}); {_FIX}"
         )
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise IntegrityError(
-            f"{folder / WEIGHTS_NAME}: weight shapes do not match the model config in {MANIFEST_NAME} "
-            f"({exc}); {_FIX}"
+            f"{weights}: weight shapes do not match the model config in {MANIFEST_NAME} ({exc}); {_FIX}"
         ) from exc
-    fingerprint = model_fingerprint(model)
-    if fingerprint != manifest.get("fingerprint"):
+    if doc.fingerprint_version == 1:
+        fingerprint = compute_fingerprint(model.codebook("normal"), model.codebook("abnormal"), config)
+        covers = "the codebooks and config"
+    else:
+        fingerprint = model_fingerprint(model)
+        covers = "the encoder weights, codebooks and config"
+    if fingerprint != doc.fingerprint:
         raise IntegrityError(
-            f"{folder}: the codebooks and config do not give the recorded fingerprint "
-            f"({fingerprint[:12]}... vs {str(manifest.get('fingerprint'))[:12]}...); {_FIX}"
+            f"{folder}: {covers} do not give the recorded fingerprint "
+            f"({fingerprint[:12]}... vs {doc.fingerprint[:12]}...); {_FIX}"
+        )
+    if doc.fingerprint_version == 1:
+        log.warning(
+            "%s has a version-1 fingerprint, which covers the codebooks and config but not the encoder "
+            "weights; re-export the bundle (fdn export) so that changed weights are detected",
+            folder,
         )
     dev = device if isinstance(device, torch.device) else select_device(device)
     model = model.to(dev)
@@ -409,7 +503,9 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     _freeze(model)
-    return InferenceBundle(model, config, preprocess, fingerprint, dev, folder, manifest)
+    return InferenceBundle(
+        model, config, preprocess, fingerprint, dev, folder, manifest, doc.fingerprint_version
+    )
 
 
 def _freeze(model: nn.Module) -> None:
