@@ -396,10 +396,15 @@ def _check_engine(setup: dict, eng: SearchEngine) -> None:
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bounds", [[0, 49], [0, 13, 13, 33, 49]], ids=["one-segment", "three-segments"])
-def test_numba_kernel_exact(setup: dict, dtype: type, threads: int, bounds: list[int]) -> None:
+def test_numba_kernel_exact(
+    setup: dict, dtype: type, threads: int, bounds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The compiled kernel (uint16 and uint8 codes, 1 and 2 threads, one segment or several, an empty one
     among them, and tasks of a few volumes) matches the brute force for every distance and mode."""
     pytest.importorskip("numba")
+    import fdn_core.codes.scan as scan
+
+    monkeypatch.setattr(scan, "_WORK_PER_THREAD", 1)  # use every thread even on this tiny database
     segs = _segments(setup, bounds, dtype)
     eng = _variant(
         setup,

@@ -39,7 +39,7 @@ from numba.extending import intrinsic, models, register_model
 __all__ = ["TILE", "scan_kernel", "sum_codes"]
 
 #: Rows per tile: distances of a tile (TILE x lanes float32) stay in L1/L2 between compute and reduction.
-TILE = 64
+TILE = 256
 #: How far ahead (rows) the code rows are prefetched.
 PREFETCH_ROWS = 32
 
@@ -264,7 +264,7 @@ def _add_terms(
         dist[i + 3] += _term(sums[3], kind, q, inv_r[t, g + 3] if kind == 2 else zero) * w
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(cache=True, nogil=True)  # type: ignore[misc]
 def _scalar_tile(
     c0: np.ndarray,
     c1: np.ndarray,
@@ -317,7 +317,7 @@ def _vsums(
     return a0, a1
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(cache=True, nogil=True)  # type: ignore[misc]
 def _vector_tile(
     c0: np.ndarray,
     c1: np.ndarray,

@@ -58,6 +58,9 @@ BACKENDS = ("auto", "numba", "torch", "torch-offsets")
 KIND_HAMMING, KIND_EUCLIDEAN, KIND_ANGULAR = 0, 1, 2
 SELECT_ALL, SELECT_VOLUME, SELECT_TOP = 0, 1, 2
 
+#: Work (rows x code types, x 5 per 16 batched queries) below which a scan gets one thread less: about
+#: 10 ms of one thread, far more than waking a thread costs even on a loaded machine.
+_WORK_PER_THREAD = 1 << 18
 #: Rows per chunk of the torch fallback (its int32 index is 4 * P bytes per row: 16 MiB at 8x8 grids).
 _CHUNK_ROWS = 1 << 16
 
@@ -266,9 +269,12 @@ class _NumbaBackend:
         out_val, out_row = _outputs(req, lay, lay.tasks.shape[0])
         t_index = [0 if t == "normal" else 1 for t in req.types]
         addrs = np.ascontiguousarray(lay.addrs[t_index])
+        # A small scan runs on one thread: waking the others costs more than it saves on a busy machine.
+        work = lay.n * len(req.types) * (1 if req.lanes == 1 else 5 * req.lanes // 16)
+        threads = max(1, min(self.threads, work // _WORK_PER_THREAD))
         with _KERNEL_LOCK:
             previous = self._numba.get_num_threads()
-            self._numba.set_num_threads(self.threads)
+            self._numba.set_num_threads(threads)
             try:
                 with self._numba.parallel_chunksize(1):
                     self._kernels.scan_kernel(

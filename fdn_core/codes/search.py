@@ -84,6 +84,11 @@ _KIND = {"hamming": KIND_HAMMING, "euclidean": KIND_EUCLIDEAN, "angular": KIND_A
 #: Slice-wise searches up to this many results keep each task's top rows in the kernel; larger ones take
 #: every distance (N x block float32) and select afterwards.
 _TOP_IN_KERNEL = 256
+#: Queries per pass of the compiled scan, by number of code types scanned. Its lookup tables take
+#: P*K*4 bytes per query and code type (128 KiB at 8x8, K = 512): 32 queries of one type (4 MiB) or 16 of
+#: two (2 x 2 MiB) still scan at full speed on a 2-core machine whose L3 is shared, 32 of two types (8 MiB)
+#: took 1.7x longer per query than two passes of 16 (bench/bench_search.py; 2026-11).
+_PASS_QUERIES = {1: 32, 2: 16}
 
 
 @dataclass(frozen=True)
@@ -603,7 +608,8 @@ class SearchEngine:
         per: str = "volume",
         block: int = 32,
     ) -> list[list[Hit]]:
-        """Like ``search`` for many queries; ``block`` queries share each pass over the database."""
+        """Like ``search`` for many queries; ``block`` queries share each pass over the database (with the
+        compiled scan at most 32, or 16 for the sum modes: beyond that its lookup tables leave the cache)."""
         self._check_names(distance, mode)
         if per not in ("volume", "slice"):
             raise ConfigError(f"per must be 'volume' or 'slice', got {per!r}")
@@ -624,8 +630,9 @@ class SearchEngine:
             select = SELECT_VOLUME
         else:
             select = SELECT_TOP if top <= _TOP_IN_KERNEL else SELECT_ALL
-        for s in range(0, len(parsed), block):
-            chunk = parsed[s : s + block]
+        step = min(block, _PASS_QUERIES[len(types)]) if self._backend.name == "numba" else block
+        for s in range(0, len(parsed), step):
+            chunk = parsed[s : s + step]
             qcodes = {t: np.stack([c[0][t] for c in chunk]) for t in types}
             req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top)
             val, row = self._backend.run(req)
