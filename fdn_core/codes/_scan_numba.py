@@ -67,7 +67,7 @@ def _vector_pointer(context: Any, builder: Any, array_type: Any, array: Any, ind
     return builder.bitcast(builder.gep(data, [index]), ir.PointerType(_VEC))
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _vzero(typingctx: Any) -> Any:
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         return ir.Constant(_VEC, None)
@@ -75,7 +75,7 @@ def _vzero(typingctx: Any) -> Any:
     return _f32x16(), codegen
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _vsplat(typingctx: Any, value: Any) -> Any:
     """All 16 lanes equal to a float32 scalar."""
     if value != types.float32:
@@ -90,7 +90,7 @@ def _vsplat(typingctx: Any, value: Any) -> Any:
     return _f32x16(types.float32), codegen
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _vload(typingctx: Any, array: Any, index: Any) -> Any:
     """``array[index : index + 16]`` of a C-contiguous 1-D float32 array (no bounds check)."""
     if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.ndim == 1):
@@ -102,7 +102,7 @@ def _vload(typingctx: Any, array: Any, index: Any) -> Any:
     return _f32x16(array, types.intp), codegen
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _vstore(typingctx: Any, array: Any, index: Any, value: Any) -> Any:
     """``array[index : index + 16] = value`` (no bounds check)."""
     if not (isinstance(array, types.Array) and array.dtype == types.float32 and array.ndim == 1):
@@ -116,7 +116,7 @@ def _vstore(typingctx: Any, array: Any, index: Any, value: Any) -> Any:
 
 
 def _binary(op: str) -> Any:
-    @intrinsic  # type: ignore[misc]
+    @intrinsic  # type: ignore[untyped-decorator]
     def vop(typingctx: Any, a: Any, b: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             return getattr(builder, op)(args[0], args[1])
@@ -131,7 +131,7 @@ _vsub = _binary("fsub")
 _vmul = _binary("fmul")
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _vsqrt0(typingctx: Any, a: Any) -> Any:
     """``sqrt(max(a, 0))`` lane by lane (IEEE, correctly rounded: equal to the scalar ``np.sqrt``)."""
 
@@ -147,7 +147,7 @@ def _vsqrt0(typingctx: Any, a: Any) -> Any:
     return _f32x16(_f32x16), codegen
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _pointer(typingctx: Any, address: Any, proto: Any) -> Any:
     """The integer ``address`` as a pointer to ``proto``'s element type."""
     if not (isinstance(address, types.Integer) and isinstance(proto, types.Array)):
@@ -160,7 +160,7 @@ def _pointer(typingctx: Any, address: Any, proto: Any) -> Any:
     return sig, codegen
 
 
-@intrinsic  # type: ignore[misc]
+@intrinsic  # type: ignore[untyped-decorator]
 def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:
     """Hint the cache to fetch the line holding element ``index`` of a C-contiguous array (flat index)."""
     if not isinstance(array, types.Array):
@@ -180,7 +180,7 @@ def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:
     return types.none(array, types.intp), codegen
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _prefetch_rows(codes: np.ndarray, r: int, rows: int) -> None:
     """Prefetch rows r..r+rows-1 of a (N, P) code array (when they exist). The hardware prefetcher alone
     falls behind when two code arrays are streamed at once, and it stops at every 4 KiB page of a memory
@@ -192,13 +192,13 @@ def _prefetch_rows(codes: np.ndarray, r: int, rows: int) -> None:
             _prefetch(codes, start + off)
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _codes_view(address: int, rows: int, positions: int, proto: np.ndarray) -> np.ndarray:
     """The (rows, positions) C-contiguous code array starting at ``address`` (dtype of ``proto``)."""
     return carray(_pointer(address, proto), (rows, positions))
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _term(s: np.float32, kind: int, inv_q: np.float32, inv_r: np.float32) -> np.float32:
     """One code type's distance from its table sum: 0 Hamming (the sum), 1 Euclidean (its square root),
     2 angular (1 - cosine, the sum being the dot product)."""
@@ -209,7 +209,7 @@ def _term(s: np.float32, kind: int, inv_q: np.float32, inv_r: np.float32) -> np.
     return s
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _vterm(s: Any, kind: int, inv_q: Any, inv_r: np.float32) -> Any:
     """``_term`` on 16 lanes (``inv_q`` holds the 16 queries' inverse norms)."""
     if kind == 1:
@@ -219,7 +219,7 @@ def _vterm(s: Any, kind: int, inv_q: Any, inv_r: np.float32) -> Any:
     return s
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _sums(codes: np.ndarray, lut: np.ndarray, r: int, k: int, four: bool) -> tuple[Any, Any, Any, Any]:
     """Table sums of rows r..r+3 (``four``) or of row r alone, positions added in order."""
     zero = np.float32(0.0)
@@ -240,7 +240,7 @@ def _sums(codes: np.ndarray, lut: np.ndarray, r: int, k: int, four: bool) -> tup
     return s0, s1, s2, s3
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _add_terms(
     dist: np.ndarray,
     i: int,
@@ -264,7 +264,7 @@ def _add_terms(
         dist[i + 3] += _term(sums[3], kind, q, inv_r[t, g + 3] if kind == 2 else zero) * w
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]
+@njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def _scalar_tile(
     c0: np.ndarray,
     c1: np.ndarray,
@@ -299,7 +299,7 @@ def _scalar_tile(
         i += 4 if four else 1
 
 
-@njit(inline="always")  # type: ignore[misc]
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _vsums(
     codes: np.ndarray, lut: np.ndarray, r: int, k: int, lanes: int, off: int, pair: bool
 ) -> tuple[Any, Any]:
@@ -317,7 +317,7 @@ def _vsums(
     return a0, a1
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]
+@njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def _vector_tile(
     c0: np.ndarray,
     c1: np.ndarray,
@@ -368,7 +368,7 @@ def _vector_tile(
             g += 2 if pair else 1
 
 
-@njit(parallel=True, cache=True, nogil=True)  # type: ignore[misc]
+@njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def scan_kernel(
     addrs: np.ndarray,
     seg_rows: np.ndarray,
@@ -457,7 +457,7 @@ def scan_kernel(
                             out_row[task, b, pos] = row0 + i
 
 
-@njit(parallel=True, cache=True, nogil=True)  # type: ignore[misc]
+@njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def sum_codes(addrs: np.ndarray, seg_rows: np.ndarray, proto: np.ndarray, positions: int) -> int:
     """Sum of every code of every segment of one code type: reads the codes once, as fast as memory
     allows (the benchmark's memory-read floor for the scan)."""
@@ -468,6 +468,6 @@ def sum_codes(addrs: np.ndarray, seg_rows: np.ndarray, proto: np.ndarray, positi
         for r in prange(n):
             acc = 0
             for j in range(positions):
-                acc += np.intp(codes[r, j])
+                acc += int(codes[r, j])
             total += acc
     return total
