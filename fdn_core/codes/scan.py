@@ -11,9 +11,10 @@ Backends:
 - ``numba`` (default when numba imports): the compiled kernel of ``_scan_numba``, multi-threaded over
   tasks, reading the database's arrays in place (uint16, or uint8 when stored so) and allocating nothing
   per row.
-- ``torch`` (fallback without numba): ``torch.nn.functional.embedding_bag`` on chunks of at most
-  ``_CHUNK_ROWS`` rows, the (chunk, P) int32 index built per chunk and dropped, numpy reductions. Slower
-  (about 2x per query) but no per-row memory either.
+- ``torch`` (fallback without numba), on chunks of at most ``_CHUNK_ROWS`` rows with numpy reductions: a
+  single query sums ``np.take`` of each position's table row, a batch runs ``embedding_bag`` over the
+  chunk's int32 index (a 16 MiB buffer reused). Several times slower than the kernel for single queries
+  (bench/bench_search.py), no per-row memory either.
 - ``torch-offsets``: the engine's former path, kept for benchmarks: int32 indices of every row built once
   and kept (4 bytes per position per code type and slice), one ``embedding_bag`` call per segment.
 
@@ -82,8 +83,8 @@ def numba_status() -> tuple[Any, str]:
             _numba_state["module"] = None
             _numba_state["why"] = f"numba unavailable ({type(exc).__name__}: {exc})"
             log.warning(
-                "search: %s; scanning with the slower torch fallback (pip install numba for the compiled "
-                "kernel)",
+                "search: %s; scanning with the slower numpy/torch fallback (pip install numba for the "
+                "compiled kernel)",
                 _numba_state["why"],
             )
     return _numba_state["module"], _numba_state["why"]
@@ -316,13 +317,16 @@ def _outputs(req: ScanRequest, lay: ScanLayout, n_chunks: int) -> tuple[np.ndarr
 
 
 class _TorchBackend:
-    """``embedding_bag`` per chunk of whole volumes; ``keep_offsets`` keeps every segment's int32 index (the
-    engine's former path, one call per segment)."""
+    """The scan without numba, per chunk of whole volumes: one query sums ``np.take`` of each position's
+    table row (positions in order, as the kernel adds them); a batch runs ``embedding_bag`` over the chunk's
+    int32 index, built in a buffer reused from chunk to chunk. ``keep_offsets``: the engine's former path,
+    every segment's int32 index kept, one ``embedding_bag`` call per segment."""
 
     def __init__(self, layout: ScanLayout, keep_offsets: bool) -> None:
         self._layout = layout
         self._keep = keep_offsets
         self._offsets: dict[tuple[str, int], Any] = {}
+        self._buffer: np.ndarray | None = None  # (_CHUNK_ROWS, P) int32, allocated on the first batch
         self._lock = threading.Lock()
         self.name = "torch-offsets" if keep_offsets else "torch"
         self.threads = None
@@ -331,7 +335,7 @@ class _TorchBackend:
         self.describe = (
             "torch embedding_bag over kept int32 row indices (former path, 4 B per position and code type)"
             if keep_offsets
-            else f"torch embedding_bag fallback in chunks of {_CHUNK_ROWS} rows ({why})"
+            else f"numpy/torch fallback in chunks of {_CHUNK_ROWS} rows ({why})"
         )
 
     def _make_chunks(self) -> np.ndarray:
@@ -349,43 +353,61 @@ class _TorchBackend:
         return sum(int(v.numel()) * int(v.element_size()) for v in self._offsets.values())
 
     def _index(self, code_type: str, seg: int, local: int, rows: int) -> Any:
+        """The (rows, P) int32 tensor of ``code + position * K`` for a chunk (a view of the kept index, or
+        of the reused buffer: valid until the next call)."""
         import torch
 
         lay = self._layout
         codes = lay.codes[code_type][seg]
         offsets = np.arange(lay.p, dtype=np.int32) * np.int32(lay.k)
         if not self._keep:
-            idx = np.add(codes[local : local + rows], offsets, dtype=np.int32)
+            if self._buffer is None:
+                self._buffer = np.empty((_CHUNK_ROWS, lay.p), dtype=np.int32)
+            idx = self._buffer[:rows]
+            np.add(codes[local : local + rows], offsets, out=idx, dtype=np.int32)
             return torch.from_numpy(idx)
         key = (code_type, seg)
         if key not in self._offsets:
-            with self._lock:
-                if key not in self._offsets:
-                    idx = np.empty(codes.shape, dtype=np.int32)
-                    for s in range(0, codes.shape[0], _CHUNK_ROWS):
-                        np.add(
-                            codes[s : s + _CHUNK_ROWS], offsets, out=idx[s : s + _CHUNK_ROWS], dtype=np.int32
-                        )
-                    self._offsets[key] = torch.from_numpy(idx)
+            idx = np.empty(codes.shape, dtype=np.int32)
+            for s in range(0, codes.shape[0], _CHUNK_ROWS):
+                np.add(codes[s : s + _CHUNK_ROWS], offsets, out=idx[s : s + _CHUNK_ROWS], dtype=np.int32)
+            self._offsets[key] = torch.from_numpy(idx)
         return self._offsets[key][local : local + rows]
 
-    def run(self, req: ScanRequest) -> tuple[np.ndarray, np.ndarray]:
+    def _sums(self, code_type: str, t: int, req: ScanRequest, seg: int, local: int, rows: int) -> np.ndarray:
+        """(rows, lanes) float32 table sums of one code type over a chunk."""
         import torch
 
         lay = self._layout
+        if req.lanes == 1 and not self._keep:
+            codes = lay.codes[code_type][seg][local : local + rows]
+            lut = req.luts[t]
+            acc = np.zeros(rows, np.float32)
+            tmp = np.empty(rows, np.float32)
+            for j in range(lay.p):
+                np.take(lut[j * lay.k : (j + 1) * lay.k], codes[:, j], out=tmp)
+                acc += tmp
+            return acc[:, None]
+        weight = torch.from_numpy(req.luts[t].reshape(lay.p * lay.k, req.lanes))
+        with torch.inference_mode():
+            out = torch.nn.functional.embedding_bag(
+                self._index(code_type, seg, local, rows), weight, mode="sum"
+            )
+        return np.asarray(out.numpy())
+
+    def run(self, req: ScanRequest) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:  # one scan at a time: the chunk buffer and the kept indices are shared
+            return self._run(req)
+
+    def _run(self, req: ScanRequest) -> tuple[np.ndarray, np.ndarray]:
+        lay = self._layout
         out_val, out_row = _outputs(req, lay, self._chunks.shape[0])
         b = req.n_queries
-        weights = [
-            torch.from_numpy(req.luts[t].reshape(lay.p * lay.k, req.lanes)) for t in range(len(req.types))
-        ]
         for c, (seg, first, stop, v0, local) in enumerate(self._chunks.tolist()):
             rows = stop - first
             total = np.zeros((rows, req.lanes), np.float32)
             for t, code_type in enumerate(req.types):
-                with torch.inference_mode():
-                    s = torch.nn.functional.embedding_bag(
-                        self._index(code_type, seg, local, rows), weights[t], mode="sum"
-                    ).numpy()
+                s = self._sums(code_type, t, req, seg, local, rows)
                 if req.kind == KIND_EUCLIDEAN:
                     np.sqrt(np.maximum(s, np.float32(0.0), out=s), out=s)
                 elif req.kind == KIND_ANGULAR:
