@@ -220,48 +220,29 @@ def _vterm(s: Any, kind: int, inv_q: Any, inv_r: np.float32) -> Any:
 
 
 @njit(inline="always")  # type: ignore[untyped-decorator]
-def _sums(codes: np.ndarray, lut: np.ndarray, r: int, k: int, four: bool) -> tuple[Any, Any, Any, Any]:
-    """Table sums of rows r..r+3 (``four``) or of row r alone, positions added in order."""
+def _sums4(codes: np.ndarray, lut: np.ndarray, r: int, k: int) -> tuple[Any, Any, Any, Any]:
+    """Table sums of rows r..r+3, positions added in order (four independent addition chains)."""
     zero = np.float32(0.0)
     s0 = zero
     s1 = zero
     s2 = zero
     s3 = zero
-    if four:
-        for j in range(codes.shape[1]):
-            base = j * k
-            s0 += lut[base + np.intp(codes[r, j])]
-            s1 += lut[base + np.intp(codes[r + 1, j])]
-            s2 += lut[base + np.intp(codes[r + 2, j])]
-            s3 += lut[base + np.intp(codes[r + 3, j])]
-    else:
-        for j in range(codes.shape[1]):
-            s0 += lut[j * k + np.intp(codes[r, j])]
+    for j in range(codes.shape[1]):
+        base = np.uint64(j * k)  # unsigned indices: no negative-index wrap-around code per lookup
+        s0 += lut[base + np.uint64(codes[r, j])]
+        s1 += lut[base + np.uint64(codes[r + 1, j])]
+        s2 += lut[base + np.uint64(codes[r + 2, j])]
+        s3 += lut[base + np.uint64(codes[r + 3, j])]
     return s0, s1, s2, s3
 
 
 @njit(inline="always")  # type: ignore[untyped-decorator]
-def _add_terms(
-    dist: np.ndarray,
-    i: int,
-    four: bool,
-    sums: tuple[Any, Any, Any, Any],
-    t: int,
-    g: int,
-    kind: int,
-    inv_q: np.ndarray,
-    inv_r: np.ndarray,
-    weight: np.ndarray,
-) -> None:
-    """``dist[i..] += weight[t] * term`` of code type t for the one or four rows of ``sums``."""
-    w = weight[t]
-    q = inv_q[t, 0]
-    zero = np.float32(0.0)
-    dist[i] += _term(sums[0], kind, q, inv_r[t, g] if kind == 2 else zero) * w
-    if four:
-        dist[i + 1] += _term(sums[1], kind, q, inv_r[t, g + 1] if kind == 2 else zero) * w
-        dist[i + 2] += _term(sums[2], kind, q, inv_r[t, g + 2] if kind == 2 else zero) * w
-        dist[i + 3] += _term(sums[3], kind, q, inv_r[t, g + 3] if kind == 2 else zero) * w
+def _sum1(codes: np.ndarray, lut: np.ndarray, r: int, k: int) -> Any:
+    """Table sum of row r, positions added in order."""
+    s0 = np.float32(0.0)
+    for j in range(codes.shape[1]):
+        s0 += lut[np.uint64(j * k) + np.uint64(codes[r, j])]
+    return s0
 
 
 @njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
@@ -280,23 +261,47 @@ def _scalar_tile(
     weight: np.ndarray,
     dist: np.ndarray,
 ) -> None:
-    """One query: ``dist[i]`` for the ``m`` rows starting at segment row ``local`` (global row ``row0``)."""
+    """One query: ``dist[i]`` for the ``m`` rows starting at segment row ``local`` (global row ``row0``):
+    ``0 + weight[0] * term_0 (+ weight[1] * term_1)``, rows four at a time."""
     lut0 = luts[0]
     lut1 = luts[n_types - 1]
-    for i in range(m):
-        dist[i] = np.float32(0.0)
+    w0 = weight[0]
+    w1 = weight[n_types - 1]
+    q0 = inv_q[0, 0]
+    q1 = inv_q[n_types - 1, 0]
+    zero = np.float32(0.0)
+    angular = kind == 2
     i = 0
-    while i < m:
-        four = i + 4 <= m
+    while i + 4 <= m:
         r = local + i
-        if four:
-            _prefetch_rows(c0, r + PREFETCH_ROWS, 4)
-            if n_types == 2:
-                _prefetch_rows(c1, r + PREFETCH_ROWS, 4)
-        _add_terms(dist, i, four, _sums(c0, lut0, r, k, four), 0, row0 + i, kind, inv_q, inv_r, weight)
+        g = row0 + i
         if n_types == 2:
-            _add_terms(dist, i, four, _sums(c1, lut1, r, k, four), 1, row0 + i, kind, inv_q, inv_r, weight)
-        i += 4 if four else 1
+            _prefetch_rows(c0, r + PREFETCH_ROWS, 4)
+            _prefetch_rows(c1, r + PREFETCH_ROWS, 4)
+        a0, a1, a2, a3 = _sums4(c0, lut0, r, k)
+        d0 = zero + _term(a0, kind, q0, inv_r[0, g] if angular else zero) * w0
+        d1 = zero + _term(a1, kind, q0, inv_r[0, g + 1] if angular else zero) * w0
+        d2 = zero + _term(a2, kind, q0, inv_r[0, g + 2] if angular else zero) * w0
+        d3 = zero + _term(a3, kind, q0, inv_r[0, g + 3] if angular else zero) * w0
+        if n_types == 2:
+            b0, b1, b2, b3 = _sums4(c1, lut1, r, k)
+            d0 += _term(b0, kind, q1, inv_r[1, g] if angular else zero) * w1
+            d1 += _term(b1, kind, q1, inv_r[1, g + 1] if angular else zero) * w1
+            d2 += _term(b2, kind, q1, inv_r[1, g + 2] if angular else zero) * w1
+            d3 += _term(b3, kind, q1, inv_r[1, g + 3] if angular else zero) * w1
+        dist[i] = d0
+        dist[i + 1] = d1
+        dist[i + 2] = d2
+        dist[i + 3] = d3
+        i += 4
+    while i < m:
+        r = local + i
+        g = row0 + i
+        d0 = zero + _term(_sum1(c0, lut0, r, k), kind, q0, inv_r[0, g] if angular else zero) * w0
+        if n_types == 2:
+            d0 += _term(_sum1(c1, lut1, r, k), kind, q1, inv_r[1, g] if angular else zero) * w1
+        dist[i] = d0
+        i += 1
 
 
 @njit(inline="always")  # type: ignore[untyped-decorator]
