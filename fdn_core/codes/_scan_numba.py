@@ -275,8 +275,8 @@ def _scalar_tile(
     while i + 4 <= m:
         r = local + i
         g = row0 + i
+        _prefetch_rows(c0, r + PREFETCH_ROWS, 4)
         if n_types == 2:
-            _prefetch_rows(c0, r + PREFETCH_ROWS, 4)
             _prefetch_rows(c1, r + PREFETCH_ROWS, 4)
         a0, a1, a2, a3 = _sums4(c0, lut0, r, k)
         d0 = zero + _term(a0, kind, q0, inv_r[0, g] if angular else zero) * w0
