@@ -17,9 +17,10 @@ volume), volume-wise top-10 unless said otherwise:
 Each timing is per query: wall (``time.perf_counter``) and CPU of the whole process (``time.process_time``,
 all threads), median and p95 over repeats. ``vs kernel``: wall time / the kernel's for the same workload;
 ``x floor``: wall time / the floor of the arrays that workload reads (one array for one code type, two
-for ``sum``). Engine RAM beyond the database: ``memory_bytes()`` after every distance was searched
-(angular norms included), and tracemalloc's count of what the engine build and those searches left
-allocated (``held``) and their peak (``peak``, transient buffers of one batch), per slice.
+for ``sum``; the faster of the 1-thread and ``--threads`` floors). Engine RAM beyond the database:
+``memory_bytes()`` after every distance was searched (angular norms included), and tracemalloc's count of
+what a second engine's build and searches left allocated (``held``, K x K tables aside) and their peak
+(``peak``, transient buffers of one batch), per slice.
 Also: uint8 against uint16 storage at K = 256, the first-query time of a fresh process (compiled-kernel
 cache warm and cold), and the float64 brute-force check of the kernel's top 10.
 
@@ -247,9 +248,9 @@ def bench_size(
         res.add(n, "floor", f"read normal codes once, {label}", t)
         t2 = _timeit(lambda e=e: (e.scan_floor("normal"), e.scan_floor("abnormal")), 7)
         res.add(n, "floor", f"read both code arrays once, {label}", t2)
-        if e is eng:
-            floors[(n, "one")] = float(np.median(t[:, 0]))
-            floors[(n, "sum")] = float(np.median(t2[:, 0]))
+        # The floor is the faster of 1 and --threads threads (on a loaded machine one thread can win).
+        floors[(n, "one")] = min(floors.get((n, "one"), np.inf), float(np.median(t[:, 0])))
+        floors[(n, "sum")] = min(floors.get((n, "sum"), np.inf), float(np.median(t2[:, 0])))
 
     # Load-independent yardstick: the plain numba loop the kernel replaced as reference (one accumulator per
     # row, 29 ms per query on one thread at 1M rows when measured on a quieter day).

@@ -51,6 +51,7 @@ __all__ = [
     "ScanRequest",
     "make_backend",
     "numba_status",
+    "smallest",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ BACKENDS = ("auto", "numba", "torch", "torch-offsets")
 KIND_HAMMING, KIND_EUCLIDEAN, KIND_ANGULAR = 0, 1, 2
 SELECT_ALL, SELECT_VOLUME, SELECT_TOP = 0, 1, 2
 
-#: Work (rows x code types, x 5 per 16 batched queries) below which a scan gets one thread less: about
-#: 10 ms of one thread, far more than waking a thread costs even on a loaded machine.
+#: Work (rows x code types, x 5 per 16 batched queries) each thread of a scan must have: about 10 ms of
+#: one thread, far more than waking a thread costs even on a loaded machine (small scans run on fewer).
 _WORK_PER_THREAD = 1 << 18
 #: Rows per chunk of the torch fallback (its int32 index is 4 * P bytes per row: 16 MiB at 8x8 grids).
 _CHUNK_ROWS = 1 << 16

@@ -132,11 +132,12 @@ class SearchEngine:
     ``hamming_tables`` a pair of ready (K, K) tables instead. Without either, Hamming is unavailable.
 
     Rows: ``normal_codes`` / ``abnormal_codes`` (N, h*w), or ``segments``, a sequence of such
-    (normal, abnormal) pairs whose rows follow each other (used in place: memory maps are not read into
-    RAM). Volumes: ``cases`` (V names) with ``case_starts`` (V + 1 row boundaries, as
+    (normal, abnormal) pairs whose rows follow each other (used in place, never copied: a memory map stays
+    in the OS page cache). Volumes: ``cases`` (V names) with ``case_starts`` (V + 1 row boundaries, as
     ``CodeDatabase.case_starts``), or per-row ``case_ids`` (rows of a case contiguous). ``slice_indices``:
     (N,), or one array per segment. ``threads``: threads of the compiled scan (None: numba's default, all
     cores). ``backend``: ``"auto"`` (numba, else torch), ``"numba"``, ``"torch"`` or ``"torch-offsets"``.
+    ``task_rows``: rows per unit of work handed to a thread (whole volumes; tests make it small).
     """
 
     def __init__(
