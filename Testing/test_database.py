@@ -932,3 +932,36 @@ def test_an_interrupted_replacement_is_repaired_on_open(
 def test_sha256_of_manifest_helper_matches_canonical_json() -> None:
     body = {"b": 1, "a": [1, 2]}
     assert dbmod._manifest_hash(body) == hashlib.sha256(b'{"a":[1,2],"b":1}').hexdigest()
+
+
+def test_search_spans_segments_and_skips_removed_cases(tmp_path: Path) -> None:
+    """The engine scans the live rows of every segment in place and ranks exactly as over one array."""
+    from fdn_core.codes.search import Query, SearchEngine
+
+    path = tmp_path / "db"
+    db = new_db(path)
+    db.add_cases([case("A", 3, 1), case("B", 2, 2), case("E", 2, 5)])
+    db.add_cases([case("C", 4, 3)])
+    db.add_cases([case("D", 1, 4)])
+    db.remove_cases(["B", "D"])
+    opened = CodeDatabase.open(path)
+    assert len(opened.segments()) == 2  # A, (B removed), E | C
+    segmented = SearchEngine.from_database(opened)
+    flat = SearchEngine(
+        normal_codes=np.array(opened.normal_codes),
+        abnormal_codes=np.array(opened.abnormal_codes),
+        case_ids=np.array(opened.case_ids),
+        slice_indices=np.array(opened.slice_indices),
+        codebook_normal=opened.codebook_normal,
+        codebook_abnormal=opened.codebook_abnormal,
+        grid_shape=opened.grid_shape,
+    )
+    query = Query(normal=opened.normal_codes[4], abnormal=opened.abnormal_codes[0])
+    for mode in ("normal", "sum"):
+        for per in ("slice", "volume"):
+            got = segmented.search(query, mode=mode, top=20, per=per)
+            want = flat.search(query, mode=mode, top=20, per=per)
+            assert [(h.case_id, h.slice_index, h.distance) for h in got] == [
+                (h.case_id, h.slice_index, h.distance) for h in want
+            ]
+            assert "B" not in {h.case_id for h in got} and "D" not in {h.case_id for h in got}

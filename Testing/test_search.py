@@ -347,3 +347,216 @@ def test_empty_database() -> None:
     assert eng.search(Query(normal=np.zeros(4, int), abnormal=np.zeros(4, int))) == []
     assert eng.distances(Query(normal=np.zeros(4, int)), mode="normal").shape == (0,)
     assert eng.scale("euclidean", "normal") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- scan paths
+def _variant(setup: dict, **kw: object) -> SearchEngine:
+    """An engine over the fixture's rows built another way (dtype, segments, threads, backend)."""
+    args: dict = {
+        "normal_codes": setup["normal"],
+        "abnormal_codes": setup["abnormal"],
+        "case_ids": setup["case_ids"],
+        "slice_indices": setup["slice_indices"],
+        "codebook_normal": setup["books"][0],
+        "codebook_abnormal": setup["books"][1],
+        "grid_shape": GRID,
+        "hamming_bits": setup["bits"],
+        "normalization_pairs": 512,
+    }
+    args.update(kw)
+    return SearchEngine(**args)
+
+
+def _segments(setup: dict, bounds: list[int], dtype: type) -> list[tuple[np.ndarray, np.ndarray]]:
+    n, a = setup["normal"].astype(dtype), setup["abnormal"].astype(dtype)
+    return [(n[lo:hi], a[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+
+
+def _check_engine(setup: dict, eng: SearchEngine) -> None:
+    """Distances, slice- and volume-wise hits and a batch all equal the float64 brute force."""
+    ids = setup["case_ids"]
+    rng = np.random.default_rng(5)
+    for distance, mode in itertools.product(DISTANCES, MODES):
+        qn, qa = rng.integers(0, K, P), rng.integers(0, K, P)
+        want = _brute(setup, qn, qa, distance, mode)
+        got = eng.distances(Query(normal=qn, abnormal=qa), distance=distance, mode=mode)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+        queries = [eng.query_from_rows(r, (r * 5) % len(eng)) for r in (0, 5, 21, 40)]
+        for per in ("slice", "volume"):
+            batch = eng.search_many(queries, distance=distance, mode=mode, top=7, per=per, block=3)
+            for r, q, hits in zip((0, 5, 21, 40), queries, batch, strict=True):
+                d = _brute(setup, setup["normal"][r], setup["abnormal"][(r * 5) % len(eng)], distance, mode)
+                expected = brute_force_ranking(d, ids, set(q.exclude_cases), per)
+                assert_same_ranking(hits, d, expected, 7)
+                assert hits == eng.search(q, distance=distance, mode=mode, top=7, per=per)
+                for h in hits:
+                    assert h.case_id == ids[h.row] and h.slice_index == setup["slice_indices"][h.row]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bounds", [[0, 49], [0, 13, 13, 33, 49]], ids=["one-segment", "three-segments"])
+def test_numba_kernel_exact(
+    setup: dict, dtype: type, threads: int, bounds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled kernel (uint16 and uint8 codes, 1 and 2 threads, one segment or several, an empty one
+    among them, and tasks of a few volumes) matches the brute force for every distance and mode."""
+    pytest.importorskip("numba")
+    import fdn_core.codes.scan as scan
+
+    monkeypatch.setattr(scan, "_WORK_PER_THREAD", 1)  # use every thread even on this tiny database
+    segs = _segments(setup, bounds, dtype)
+    eng = _variant(
+        setup,
+        normal_codes=None,
+        abnormal_codes=None,
+        segments=segs,
+        threads=threads,
+        backend="numba",
+        task_rows=10,
+    )
+    assert eng.backend == "numba" and eng.threads == threads
+    assert len(eng._layout.tasks) > 2
+    for s, (n_codes, _) in enumerate(segs):  # used in place
+        assert np.shares_memory(eng._layout.codes["normal"][s], n_codes) or n_codes.size == 0
+    _check_engine(setup, eng)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-offsets"])
+def test_torch_paths_exact(setup: dict, backend: str) -> None:
+    """The fallback (chunked embedding_bag) and the former path give the same results as brute force."""
+    eng = _variant(
+        setup,
+        normal_codes=None,
+        abnormal_codes=None,
+        segments=_segments(setup, [0, 13, 33, 49], np.uint16),
+        backend=backend,
+    )
+    assert eng.backend == backend and eng.threads is None
+    _check_engine(setup, eng)
+
+
+def test_large_top_takes_every_distance(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slice-wise searches above the in-kernel top limit select from every distance: same results."""
+    import fdn_core.codes.search as search_module
+
+    eng: SearchEngine = setup["engine"]
+    q = eng.query_from_rows(21)
+    want = [eng.search(q, distance=d, per="slice", top=30) for d in DISTANCES]
+    monkeypatch.setattr(search_module, "_TOP_IN_KERNEL", 3)
+    assert [eng.search(q, distance=d, per="slice", top=30) for d in DISTANCES] == want
+
+
+def test_fallback_without_numba(setup: dict, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Without numba, ``auto`` picks the torch fallback, says so in the log, and is exact."""
+    import fdn_core.codes.scan as scan
+
+    monkeypatch.setattr(scan, "_numba_state", {})
+    monkeypatch.setitem(__import__("sys").modules, "fdn_core.codes._scan_numba", None)  # import fails
+    with caplog.at_level("INFO", logger="fdn_core.codes"):
+        eng = _variant(setup)
+    assert eng.backend == "torch"
+    assert "numba unavailable" in caplog.text and "numpy/torch fallback" in caplog.text
+    assert "scan: numpy/torch fallback" in caplog.text
+    with pytest.raises(ConfigError, match="numba"):
+        _variant(setup, backend="numba")
+    _check_engine(setup, eng)
+    monkeypatch.undo()
+    scan._numba_state.clear()
+    if __import__("importlib").util.find_spec("numba") is not None:
+        with caplog.at_level("INFO", logger="fdn_core.codes"):
+            assert _variant(setup).backend == "numba"
+        assert "compiled kernel" in caplog.text
+
+
+def test_memory_maps_used_in_place_and_ram_per_slice(setup: dict, tmp_path) -> None:
+    """Memory-mapped codes are scanned without copies; per-row RAM is only the angular norms (4 bytes per
+    slice per code type); volumes are held per volume, not per row."""
+    paths = {}
+    for name in ("normal", "abnormal", "slice_indices"):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], setup[name])
+    maps = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    ids = setup["case_ids"]
+    names = list(dict.fromkeys(ids.tolist()))
+    bounds = [*np.searchsorted(ids, names).tolist(), len(ids)]
+    eng = _variant(
+        setup,
+        normal_codes=maps["normal"],
+        abnormal_codes=maps["abnormal"],
+        slice_indices=maps["slice_indices"],
+        case_ids=None,
+        cases=names,
+        case_starts=bounds,
+    )
+    n = len(ids)
+    assert np.shares_memory(eng._layout.codes["normal"][0], maps["normal"])
+    assert np.shares_memory(eng._layout.codes["abnormal"][0], maps["abnormal"])
+    assert np.shares_memory(eng._slices[0], maps["slice_indices"])
+    assert eng.memory_bytes()["rows"] == 0
+    eng.search(eng.query_from_rows(3), distance="euclidean", mode="sum")
+    eng.search(eng.query_from_rows(3), distance="hamming", mode="sum_normalized", per="slice")
+    assert eng.memory_bytes()["rows"] == 0
+    eng.search(eng.query_from_rows(3), distance="angular", mode="sum")
+    assert eng.memory_bytes()["rows"] == 2 * 4 * n  # the two norm arrays, float32
+    assert eng.memory_bytes()["volumes"] < 200 * len(names)
+
+    def row_arrays(obj: object, seen: set[int]) -> list[np.ndarray]:
+        """Arrays with a row per slice reachable from the engine's attributes (not the given maps)."""
+        if id(obj) in seen:
+            return []
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            mine = not any(np.shares_memory(obj, m) for m in maps.values())
+            return [obj] if mine and n in obj.shape else []
+        children = (
+            list(obj.values())
+            if isinstance(obj, dict)
+            else list(obj)
+            if isinstance(obj, list | tuple | set)
+            else list(vars(obj).values())
+            if type(obj).__module__.startswith("fdn_core")  # the engine's own objects, not numba's
+            else []
+        )
+        return [a for c in children for a in row_arrays(c, seen)]
+
+    held = row_arrays(eng, set())
+    assert [a.shape for a in held] == [(2, n)]  # only the angular norms
+    # The engine built from per-volume names answers like the one built from per-row ids.
+    q = eng.query_from_rows(30)
+    for mode in MODES:
+        assert eng.search(q, mode=mode, top=5) == setup["engine"].search(q, mode=mode, top=5)
+
+
+def test_volumes_and_segments_inputs(setup: dict) -> None:
+    ids = setup["case_ids"]
+    with pytest.raises(DataError, match="spans two code segments"):
+        _variant(
+            setup, normal_codes=None, abnormal_codes=None, segments=_segments(setup, [0, 10, 49], np.uint16)
+        )
+    with pytest.raises(ConfigError, match="not both"):
+        _variant(setup, segments=_segments(setup, [0, 49], np.uint16))
+    with pytest.raises(DataError, match="case_starts"):
+        _variant(setup, case_ids=None, cases=["a", "b"], case_starts=[0, 3, 40])
+    with pytest.raises(ConfigError, match="together"):
+        _variant(setup, case_ids=None, cases=["a"])
+    with pytest.raises(ConfigError, match="threads"):
+        _variant(setup, threads=0)
+    with pytest.raises(ConfigError, match="unknown search backend"):
+        _variant(setup, backend="gpu")
+    # A case without rows is accepted and never returned; rows are found by (case, slice).
+    names = list(dict.fromkeys(ids.tolist()))
+    bounds = [*np.searchsorted(ids, names).tolist(), len(ids)]
+    eng = _variant(
+        setup, case_ids=None, cases=[*names[:2], "empty", *names[2:]], case_starts=[*bounds[:3], *bounds[2:]]
+    )
+    hits = eng.search(eng.query_from_rows(0), top=100)
+    assert "empty" not in {h.case_id for h in hits} and len(hits) == len(names) - 1
+    assert eng.row_of("case02", 5) == setup["engine"].row_of("case02", 5)
+    # Per-segment slice indices work too.
+    segs = _segments(setup, [0, 13, 33, 49], np.uint16)
+    per_segment = [setup["slice_indices"][lo:hi] for lo, hi in itertools.pairwise([0, 13, 33, 49])]
+    eng = _variant(setup, normal_codes=None, abnormal_codes=None, segments=segs, slice_indices=per_segment)
+    assert eng.search(eng.query_from_rows(40), top=6) == setup["engine"].search(
+        eng.query_from_rows(40), top=6
+    )

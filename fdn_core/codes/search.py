@@ -21,15 +21,19 @@ distance over ``normalization_pairs`` random pairs of distinct database rows, se
 engine and cached; the paper notes raw S_sum weighs the two terms unevenly). A composite query simply
 takes its normal grid from one slice and its abnormal grid from another.
 
-Scan: for a query, row p of a (P, K) lookup holds the table row of the query's code at p; a database row's
-distance term is the sum over p of lookup[p, code[n, p]]. That gather-and-sum runs as one
-``torch.nn.functional.embedding_bag(mode="sum")`` over a (N, P) int32 array of ``code + p*K`` built once
-per code type (4 bytes per position per slice). A batch of B queries becomes a (P*K, B) weight, so one
-pass over the database serves all B. We use torch's fused kernel rather than a numpy loop because, per
-query, it needs 1.4-2.2x less CPU time than per-position ``np.take`` + add (10k-1M rows), and numpy
-has no fused batched form at all (bench/bench_search.py). It uses ``torch.get_num_threads()`` threads;
-on a heavily oversubscribed machine OpenMP threads wait on each other, and ``torch.set_num_threads(1)``
-is faster.
+Scan: for a query, row j of a (P, K) lookup holds the table row of the query's code at position j; a
+database row's distance term is the sum over j of lookup[j, code[n, j]]. The scan runs in
+``fdn_core.codes.scan``: a compiled numba kernel (multi-threaded, both code types in one pass for the sum
+modes, a block of queries per pass with 16 queries per vector instruction, each volume's best slice or each
+chunk's top slices reduced on the fly) reading the database's arrays in place, or a torch
+``embedding_bag`` fallback when numba is missing. ``threads`` sets the kernel's thread count (default: all
+of numba's threads); ``backend`` picks the path (``"auto"``; ``"torch-offsets"`` is the former per-row
+index path, kept for benchmarks). bench/bench_search.py compares them.
+Rows may come in several code segments (``segments``: consecutive (normal, abnormal) arrays, e.g. memory
+maps of append-only files) scanned in one call. Volumes are given per volume (``cases`` and
+``case_starts``) or derived from per-row ``case_ids``; the engine keeps no per-row strings, and its RAM
+beyond the database is the angular norms (4 bytes per slice per code type, built on the first angular
+search) plus per-volume arrays (``memory_bytes``).
 Sums are float32; the distances reported in hits are recomputed in float64 from the tables, so they match
 a float64 brute force to ~1e-12, and the ranking matches it except between candidates closer than float32
 rounding (~1e-6 relative). Ties are broken by row order. Top-k uses ``np.argpartition``. An engine is a
@@ -42,6 +46,7 @@ appear in results.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,11 +54,25 @@ from typing import Any
 
 import numpy as np
 
+from fdn_core.codes.scan import (
+    KIND_ANGULAR,
+    KIND_EUCLIDEAN,
+    KIND_HAMMING,
+    SELECT_ALL,
+    SELECT_TOP,
+    SELECT_VOLUME,
+    ScanLayout,
+    ScanRequest,
+    make_backend,
+    smallest,
+)
 from fdn_core.codes.tables import check_codebook, dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
 from fdn_core.labels import CODE_TYPES, DISTANCES, MODES
 
 __all__ = ["Hit", "Query", "SearchEngine"]
+
+log = logging.getLogger(__name__)
 
 _MODE_TYPES = {
     "normal": ("normal",),
@@ -61,6 +80,15 @@ _MODE_TYPES = {
     "sum": ("normal", "abnormal"),
     "sum_normalized": ("normal", "abnormal"),
 }
+_KIND = {"hamming": KIND_HAMMING, "euclidean": KIND_EUCLIDEAN, "angular": KIND_ANGULAR}
+#: Slice-wise searches up to this many results keep each task's top rows in the kernel; larger ones take
+#: every distance (N x block float32) and select afterwards.
+_TOP_IN_KERNEL = 256
+#: Queries per pass of the compiled scan, by number of code types scanned. Its lookup tables take
+#: P*K*4 bytes per query and code type (128 KiB at 8x8, K = 512): 32 queries of one type (4 MiB) or 16 of
+#: two (2 x 2 MiB) still scan at full speed on a 2-core machine whose L3 is shared, 32 of two types (8 MiB)
+#: took 1.7x longer per query than two passes of 16 (bench/bench_search.py; 2026-11).
+_PASS_QUERIES = {1: 32, 2: 16}
 
 
 @dataclass(frozen=True)
@@ -89,14 +117,23 @@ class Query:
 
 @dataclass
 class _CodeType:
-    """Per code type (normal or abnormal) data of the engine."""
+    """Per code type (normal or abnormal) tables of the engine."""
 
-    codes: np.ndarray  # (N, P) uint16
     codebook: np.ndarray  # (K, D) float64
     tables64: dict[str, np.ndarray] = field(default_factory=dict)
     tables32: dict[str, np.ndarray] = field(default_factory=dict)
-    offset_index: Any = None  # torch int32 (N, P), code + p*K
-    inv_norm: np.ndarray | None = None  # (N,) float32 1/|z_r| (0 for all-zero latents)
+
+
+def _live_segment_pairs(segments: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(normal, abnormal) code arrays of every run of live rows of a database's segments, in row order:
+    views of the memory maps (no copy), skipping the rows of removed cases (tombstones)."""
+    pairs = []
+    for seg in segments:
+        alive = np.asarray(seg.alive, dtype=np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], alive, [0]])))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            pairs.append((seg.normal_codes[start:stop], seg.abnormal_codes[start:stop]))
+    return pairs
 
 
 class SearchEngine:
@@ -105,15 +142,23 @@ class SearchEngine:
     Build with ``SearchEngine.from_database(db, hamming_bits=...)``. ``hamming_bits`` is a pair
     (normal, abnormal) of binarised codebooks (K, B) as made by ``fdn_core.codes.binarize``;
     ``hamming_tables`` a pair of ready (K, K) tables instead. Without either, Hamming is unavailable.
+
+    Rows: ``normal_codes`` / ``abnormal_codes`` (N, h*w), or ``segments``, a sequence of such
+    (normal, abnormal) pairs whose rows follow each other (used in place, never copied: a memory map stays
+    in the OS page cache). Volumes: ``cases`` (V names) with ``case_starts`` (V + 1 row boundaries, as
+    ``CodeDatabase.case_starts``), or per-row ``case_ids`` (rows of a case contiguous). ``slice_indices``:
+    (N,), or one array per segment. ``threads``: threads of the compiled scan (None: numba's default, all
+    cores). ``backend``: ``"auto"`` (numba, else torch), ``"numba"``, ``"torch"`` or ``"torch-offsets"``.
+    ``task_rows``: rows per unit of work handed to a thread (whole volumes; tests make it small).
     """
 
     def __init__(
         self,
         *,
-        normal_codes: np.ndarray,
-        abnormal_codes: np.ndarray,
-        case_ids: np.ndarray | Sequence[str],
-        slice_indices: np.ndarray,
+        normal_codes: np.ndarray | None = None,
+        abnormal_codes: np.ndarray | None = None,
+        case_ids: np.ndarray | Sequence[str] | None = None,
+        slice_indices: np.ndarray | Sequence[Any],
         codebook_normal: np.ndarray,
         codebook_abnormal: np.ndarray,
         grid_shape: tuple[int, int] | None = None,
@@ -121,6 +166,12 @@ class SearchEngine:
         hamming_tables: tuple[np.ndarray, np.ndarray] | None = None,
         normalization_pairs: int = 4096,
         seed: int = 0,
+        segments: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        cases: Sequence[str] | None = None,
+        case_starts: np.ndarray | Sequence[int] | None = None,
+        threads: int | None = None,
+        backend: str = "auto",
+        task_rows: int = 8192,
     ) -> None:
         books = (
             check_codebook(codebook_normal, "normal codebook"),
@@ -130,43 +181,27 @@ class SearchEngine:
         if books[1].shape[0] != k:
             raise DataError(f"the codebooks differ in size: {k} normal vs {books[1].shape[0]} abnormal codes")
         self._k = k
-        codes = []
-        for name, arr in (("normal", normal_codes), ("abnormal", abnormal_codes)):
-            a = np.asarray(arr)
-            if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
-                raise DataError(f"{name} codes must be an integer (N, h*w) array, got {a.dtype} {a.shape}")
-            if a.size and (int(a.min()) < 0 or int(a.max()) >= k):
-                raise DataError(f"{name} codes must lie in [0, {k}); found {a.min()}..{a.max()}")
-            codes.append(a)
-        if codes[0].shape != codes[1].shape:
-            raise DataError(
-                f"normal codes {codes[0].shape} and abnormal codes {codes[1].shape} differ in shape"
-            )
-        n, p = codes[0].shape
+        if segments is None:
+            if normal_codes is None or abnormal_codes is None:
+                raise ConfigError("give normal_codes and abnormal_codes, or segments")
+            segments = [(normal_codes, abnormal_codes)]
+        elif normal_codes is not None or abnormal_codes is not None:
+            raise ConfigError("give either normal_codes/abnormal_codes or segments, not both")
+        n_rows = [int(np.shape(a)[0]) if np.ndim(a) == 2 else 0 for a, _ in segments]
+        vol_start, vol_stop, names = self._volumes(case_ids, cases, case_starts, sum(n_rows))
+        layout = ScanLayout(segments, k, vol_start, vol_stop, task_rows=task_rows)
+        n, p = layout.n, layout.p
         if grid_shape is None:
             grid_shape = (p, 1)
         if int(grid_shape[0]) * int(grid_shape[1]) != p:
             raise DataError(f"grid_shape {tuple(grid_shape)} does not hold the {p} codes per row")
         self._grid = (int(grid_shape[0]), int(grid_shape[1]))
         self._n, self._p = n, p
-        ids = np.asarray(case_ids)
-        sl = np.asarray(slice_indices)
-        if ids.shape != (n,) or sl.shape != (n,):
-            raise DataError(f"case_ids {ids.shape} and slice_indices {sl.shape} must both have shape ({n},)")
-        self._case_ids = ids.astype(str)
-        self._slice_indices = sl.astype(np.int64)
-        # Volumes: rows of a case must be contiguous (CodeDatabase stores them so).
-        change = np.flatnonzero(self._case_ids[1:] != self._case_ids[:-1]) + 1 if n else np.zeros(0, np.int64)
-        self._starts = np.concatenate([[0], change]).astype(np.int64) if n else np.zeros(0, np.int64)
-        self._stops = np.concatenate([change, [n]]).astype(np.int64) if n else np.zeros(0, np.int64)
-        names = self._case_ids[self._starts]
-        if np.unique(names).size != names.size:
-            raise DataError("rows of one case must be contiguous (sort the rows by case id first)")
-        self._volume_of = {str(c): i for i, c in enumerate(names)}
-        self._types = {
-            "normal": _CodeType(codes[0], books[0]),
-            "abnormal": _CodeType(codes[1], books[1]),
-        }
+        self._layout = layout
+        self._names = names
+        self._volume_of = {c: i for i, c in enumerate(names)}
+        self._slices = self._slice_arrays(slice_indices, layout)
+        self._types = {"normal": _CodeType(books[0]), "abnormal": _CodeType(books[1])}
         if hamming_bits is not None and hamming_tables is not None:
             raise ConfigError("give either hamming_bits or hamming_tables, not both")
         if hamming_bits is not None:
@@ -179,15 +214,89 @@ class SearchEngine:
         self._pairs = int(normalization_pairs)
         self._seed = int(seed)
         self._scales: dict[tuple[str, str], float] = {}
+        self._inv_norm: np.ndarray | None = None  # (2, N) float32 1/|z_r| (0 for all-zero latents)
+        self._inv_done: set[str] = set()
         self._lock = threading.Lock()
+        self._backend = make_backend(backend, layout, threads)
+        log.info(
+            "search engine: %d slices in %d segment(s), %d volumes; scan: %s",
+            n,
+            len(segments),
+            len(names),
+            self._backend.describe,
+        )
+
+    @staticmethod
+    def _volumes(
+        case_ids: Any, cases: Sequence[str] | None, case_starts: Any, n: int
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Per-volume (start, stop, name), from per-volume names and boundaries or from per-row ids."""
+        if (cases is None) != (case_starts is None):
+            raise ConfigError("give cases and case_starts together")
+        if cases is not None:
+            if case_ids is not None:
+                raise ConfigError("give either case_ids or cases/case_starts, not both")
+            names = [str(c) for c in cases]
+            bounds = np.asarray(case_starts, dtype=np.int64)
+            if bounds.shape != (len(names) + 1,) or (bounds.size and (bounds[0] != 0 or bounds[-1] != n)):
+                raise DataError(
+                    f"case_starts must hold {len(names) + 1} row boundaries from 0 to {n}, got shape "
+                    f"{bounds.shape}"
+                )
+            if np.any(np.diff(bounds) < 0):
+                raise DataError("case_starts must be non-decreasing")
+            keep = np.flatnonzero(np.diff(bounds) > 0)  # a case without rows is never a result
+            starts, stops = bounds[:-1][keep], bounds[1:][keep]
+            names = [names[i] for i in keep]
+        else:
+            if case_ids is None:
+                raise ConfigError("give the cases: case_ids (one per row) or cases and case_starts")
+            ids = np.asarray(case_ids)
+            if ids.shape != (n,):
+                raise DataError(f"case_ids {ids.shape} must have shape ({n},)")
+            change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+            starts = np.concatenate([[0], change]).astype(np.int64) if n else np.zeros(0, np.int64)
+            stops = np.concatenate([change, [n]]).astype(np.int64) if n else np.zeros(0, np.int64)
+            names = [str(c) for c in ids[starts]]
+        if len(set(names)) != len(names):
+            raise DataError("rows of one case must be contiguous (sort the rows by case id first)")
+        return starts, stops, names
+
+    @staticmethod
+    def _slice_arrays(slice_indices: Any, layout: ScanLayout) -> list[np.ndarray]:
+        """Slice indices per segment (views of what was given; no copy of an (N,) integer array)."""
+        if isinstance(slice_indices, Sequence) and slice_indices and isinstance(slice_indices[0], np.ndarray):
+            parts = [np.asarray(a) for a in slice_indices]
+        else:
+            whole = np.asarray(slice_indices)
+            if whole.ndim != 1:
+                raise DataError(f"slice_indices must have shape ({layout.n},), got {whole.shape}")
+            b = layout.seg_start
+            parts = [whole[b[s] : b[s + 1]] for s in range(b.size - 1)] if whole.size == layout.n else [whole]
+        sizes = [a.shape for a in parts]
+        if sizes != [(int(r),) for r in layout.seg_rows] or not all(
+            np.issubdtype(a.dtype, np.integer) for a in parts
+        ):
+            raise DataError(
+                f"slice_indices must be integers with shape ({layout.n},) (or one array per segment), "
+                f"got {sizes}"
+            )
+        return parts
 
     @classmethod
     def from_database(cls, db: Any, **kwargs: Any) -> SearchEngine:
         """An engine over a ``CodeDatabase`` (its memory-mapped arrays are used as they are)."""
+        if callable(getattr(db, "segments", None)):  # append-only databases: memory-mapped segments
+            rows: dict[str, Any] = {"segments": _live_segment_pairs(db.segments())}
+        else:
+            rows = {"normal_codes": db.normal_codes, "abnormal_codes": db.abnormal_codes}
+        if hasattr(db, "case_starts") and hasattr(db, "cases"):
+            volumes: dict[str, Any] = {"cases": db.cases, "case_starts": db.case_starts}
+        else:
+            volumes = {"case_ids": db.case_ids}
         return cls(
-            normal_codes=db.normal_codes,
-            abnormal_codes=db.abnormal_codes,
-            case_ids=db.case_ids,
+            **rows,
+            **volumes,
             slice_indices=db.slice_indices,
             codebook_normal=db.codebook_normal,
             codebook_abnormal=db.codebook_abnormal,
@@ -220,18 +329,56 @@ class SearchEngine:
         """Whether Hamming tables were given."""
         return "hamming" in self._types["normal"].tables64
 
+    @property
+    def backend(self) -> str:
+        """The scan path in use: ``numba``, ``torch`` or ``torch-offsets``."""
+        return self._backend.name
+
+    @property
+    def threads(self) -> int | None:
+        """Threads of the compiled scan (None for the torch paths, which follow torch's setting)."""
+        return self._backend.threads
+
     def memory_bytes(self) -> dict[str, int]:
-        """RAM the engine holds beyond the database arrays: ``rows`` grows with N (scan indices: 4 bytes per
-        position per code type used; norms), ``tables`` is fixed (K x K tables built so far)."""
-        rows = tables = 0
+        """RAM the engine holds beyond the database arrays. ``rows`` grows with N: the angular norms (4 bytes
+        per slice per code type, once an angular search ran), copies of code arrays that were not
+        C-contiguous uint8/uint16, and the ``torch-offsets`` path's indices; ``volumes`` grows with the
+        number of cases (boundaries and names); ``tables`` is fixed (K x K tables built so far)."""
+        rows = self._layout.copied_bytes + self._backend.row_bytes()
+        if self._inv_norm is not None:
+            rows += self._inv_norm.nbytes
+        lay = self._layout
+        volumes = lay.vol_start.nbytes + lay.vol_stop.nbytes + lay.tasks.nbytes
+        volumes += sum(len(c.encode()) + 57 + 8 for c in self._names)  # str objects + list slots (CPython)
+        tables = 0
         for ct in self._types.values():
-            if ct.offset_index is not None:
-                rows += ct.offset_index.numel() * ct.offset_index.element_size()
-            if ct.inv_norm is not None:
-                rows += ct.inv_norm.nbytes
             tables += sum(t.nbytes for t in ct.tables32.values())
             tables += sum(t.nbytes for t in ct.tables64.values())
-        return {"rows": rows, "tables": tables}
+        return {"rows": rows, "volumes": volumes, "tables": tables}
+
+    def scan_floor(self, code_type: str = "normal") -> int:
+        """Read one code type's arrays once with the compiled kernel (a memory-bandwidth reference for
+        benchmarks); returns the sum of the codes. numba backend only."""
+        if self._backend.name != "numba":
+            raise ConfigError("scan_floor needs the numba backend")
+        return self._backend.sum_codes(code_type)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ rows
+    def _row_codes(self, code_type: str, row: int) -> np.ndarray:
+        lay = self._layout
+        s = int(np.searchsorted(lay.seg_start, row, side="right")) - 1
+        return np.asarray(lay.codes[code_type][s][row - int(lay.seg_start[s])])
+
+    def _volume_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._layout.vol_start, rows, side="right") - 1
+
+    def _slice_index(self, rows: np.ndarray) -> np.ndarray:
+        lay = self._layout
+        segs = np.searchsorted(lay.seg_start, rows, side="right") - 1
+        return np.asarray(
+            [int(self._slices[s][r - lay.seg_start[s]]) for s, r in zip(segs.tolist(), rows.tolist())],
+            dtype=np.int64,
+        )
 
     # ------------------------------------------------------------------ queries
     def query_from_rows(self, normal_row: int, abnormal_row: int | None = None) -> Query:
@@ -242,10 +389,11 @@ class SearchEngine:
         for r in rows:
             if not isinstance(r, int | np.integer) or not 0 <= int(r) < self._n:
                 raise DataError(f"row {r!r} is not in the database (0..{self._n - 1})")
-        excl = tuple(dict.fromkeys(str(self._case_ids[r]) for r in rows))
+        vols = self._volume_of_rows(np.asarray(rows, dtype=np.int64))
+        excl = tuple(dict.fromkeys(self._names[v] for v in vols.tolist()))
         return Query(
-            normal=np.asarray(self._types["normal"].codes[rows[0]]),
-            abnormal=np.asarray(self._types["abnormal"].codes[rows[1]]),
+            normal=self._row_codes("normal", int(rows[0])),
+            abnormal=self._row_codes("abnormal", int(rows[1])),
             exclude_cases=excl,
         )
 
@@ -254,8 +402,8 @@ class SearchEngine:
         v = self._volume_of.get(case_id)
         if v is None:
             raise DataError(f"case {case_id!r} is not in the database")
-        lo, hi = self._starts[v], self._stops[v]
-        hit = np.flatnonzero(self._slice_indices[lo:hi] == slice_index)
+        lo, hi = int(self._layout.vol_start[v]), int(self._layout.vol_stop[v])
+        hit = np.flatnonzero(self._slice_index(np.arange(lo, hi)) == slice_index)
         if hit.size == 0:
             raise DataError(f"case {case_id!r} has no slice {slice_index} in the database")
         return int(lo + hit[0])
@@ -296,50 +444,45 @@ class SearchEngine:
                 ct.tables32.setdefault(distance, tab)
         return ct.tables32[distance]
 
-    def _offset_index(self, t: str) -> Any:
-        import torch
-
-        ct = self._types[t]
-        if ct.offset_index is None:
-            with self._lock:
-                if ct.offset_index is None:
-                    offsets = np.arange(self._p, dtype=np.int32) * np.int32(self._k)
-                    idx = np.empty((self._n, self._p), dtype=np.int32)
-                    step = 1 << 16  # chunked: no int64 temporaries the size of the database
-                    for s in range(0, self._n, step):
-                        np.add(ct.codes[s : s + step], offsets, out=idx[s : s + step], dtype=np.int32)
-                    ct.offset_index = torch.from_numpy(idx)
-        return ct.offset_index
-
-    def _scan(self, t: str, lookups: np.ndarray) -> np.ndarray:
-        """Sum over positions of ``lookups[b, p, code[n, p]]`` for every row n: (N, B) float32."""
-        import torch
-
-        b = lookups.shape[0]
-        w = np.empty((self._p * self._k, b), dtype=np.float32)  # fresh array: plain row-major strides
-        w[...] = lookups.reshape(b, self._p * self._k).T
-        weight = torch.from_numpy(w)
-        with torch.inference_mode():
-            out = torch.nn.functional.embedding_bag(self._offset_index(t), weight, mode="sum")
-        return out.numpy()
-
-    def _inv_norm(self, t: str) -> np.ndarray:
-        ct = self._types[t]
-        if ct.inv_norm is None:
+    def _inv_norms(self, types: tuple[str, ...]) -> np.ndarray:
+        """(len(types), N) float32 1/|z_r| of the given code types (a view of the engine's (2, N) array)."""
+        for t in types:
+            if t in self._inv_done:
+                continue
             sq = np.diagonal(self._table32(t, "angular"))
-            norms = np.sqrt(np.maximum(self._scan(t, np.broadcast_to(sq, (1, self._p, self._k)))[:, 0], 0))
-            inv = np.zeros_like(norms)
-            np.divide(1.0, norms, out=inv, where=norms > 0)
+            lut = np.ascontiguousarray(np.broadcast_to(sq, (self._p, self._k)).reshape(1, -1))
+            req = ScanRequest(
+                types=(t,),
+                luts=lut,
+                lanes=1,
+                n_queries=1,
+                kind=KIND_HAMMING,  # the plain sum: |z_r|^2
+                inv_q=np.zeros((1, 1), np.float32),
+                inv_r=np.zeros((1, 0), np.float32),
+                weight=np.ones(1, np.float32),
+                excluded=np.zeros((0, 3), np.int64),
+                select=SELECT_ALL,
+            )
+            norms = self._backend.run(req)[0][:, 0, 0]
+            np.sqrt(np.maximum(norms, 0, out=norms), out=norms)
             with self._lock:
-                if ct.inv_norm is None:
-                    ct.inv_norm = inv
-        return ct.inv_norm
+                if self._inv_norm is None:
+                    self._inv_norm = np.zeros((2, self._n), np.float32)
+                if t not in self._inv_done:
+                    row = self._inv_norm[CODE_TYPES.index(t)]
+                    np.divide(np.float32(1.0), norms, out=row, where=norms > 0)
+                    self._inv_done.add(t)
+        assert self._inv_norm is not None
+        if len(types) == 2:
+            return self._inv_norm
+        i = CODE_TYPES.index(types[0])
+        return self._inv_norm[i : i + 1]
 
     # ------------------------------------------------------------------ exact (float64) distances
     def _exact_term(self, t: str, distance: str, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """float64 distance of one code type between query codes ``q`` ((P,), or (R, P): one query per
         row) and database ``rows`` (R,)."""
-        return self._exact_pairs(t, distance, q, np.asarray(self._types[t].codes[rows], dtype=np.int64))
+        return self._exact_pairs(t, distance, q, self._layout.rows_codes(t, rows))
 
     def _exact_pairs(self, t: str, distance: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """float64 distances between code grids ``a`` ((P,) or (R, P)) and ``b`` (R, P), row by row."""
@@ -370,12 +513,11 @@ class SearchEngine:
                 i = rng.integers(0, self._n, self._pairs)
                 j = rng.integers(0, self._n - 1, self._pairs)
                 j = j + (j >= i)
-                codes = self._types[code_type].codes
                 d = self._exact_pairs(
                     code_type,
                     distance,
-                    np.asarray(codes[i], dtype=np.int64),
-                    np.asarray(codes[j], dtype=np.int64),
+                    self._layout.rows_codes(code_type, i),
+                    self._layout.rows_codes(code_type, j),
                 )
                 med = float(np.median(d))
                 value = med if med > 0 else (float(d.mean()) if d.mean() > 0 else 1.0)
@@ -391,32 +533,56 @@ class SearchEngine:
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}; choose one of {MODES}")
 
-    def _block_distances(self, qcodes: dict[str, np.ndarray], distance: str, mode: str) -> np.ndarray:
-        """Approximate (float32) combined distances (N, B) of every row to a block of B queries."""
-        terms: dict[str, np.ndarray] = {}
-        for t in _MODE_TYPES[mode]:
-            q = qcodes[t]  # (B, P)
-            s = self._scan(t, self._table32(t, distance)[q])  # (N, B), row-major
-            if distance == "euclidean":
-                np.sqrt(np.maximum(s, 0, out=s), out=s)
-            elif distance == "angular":
-                sq = np.diagonal(self._table64(t, "angular"))
-                qn = np.sqrt(sq[q].sum(axis=1))
-                inv_q = np.zeros_like(qn)
-                np.divide(1.0, qn, out=inv_q, where=qn > 0)
-                s *= self._inv_norm(t)[:, None]
-                s *= inv_q.astype(np.float32)[None, :]
-                np.subtract(1.0, s, out=s)
-            terms[t] = s
-        if mode in ("normal", "abnormal"):
-            return terms[mode]
-        if mode == "sum":
-            terms["normal"] += terms["abnormal"]
-            return terms["normal"]
-        terms["normal"] /= np.float32(self.scale(distance, "normal"))
-        terms["abnormal"] /= np.float32(self.scale(distance, "abnormal"))
-        terms["normal"] += terms["abnormal"]
-        return terms["normal"]
+    def _request(
+        self,
+        qcodes: dict[str, np.ndarray],
+        excluded: Sequence[list[int]],
+        distance: str,
+        mode: str,
+        select: int,
+        top: int = 0,
+    ) -> ScanRequest:
+        """The scan of a block of B queries (``qcodes[t]`` (B, P)): lookup tables, norms and weights."""
+        types = _MODE_TYPES[mode]
+        b = len(excluded)
+        lanes = 1 if b == 1 else 16 * -(-b // 16)
+        p, k = self._p, self._k
+        luts = np.zeros((len(types), p * k * lanes), np.float32)
+        inv_q = np.zeros((len(types), lanes), np.float32)
+        weight = np.ones(len(types), np.float32)
+        for ti, t in enumerate(types):
+            q = qcodes[t]
+            table = self._table32(t, distance)
+            if lanes == 1:
+                luts[ti] = table[q[0]].reshape(-1)
+            else:
+                luts[ti].reshape(p, k, lanes)[:, :, :b] = table[q].transpose(1, 2, 0)
+            if distance == "angular":
+                qn = np.sqrt(np.diagonal(self._table64(t, "angular"))[q].sum(axis=1))
+                inv = np.zeros_like(qn)
+                np.divide(1.0, qn, out=inv, where=qn > 0)
+                inv_q[ti, :b] = inv
+            if mode == "sum_normalized":
+                weight[ti] = np.float32(1.0 / self.scale(distance, t))
+        rows = self._layout
+        ex = [
+            (int(rows.vol_start[v]), int(rows.vol_stop[v]), qi)
+            for qi, vols in enumerate(excluded)
+            for v in vols
+        ]
+        return ScanRequest(
+            types=types,
+            luts=luts,
+            lanes=lanes,
+            n_queries=b,
+            kind=_KIND[distance],
+            inv_q=inv_q,
+            inv_r=self._inv_norms(types) if distance == "angular" else np.zeros((len(types), 0), np.float32),
+            weight=weight,
+            excluded=np.asarray(ex, dtype=np.int64).reshape(-1, 3),
+            select=select,
+            top=top,
+        )
 
     def _excluded_volumes(self, query: Query) -> list[int]:
         if isinstance(query.exclude_cases, str):
@@ -430,7 +596,8 @@ class SearchEngine:
         qcodes = {t: self._query_codes(getattr(query, t), t)[None, :] for t in _MODE_TYPES[mode]}
         if self._n == 0:
             return np.zeros(0)
-        return self._block_distances(qcodes, distance, mode)[:, 0].astype(np.float64)
+        out = self._backend.run(self._request(qcodes, [[]], distance, mode, SELECT_ALL))[0]
+        return out[:, 0, 0].astype(np.float64)
 
     def search(
         self,
@@ -452,9 +619,10 @@ class SearchEngine:
         mode: str = "sum",
         top: int = 10,
         per: str = "volume",
-        block: int = 16,
+        block: int = 32,
     ) -> list[list[Hit]]:
-        """Like ``search`` for many queries; ``block`` queries share each pass over the database."""
+        """Like ``search`` for many queries; ``block`` queries share each pass over the database (with the
+        compiled scan at most 32, or 16 for the sum modes: beyond that its lookup tables leave the cache)."""
         self._check_names(distance, mode)
         if per not in ("volume", "slice"):
             raise ConfigError(f"per must be 'volume' or 'slice', got {per!r}")
@@ -462,6 +630,7 @@ class SearchEngine:
             raise ConfigError(f"top must be a positive integer, got {top!r}")
         if block < 1:
             raise ConfigError(f"block must be >= 1, got {block}")
+        top = int(top)
         types = _MODE_TYPES[mode]
         parsed = [
             ({t: self._query_codes(getattr(q, t), t) for t in types}, self._excluded_volumes(q))
@@ -470,46 +639,27 @@ class SearchEngine:
         results: list[list[Hit]] = []
         if self._n == 0:
             return [[] for _ in parsed]
-        for s in range(0, len(parsed), block):
-            chunk = parsed[s : s + block]
+        if per == "volume":
+            select = SELECT_VOLUME
+        else:
+            select = SELECT_TOP if top <= _TOP_IN_KERNEL else SELECT_ALL
+        step = min(block, _PASS_QUERIES[len(types)]) if self._backend.name == "numba" else block
+        for s in range(0, len(parsed), step):
+            chunk = parsed[s : s + step]
             qcodes = {t: np.stack([c[0][t] for c in chunk]) for t in types}
-            dist = self._block_distances(qcodes, distance, mode)  # (N, B)
-            for b, (_, excluded) in enumerate(chunk):
-                for v in excluded:
-                    dist[self._starts[v] : self._stops[v], b] = np.inf
-            if per == "volume":
-                best = np.minimum.reduceat(dist, self._starts, axis=0)  # (V, B): each volume's best slice
+            req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top)
+            val, row = self._backend.run(req)
             for b, (codes, _) in enumerate(chunk):
-                if per == "slice":
-                    rows = self._smallest(np.ascontiguousarray(dist[:, b]), int(top))
+                if select == SELECT_VOLUME:
+                    rows = row[smallest(np.ascontiguousarray(val[:, b, 0]), top), b, 0]  # excluded: inf
+                elif select == SELECT_TOP:
+                    v, r = val[:, b, :].ravel(), row[:, b, :].ravel()
+                    keep = np.flatnonzero(np.isfinite(v))
+                    rows = r[keep[np.lexsort((r[keep], v[keep]))[:top]]]
                 else:
-                    vols = self._smallest(np.ascontiguousarray(best[:, b]), int(top))  # excluded: inf
-                    rows = np.asarray(
-                        [
-                            self._starts[v] + int(np.argmin(dist[self._starts[v] : self._stops[v], b]))
-                            for v in vols
-                        ],
-                        dtype=np.int64,
-                    )
+                    rows = smallest(np.ascontiguousarray(val[:, b, 0]), top)
                 results.append(self._hits(codes, rows, distance, mode))
         return results
-
-    @staticmethod
-    def _smallest(d: np.ndarray, k: int) -> np.ndarray:
-        """Indices of the k smallest finite values, sorted by (value, index); deterministic under ties."""
-        finite = int(np.count_nonzero(np.isfinite(d)))
-        k = min(k, finite)
-        if k == 0:
-            return np.zeros(0, dtype=np.int64)
-        if k < d.size:
-            part = np.argpartition(d, k - 1)[:k]
-            v = d[part].max()
-            below = np.flatnonzero(d < v)
-            ties = np.flatnonzero(d == v)[: k - below.size]
-            idx = np.concatenate([below, ties])
-        else:
-            idx = np.flatnonzero(np.isfinite(d))
-        return idx[np.lexsort((idx, d[idx]))]
 
     def _hits(self, codes: dict[str, np.ndarray], rows: np.ndarray, distance: str, mode: str) -> list[Hit]:
         """Hits for ``rows`` with distances recomputed in float64, re-sorted by (distance, row)."""
@@ -525,12 +675,14 @@ class SearchEngine:
                 distance, "abnormal"
             )
         order = np.lexsort((rows, total))
+        vols = self._volume_of_rows(rows)
+        slices = self._slice_index(rows)
         return [
             Hit(
                 rank=rank,
                 row=int(rows[i]),
-                case_id=str(self._case_ids[rows[i]]),
-                slice_index=int(self._slice_indices[rows[i]]),
+                case_id=self._names[int(vols[i])],
+                slice_index=int(slices[i]),
                 distance=float(total[i]),
                 distance_normal=float(terms["normal"][i]) if "normal" in terms else None,
                 distance_abnormal=float(terms["abnormal"][i]) if "abnormal" in terms else None,
