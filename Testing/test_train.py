@@ -272,11 +272,12 @@ def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_pat
     from fdn_training.train import load_checkpoint, train
 
     common = {"device": "cpu", "cache_dir": cache_dir, "export_bundle": False, "show_progress_bar": False}
-    first = train("tiny_test", tiny_cohort, tmp_path / "a", max_steps=2, **common)
-    warm = train(
-        "tiny_test", tiny_cohort, tmp_path / "b", max_steps=1, init_from=first.last_checkpoint, **common
-    )
-    cold = train("tiny_test", tiny_cohort, tmp_path / "c", max_steps=1, **common)
+    # Without dead-code restarts: they would reseed the same unused codes from the same first batch in
+    # every run, warm or cold, which is not what this test is about.
+    cfg = _tiny(codebook={"restart_threshold": 0.0})
+    first = train(cfg, tiny_cohort, tmp_path / "a", max_steps=2, **common)
+    warm = train(cfg, tiny_cohort, tmp_path / "b", max_steps=1, init_from=first.last_checkpoint, **common)
+    cold = train(cfg, tiny_cohort, tmp_path / "c", max_steps=1, **common)
     key = next(k for k in load_checkpoint(first.last_checkpoint)["model"] if k.endswith("embedding.weight"))
     book = {name: load_checkpoint(r.last_checkpoint)["model"][key] for name, r in
             (("first", first), ("warm", warm), ("cold", cold))}  # fmt: skip
@@ -287,7 +288,7 @@ def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_pat
 
     with pytest.raises(ConfigError, match="cannot be combined with --resume"):
         train(None, tiny_cohort, tmp_path / "a", resume=True, init_from=first.last_checkpoint, **common)
-    other = load_train_config("tiny_test").to_dict()
+    other = cfg.to_dict()
     other["model"]["code_dim"] = other["model"]["code_dim"] * 2
     with pytest.raises(ConfigError, match="same architecture"):
         train(
