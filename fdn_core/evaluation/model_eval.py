@@ -551,7 +551,8 @@ def evaluate_model(
     if not files:
         raise DataError(f"{data_dir}: no cases found; point --data at a BraTS / MSD / phantom cohort folder")
     metadata = dict(getattr(bundle, "metadata", {}) or {})
-    train_files, train_info = [], None
+    train_files: list[Any] = []
+    train_info: dict[str, Any] | None = None
     if train_data is not None:
         train_files, train_info = _training_cases(metadata, train_data, files)
     excluded = set() if train_info is None else set(train_info["evaluated_training_cases"])
@@ -681,7 +682,7 @@ def binarization_summary(report: Any, fitted_on: str) -> dict[str, Any]:
 
 
 def _codebooks(
-    model: nn.Module,
+    model: Any,
     counts: dict[str, np.ndarray],
     training: tuple[np.ndarray, np.ndarray] | None,
     recorded: Any,
