@@ -219,6 +219,39 @@ def test_wall_clock_budget_stops_cleanly_and_exports(
         train(cfg, tiny_cohort, tmp_path / "other", max_minutes=0, **kw)
 
 
+def test_a_budgeted_run_plans_its_steps_so_the_schedule_ends_with_the_budget(
+    tiny_cohort: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fdn_training.train as train_module
+    import fdn_training.trainer as trainer_module
+    from fdn_training.schedule import lr_factor
+    from fdn_training.train import load_checkpoint, train
+
+    class Clock:  # the trainer's clock: every reading is one second later (a machine of steady speed)
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
+    monkeypatch.setattr(trainer_module, "time", Clock)
+    monkeypatch.setattr(train_module, "time", Clock)
+    monkeypatch.setattr(trainer_module, "BUDGET_SKIP", 1)
+    monkeypatch.setattr(trainer_module, "BUDGET_MEASURE", 3)
+    cfg = _tiny(run={"epochs": 50, "log_every": 5, "val_every": 1000}, save={"checkpoint_every": 1000})
+    kw = dict(device="cpu", cache_dir=cache_dir, export_bundle=False, show_progress_bar=False)
+    result = train(cfg, tiny_cohort, tmp_path / "run", max_minutes=1.0, **kw)  # 60 readings
+    planned = load_checkpoint(result.last_checkpoint)["planned_steps"]
+    assert planned is not None and 10 < planned < 40  # timed over steps 2-4, far below 50 epochs
+    assert result.steps == planned and not result.stopped_by_time  # ended as planned, inside the budget
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    last_lr = cfg.optimizer.lr * lr_factor(planned - 1, planned, cfg.schedule)
+    assert last_lr == pytest.approx(cfg.optimizer.lr * cfg.schedule.min_lr_ratio)  # the cosine's floor
+    assert int(rows[-1]["step"]) == planned and float(rows[-1]["lr"]) == pytest.approx(last_lr, rel=1e-4)
+
+
 def test_checkpoints_from_before_the_recipe_still_load_and_export(
     tiny_cohort: Path, cache_dir: Path, tmp_path: Path
 ) -> None:

@@ -8,13 +8,11 @@ On a CUDA machine (``--device auto`` finds it)::
 Steps, each timed and printed:
 
 1. phantom cohorts with every core: ``--cases`` training cases, ``--held-out-cases`` others (next seed);
-2. the slice cache of the training cohort (built before the clock of the training starts);
-3. a throughput calibration (``bench/bench_train.py``'s step on a synthetic batch) that sizes
-   ``--max-steps`` so the learning-rate schedule (warm-up + cosine) ends with the budget;
-4. ``fdn train --max-steps N --max-minutes BUDGET --no-export`` (the budget, at most 8 minutes, is a hard
-   stop);
-5. slices/s, peak GPU memory and the loss curve (with codebook usage) from ``train_log.csv``;
-6. ``fdn export`` (the best checkpoint) and ``fdn eval-model`` on the held-out cohort with ``--train-data``
+2. the slice cache of the training cohort (built before the training's clock starts);
+3. ``fdn train --max-minutes BUDGET --no-export`` (at most 8 minutes): the trainer times its first steps
+   and plans its step count so that the learning-rate schedule (warm-up + cosine) ends with the budget;
+4. slices/s, peak GPU memory and the loss curve (with codebook usage) from ``train_log.csv``;
+5. ``fdn export`` (the best checkpoint) and ``fdn eval-model`` on the held-out cohort with ``--train-data``
    (the leakiness classifier learns from the training cases, as in the paper).
 
 It also runs on a CPU with a tiny budget (what the test suite does, about a minute)::
@@ -83,12 +81,12 @@ def sized_config_file(config: str, image_size: int | None, out: Path) -> Path:
     return out
 
 
-def calibrate(config: Path, device: str, threads: int | None) -> dict[str, Any]:
-    """Seconds per training step of ``config`` on ``device`` (a fresh process, synthetic batch)."""
-    cmd = [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--one", str(config), device, "0", "0"]
-    cmd += ["--steps", "3", "--warmup", "2"] + (["--threads", str(threads)] if threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _planned_steps(run: Path) -> int | None:
+    """The step count the trainer planned for the budget (from the last checkpoint)."""
+    from fdn_training.checkpoint import load_checkpoint
+
+    planned = load_checkpoint(run / "checkpoints" / "last.pt").get("planned_steps")
+    return None if planned is None else int(planned)
 
 
 def report_log(run: Path) -> dict[str, Any]:
@@ -183,25 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         from fdn_core.data.cache import SliceCache
 
         SliceCache.build_or_open(train_dir, run / "cache", cfg.preprocess, workers=min(cores, 16))
-    with timed("throughput calibration", times):
-        cal = calibrate(config, device, args.threads)
-        budget_s = 60.0 * args.budget_minutes
-        # The schedule ends at max_steps: aim at 85 % of the budget (data loading, validation, checkpoints).
-        max_steps = max(2, int(0.85 * budget_s / cal["s_per_step"]))
-        memory = (
-            f"{cal['peak_cuda_mib']:.0f} MiB CUDA"
-            if "peak_cuda_mib" in cal
-            else f"{cal['peak_rss_mib']:.0f} MiB RSS"
-        )
-        print(
-            f"{cal['s_per_step']:.3f} s/step at batch {cal['batch_size']} ({cal['slices_per_s']:.1f} "
-            f"slices/s, {memory}): --max-steps {max_steps} for a {budget_s:.0f} s budget"
-        )
     threads = ["--threads", str(args.threads)] if args.threads else []
     with timed("training", times):
         fdn("train", "--config", str(config), "--data", str(train_dir), "--out", str(run), "--device", device,
-            "--cache", str(run / "cache"), "--max-steps", str(max_steps), "--max-minutes",
-            str(args.budget_minutes), "--no-export", "--no-progress", *threads)  # fmt: skip
+            "--cache", str(run / "cache"), "--max-minutes", str(args.budget_minutes), "--no-export",
+            "--no-progress", *threads)  # fmt: skip
     log_figures = report_log(run)
     bundle = out / "bundle"
     with timed("export", times):
@@ -216,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": gpu,
         "config": str(config),
         "image_size": cfg.model.image_size,
-        "calibration": cal,
-        "max_steps": max_steps,
+        "planned_steps": _planned_steps(run),
         "training": log_figures,
         "times_s": times,
         "bundle": str(bundle),

@@ -21,10 +21,12 @@ and perplexity, dead-code restarts, share of empty slices) and ``val_log.csv``, 
 inference bundle exported from the best checkpoint, its metadata holding the codebook usage of the last
 full epoch and the training cases' fingerprints).
 
-``--max-minutes`` is a wall-clock budget counted from the start of ``train``: the run stops after the
-step that passes it, validates, saves ``last.pt`` and exports as at a normal end (a later ``--resume``
-continues it). The learning-rate schedule follows the step count, not the clock: give ``--max-steps``
-too when the schedule should end with the budget.
+``--max-minutes`` is a wall-clock budget of training, counted from the first step (once the slice cache
+is built and the run set up; the last validation and the export come after it). After timing its first
+steps the run plans its last step to fit the budget (``Trainer``: the learning-rate schedule then ends with
+the budget; ``run.max_steps`` / ``--max-steps`` / ``run.epochs`` still cap it) and saves that plan in its
+checkpoints. Should the machine slow down, the run stops after the step that passes the budget,
+validates, saves ``last.pt`` and exports as at a normal end (a later ``--resume`` continues it).
 
 Determinism: every random number derives from ``run.seed``. The slice order of an epoch is a
 DistributedSampler permutation seeded by (seed, epoch); the augmentation of one slice is seeded by
@@ -130,12 +132,12 @@ def train(
 
     ``config`` may be None when resuming (the run's own config is used); ``max_steps`` overrides
     ``run.max_steps``. ``init_from`` warm-starts a new run from another run's checkpoint (network, codebooks
-    and critic weights; fresh optimisers, schedule and logs). ``max_minutes``: wall-clock budget from now
-    (see the module docstring). Under torchrun (WORLD_SIZE > 1) this joins the process group itself.
+    and critic weights; fresh optimisers, schedule and logs). ``max_minutes``: wall-clock budget of the
+    training steps (see the module docstring). Under torchrun (WORLD_SIZE > 1) this joins the process
+    group itself.
     """
     if max_minutes is not None and not max_minutes > 0:
         raise ConfigError(f"max_minutes={max_minutes}: must be > 0 (or None for no wall-clock budget)")
-    deadline = None if max_minutes is None else time.perf_counter() + 60.0 * max_minutes
     dist, dev = setup_distributed(device)
     request = _Request(
         data_dir=Path(data_dir),
@@ -147,7 +149,7 @@ def train(
         progress=progress,
         show_progress_bar=show_progress_bar,
         init_from=init_from,
-        deadline=deadline,
+        max_minutes=max_minutes,
     )
     try:
         return _train(config, request, dev, dist)
@@ -168,7 +170,7 @@ class _Request:
     progress: Progress | None
     show_progress_bar: bool
     init_from: str | Path | None
-    deadline: float | None = None
+    max_minutes: float | None = None
 
 
 # ------------------------------------------------------------------------------------ config of a run
@@ -268,7 +270,6 @@ def _train(
         req.run_dir / "checkpoints", cfg, dist, data.train_cases, data.val_cases, provenance
     )
     trainer = _make_trainer(cfg, req, device, dist, checkpoints)
-    trainer.deadline = req.deadline
     trainer.logger = RunLogger(
         req.run_dir,
         dist=dist,
@@ -283,8 +284,12 @@ def _train(
     if dist.is_main:
         _log_start(trainer, data, total_steps, req.run_dir)
         _log_sampling(data)
+    if req.max_minutes is not None:  # the budget counts from the first step (the slice cache is ready)
+        trainer.deadline = time.perf_counter() + 60.0 * req.max_minutes
     trainer.fit(data, total_steps)
     trainer.logger.close()
+    if dist.is_main and trainer.state.planned_steps is not None:
+        log.info("the run was fitted to its budget: %d of %d steps", trainer.state.step, total_steps)
     barrier(dist)
     best, last = checkpoints.path("best"), checkpoints.path("last")
     bundle_dir = None

@@ -11,6 +11,13 @@ Under several processes ``forward_model`` is a DistributedDataParallel wrapper o
 Around the steps: the generator's learning rate follows ``schedule`` (``fdn_training.schedule``), the code
 indices of every step are counted (``fdn_training.usage``: usage per log interval, the last epoch's counts
 in checkpoints), and with a wall-clock ``deadline`` the run stops cleanly after the step that passes it.
+
+Fitting the run to the deadline: a learning-rate schedule that decays to the end needs to know where the
+end is. With a deadline, the Trainer times ``BUDGET_MEASURE`` steps (after ``BUDGET_SKIP`` warm-up steps,
+early in the schedule's warm-up, so the rate so far does not depend on the end) and plans the run's last
+step as the one it expects at ``BUDGET_MARGIN`` of the time left (``budget_steps``), unless the run's own
+step count comes first. The planned count is saved in checkpoints, so a resumed run keeps the schedule;
+the deadline stays a hard stop should the machine slow down.
 """
 
 from __future__ import annotations
@@ -48,12 +55,32 @@ from fdn_training.schedule import lr_factor
 from fdn_training.trainconfig import TrainConfig
 from fdn_training.usage import UsageTracker
 
-__all__ = ["MAX_CONSECUTIVE_SKIPS", "TrainState", "Trainer", "is_better", "train_step"]
+__all__ = [
+    "BUDGET_MARGIN",
+    "BUDGET_MEASURE",
+    "BUDGET_SKIP",
+    "MAX_CONSECUTIVE_SKIPS",
+    "TrainState",
+    "Trainer",
+    "budget_steps",
+    "is_better",
+    "train_step",
+]
 
 log = logging.getLogger("fdn_training.train")
 
 #: Training stops with an error after this many generator steps in a row with non-finite gradients.
 MAX_CONSECUTIVE_SKIPS = 25
+#: Fitting a run to its deadline: steps left untimed first, steps timed, share of the time left planned
+#: (the rest absorbs validations, checkpoints and the last validation and export).
+BUDGET_SKIP, BUDGET_MEASURE, BUDGET_MARGIN = 5, 20, 0.9
+
+
+def budget_steps(step: int, total_steps: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The last step of a run at ``step`` with ``seconds_left`` on its clock: the steps that fit in
+    ``BUDGET_MARGIN`` of that time at ``seconds_per_step``, never past ``total_steps``, at least one more."""
+    fit = int(BUDGET_MARGIN * max(seconds_left, 0.0) / max(seconds_per_step, 1e-9))
+    return min(total_steps, step + max(fit, 1))
 
 
 @dataclass
@@ -65,6 +92,7 @@ class TrainState:
     batch_in_epoch: int = 0
     best_value: float | None = None
     best_step: int | None = None
+    planned_steps: int | None = None  # the run's last step as fitted to a wall-clock budget
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
@@ -134,6 +162,7 @@ class Trainer:
         self.usage = UsageTracker(model, device, dist)
         self.deadline = deadline
         self.stopped_by_time = False
+        self._budget_clock: tuple[int, float] | None = None  # (step, time) where the timing started
 
     # ------------------------------------------------------------------------------------ one step
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -283,15 +312,47 @@ class Trainer:
         late = torch.tensor([float(time.perf_counter() >= self.deadline)])
         return float(all_reduce_sum(late, self.dist)[0]) > 0
 
+    def _plan_budget(self, total_steps: int, first_step: int) -> None:
+        """Time steps and, once ``BUDGET_MEASURE`` are timed, plan the run's last step (see the module
+        docstring). Rank 0's plan is everyone's."""
+        s = self.state
+        if self.deadline is None or s.planned_steps is not None:
+            return
+        now = time.perf_counter()
+        if s.step == first_step + BUDGET_SKIP:
+            self._budget_clock = (s.step, now)
+        if self._budget_clock is None or s.step < self._budget_clock[0] + BUDGET_MEASURE:
+            return
+        start, t0 = self._budget_clock
+        planned = budget_steps(s.step, total_steps, (now - t0) / (s.step - start), self.deadline - now)
+        shared = torch.tensor([float(planned) if self.dist.is_main else 0.0], dtype=torch.float64)
+        s.planned_steps = int(all_reduce_sum(shared, self.dist)[0])
+        if self.dist.is_main:
+            log.info(
+                "fitted to the wall-clock budget: %.3f s/step over %d steps, %.0f s left: the run ends at "
+                "step %d (of %d)",
+                (now - t0) / (s.step - start),
+                s.step - start,
+                self.deadline - now,
+                s.planned_steps,
+                total_steps,
+            )
+
+    def effective_total(self, total_steps: int) -> int:
+        """The run's last step: ``total_steps``, or earlier when fitted to a wall-clock budget."""
+        planned = self.state.planned_steps
+        return total_steps if planned is None else min(total_steps, planned)
+
     def train_epoch(self, data: TrainData, total_steps: int) -> None:
-        """Train from the current position to the end of its epoch, or to ``total_steps`` (or the deadline);
-        log, validate and save ``last.pt`` on the config's schedule."""
+        """Train from the current position to the end of its epoch, or to ``total_steps`` (or the deadline,
+        or the step planned for it); log, validate and save ``last.pt`` on the config's schedule."""
         s, run = self.state, self.cfg.run
         data.set_epoch(s.epoch, s.batch_in_epoch)
+        first_step = s.step
         for batch in data.loader:
+            total_steps = self.effective_total(total_steps)
             lr = self.set_learning_rate(s.step, total_steps)
             logs = self.train_step(batch)
-            logs["lr"] = lr
             self._count_skipped(logs)
             s.step += 1
             s.batch_in_epoch += 1
@@ -299,13 +360,15 @@ class Trainer:
             if end_of_epoch:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                 self.usage.end_epoch(s.epoch - 1)
+            self._plan_budget(total_steps, first_step)
+            total_steps = self.effective_total(total_steps)
             self.stopped_by_time = s.step < total_steps and self.out_of_time()
             last = s.step >= total_steps or self.stopped_by_time
             self.last_logs = logs
             row = None
             if s.step % run.log_every == 0 or last:  # the same steps on every rank: flush is collective
                 self.usage.flush()
-                row = self.usage.interval_stats()
+                row = {"lr": lr, **self.usage.interval_stats()}  # the rate of the row's step
                 if self.device.type == "cuda":
                     row["gpu_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             if self.logger is not None:
@@ -346,13 +409,13 @@ class Trainer:
     def fit(self, data: TrainData, total_steps: int) -> None:
         """Train epochs until ``total_steps`` (or the deadline); validate at the end (unless just done) and
         save ``last.pt``."""
-        while self.state.step < total_steps and not self.stopped_by_time:
+        while self.state.step < self.effective_total(total_steps) and not self.stopped_by_time:
             self.train_epoch(data, total_steps)
         if self.stopped_by_time and self.dist.is_main:
             log.warning(
                 "wall-clock budget reached: stopping at step %d of %d (fdn train --resume continues)",
                 self.state.step,
-                total_steps,
+                self.effective_total(total_steps),
             )
         if self.validated_at != self.state.step:
             self.validate_and_keep_best(data)
@@ -374,6 +437,7 @@ class Trainer:
             "best": {"metric": self.cfg.save.best_metric, "value": s.best_value, "step": s.best_step},
             "rng": rng_state(),
             "code_usage": self.usage.state_dict(),
+            "planned_steps": s.planned_steps,
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
@@ -387,6 +451,7 @@ class Trainer:
             batch_in_epoch=int(payload["batch_in_epoch"]),
             best_value=payload["best"]["value"],
             best_step=payload["best"]["step"],
+            planned_steps=payload.get("planned_steps"),
         )
         if "code_usage" in payload:  # checkpoints before usage tracking: counts start afresh
             self.usage.load_state_dict(payload["code_usage"])

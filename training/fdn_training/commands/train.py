@@ -30,8 +30,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-minutes",
         type=float,
         default=None,
-        help="wall-clock budget: stop cleanly after the step that passes it (validate, save, export); "
-        "the learning-rate schedule still follows the step count (combine with --max-steps)",
+        help="wall-clock budget: after timing its first steps the run plans its step count (and so the "
+        "learning-rate schedule) to end within it, and stops cleanly (validate, save, export) should it "
+        "run over",
     )
     parser.add_argument(
         "--cache", type=Path, default=None, help="preprocessed-slice cache folder (default RUN/cache)"
