@@ -288,6 +288,64 @@ def test_used_mask_restricts_pairs_neighbours_and_scoring() -> None:
     assert codes.report.concordance == jaccard_concordance(cb, codes.bits, used=used)
 
 
+def _planted_dead_codes(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """K = 48: 24 used vectors on a plane (a low-rank codebook, like a trained one) and 24 dead ones as the
+    EMA update leaves them: 8 huge (norm 1e3..3e5), 8 decayed (1e-3..1e-1), 8 below the 1e-5 "zero"
+    threshold; with training counts (dead: 0), shuffled."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(8, 2)))[0].T
+    used = rng.uniform(-3, 3, size=(24, 2)) @ basis
+    dirs = rng.normal(size=(24, 8))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    norms = np.concatenate(
+        [10 ** rng.uniform(3, 5.5, 8), 10 ** rng.uniform(-3, -1, 8), 10 ** rng.uniform(-8, -6, 8)]
+    )
+    perm = rng.permutation(48)
+    cb = np.concatenate([used, dirs * norms[:, None]])[perm]
+    counts = np.concatenate([rng.integers(5, 500, 24), np.zeros(24, np.int64)])[perm]
+    return cb, counts
+
+
+def test_dead_codes_are_excluded_bits_shrink_and_concordance_is_given_both_ways(tmp_path) -> None:
+    cb, counts = _planted_dead_codes()
+    paper = fit_binary_codes(cb).report  # every vector, as the paper does
+    codes = fit_binary_codes(cb, usage_counts=counts)
+    r = codes.report
+    used = counts > 0
+    assert np.array_equal(codes.used, used) and r.num_used == 24 and r.bits_before == 276
+    assert used[codes.kept_pairs].all()  # only pairs of used codes give bits
+    assert r.bits_after < paper.bits_after / 2  # dead codes' bits are gone
+    assert r.bits_share_of_pairs == pytest.approx(r.bits_after / (48 * 47 / 2))
+    assert r.compactness == pytest.approx(8 / 48)  # the paper's compactness counts only the tiny ones
+    # Over the used codes the neighbours are kept far better once the dead codes stop claiming bits;
+    # over all K (the paper's definition) the dead codes' neighbours are not preserved any more.
+    assert r.concordance_used[10] >= 0.75
+    assert (
+        r.concordance_used[5] > paper.concordance_used[5]
+        and r.concordance_used[10] > paper.concordance_used[10]
+    )
+    assert set(r.concordance_paper) == {1, 5, 10} and r.concordance_paper[10] < r.concordance_used[10]
+    assert r.concordance_used == jaccard_concordance(round_small_vectors(cb), codes.bits, used=used)
+    assert r.concordance_paper == jaccard_concordance(round_small_vectors(cb), codes.bits)
+    assert paper.concordance_paper == paper.concordance  # without a mask the fitted set is all K
+    assert "24 of 48 codes used" in r.summary() and "used only" in r.summary()
+    # The report keeps the new fields through save/load; reports saved before them still load.
+    codes.save(tmp_path, name="abnormal")
+    assert BinaryCodes.load(tmp_path, name="abnormal").report == r
+    meta = json.loads((tmp_path / "abnormal.json").read_text())
+    for key in ("concordance_paper", "concordance_used"):
+        del meta["report"][key]
+    (tmp_path / "abnormal.json").write_text(json.dumps(meta))
+    assert BinaryCodes.load(tmp_path, name="abnormal").report.concordance_used == {}
+    # Usage helpers: the mask, or None when fewer than two codes were used.
+    assert np.array_equal(bz.used_codes(counts), used)
+    assert bz.used_codes(np.array([0, 3, 0])) is None
+    with pytest.raises(ConfigError, match="not both"):
+        fit_binary_codes(cb, used=used, usage_counts=counts)
+    with pytest.raises(DataError, match="usage_counts"):
+        fit_binary_codes(cb, usage_counts=counts[:5])
+
+
 def test_progress_and_cancel() -> None:
     cb = _codebook(2, 20, 3, "normal")
     seen: list[tuple[int, int, str]] = []

@@ -94,6 +94,9 @@ def test_ddp_rank0_writes_the_run(ddp_run: tuple[Path, Path]) -> None:
 
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["world_size"] == WORLD and ckpt["step"] == 3
+    # Codebook usage is summed over both ranks: 3 steps x global batch 4 x 8x8 codes per codebook.
+    assert ckpt["code_usage"]["epoch_counts"].sum(1).tolist() == [3 * 4 * 64] * 2
+    assert ckpt["code_usage"]["restarts"][0] > 0  # tiny_test restarts codes, in step on both ranks
     assert (run / "train_log.csv").exists() and (run / "val_log.csv").exists()
     bundle = load_bundle(run / "bundle", device="cpu")
     assert bundle.config.image_size == 64

@@ -88,6 +88,23 @@ def test_leakiness_classifier_detects_leaks_and_not_noise() -> None:
     assert repr(first) == repr(second)  # deterministic (repr: NaN compares equal to itself)
 
 
+def test_leakiness_trained_on_training_cases_and_tested_on_held_out_ones() -> None:
+    settings = LeakinessSettings(input_size=16, epochs=10, batch_size=8, width=16, lr=3e-3, patience=3)
+    train_cases = [f"case{c}" for c in range(6)]  # cases 6 and 7 are held out
+    leaky = leakiness(*_blob_samples(leaky=True), settings=settings, train_cases=train_cases)
+    clean = leakiness(*_blob_samples(leaky=False), settings=settings, train_cases=train_cases)
+    assert leaky["protocol"].startswith("trained on the FDN's training cases")
+    assert leaky["test_cases"] == 2 and leaky["train_cases"] + leaky["val_cases"] <= 6
+    assert leaky["val_cases"] >= 1 and leaky["early_stopping"]  # early stopping on training cases
+    assert 1 <= leaky["best_epoch"] <= leaky["epochs_run"] <= 10
+    assert leaky["ppv"] > 0.9 and leaky["auc"] > 0.9  # a planted leak is found
+    assert 0.2 < clean["auc"] < 0.8  # noise is not
+    # Test slices come from the held-out cases only: 2 cases x 6 diseased (balanced with 6 healthy).
+    assert leaky["n_test"] == 24
+    again = leakiness(*_blob_samples(leaky=True), settings=settings, train_cases=train_cases)
+    assert repr(again) == repr(leaky)
+
+
 def test_leakiness_without_both_classes_reports_why() -> None:
     x, _, cases = _blob_samples(leaky=False)
     result = leakiness(x, np.zeros(len(x), bool), cases, LeakinessSettings(input_size=16, epochs=1))
@@ -179,3 +196,63 @@ def test_eval_model_cli(tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path, ca
     assert "no_such_case" in capsys.readouterr().err
     assert main([*args, "--held-out"]) == 2  # an untrained bundle records no validation cases
     assert "no validation cases" in capsys.readouterr().err
+    assert main([*args, "--train-data", str(tiny_cohort)]) == 2  # nor training cases
+    assert "records no training cases" in capsys.readouterr().err
+
+
+def test_evaluate_with_the_training_cohort(tiny_cohort: Path, tmp_path: Path) -> None:
+    """--train-data: the classifier learns from the bundle's training cases (checked by fingerprint), the
+    evaluated cases test it (a training case among them is left out); usage in training and binarisation."""
+    import dataclasses
+
+    import torch
+
+    from fdn_core.data.preprocess import PreprocessConfig
+    from fdn_core.data.provenance import case_fingerprint
+    from fdn_core.data.readers import find_cases
+    from fdn_core.errors import DataError
+    from fdn_core.evaluation.model_eval import _training_cases
+    from fdn_core.model.bundle import TINY_MODEL, save_bundle
+    from fdn_core.model.fdn import FDN, FDNConfig
+
+    files = list(find_cases(tiny_cohort))
+    ids = [c.case_id for c in files]
+    k = TINY_MODEL["num_codes"]
+    metadata = {
+        "train_cases": ids[:3],
+        "train_case_fingerprints": {c.case_id: case_fingerprint(c) for c in files[:3]},
+        "code_usage": {"normal": [3] * (k - 4) + [0] * 4, "abnormal": [2] * k, "window": {"epoch": 0}},
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = FDN(FDNConfig(**TINY_MODEL))
+    bundle = save_bundle(model, PreprocessConfig(image_size=64), tmp_path / "bundle", metadata)
+    settings = LeakinessSettings(input_size=16, epochs=2, width=8, slices_per_case=6)
+    results = evaluate_model(bundle, tiny_cohort, ids[2:], train_data=tiny_cohort, leak=settings)
+    info = results["leakiness_training"]
+    assert info["found"] == 3 and info["fingerprints_checked"]
+    assert info["evaluated_training_cases"] == [ids[2]]  # same images as a training case: not a test case
+    leak = results["leakiness"]["normal_appearing"]
+    assert leak["protocol"].startswith("trained on the FDN's training cases") and ids[2] in leak["note"]
+    assert leak["test_cases"] <= len(ids) - 3
+    normal = results["codebooks"]["normal"]
+    assert normal["training"]["used"] == k - 4 and normal["training"]["unused_fraction"] == pytest.approx(
+        4 / k
+    )
+    assert normal["unused_fraction"] == pytest.approx(1 - normal["used_fraction"])
+    b = normal["binarization"]
+    assert (
+        b["num_used"] == k - 4
+        and b["bits_before"] == (k - 4) * (k - 5) // 2
+        and "used in training" in b["fitted_on"]
+    )
+    assert set(b["concordance_paper"]) == set(b["concordance_used"]) == {"1", "5", "10"}
+    md = markdown_report(results)
+    assert "## Binarisation" in md and "% of K(K-1)/2" in md and "unused in training" in md
+    # Overlap is by image content, not by id: a held-out id with a training case's images is a training case.
+    renamed = dataclasses.replace(files[4], images=files[1].images)
+    assert _training_cases(metadata, tiny_cohort, [renamed])[1]["evaluated_training_cases"] == [ids[4]]
+    # A training cohort whose case has other images than the model trained on is refused.
+    swapped = {**metadata, "train_case_fingerprints": {ids[0]: case_fingerprint(files[1])}}
+    with pytest.raises(DataError, match="other images"):
+        _training_cases(swapped, tiny_cohort, files[3:])

@@ -183,6 +183,11 @@ def test_resume_is_bit_identical(tiny_cohort: Path, cache_dir: Path, tmp_path: P
             for name, value in st.items():
                 assert torch.equal(value, b[opt]["state"][pid][name]), (opt, pid, name)
     assert (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"])
+    # The codebook usage counts and restart counters continue too (tiny_test has restarts on).
+    for key in ("interval", "epoch_counts"):
+        assert torch.equal(a["code_usage"][key], b["code_usage"][key]), key
+    assert a["code_usage"]["restarts"] == b["code_usage"]["restarts"]
+    assert a["code_usage"]["epoch_counts"].sum(1).tolist() == [4 * 4 * 64] * 2  # steps x batch x 8x8
     # The resumed run's log continues where the first half stopped: one row per logged step.
     with open(tmp_path / "resumed" / "train_log.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
@@ -192,6 +197,79 @@ def test_resume_is_bit_identical(tiny_cohort: Path, cache_dir: Path, tmp_path: P
     # Starting a new run over an existing one is refused.
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, tiny_cohort, tmp_path / "resumed", **kw)
+
+
+def test_wall_clock_budget_stops_cleanly_and_exports(
+    tiny_cohort: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from fdn_core.model.bundle import load_bundle
+    from fdn_training.train import load_checkpoint, train
+
+    cfg = _tiny(run={"log_every": 10, "val_every": 10})
+    kw = dict(device="cpu", cache_dir=cache_dir, show_progress_bar=False)
+    result = train(cfg, tiny_cohort, tmp_path / "run", max_steps=20, max_minutes=1e-4, **kw)
+    assert result.stopped_by_time and result.steps == 1  # the budget passed during the first step
+    assert load_checkpoint(result.last_checkpoint)["step"] == 1
+    assert load_bundle(result.bundle_dir, device="cpu").metadata["code_usage"]["window"]["steps"] == 1
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1]  # the last step is logged
+    with open(tmp_path / "run" / "val_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1]  # and validated
+    with pytest.raises(ConfigError, match="max_minutes"):
+        train(cfg, tiny_cohort, tmp_path / "other", max_minutes=0, **kw)
+
+
+def test_a_budgeted_run_plans_its_steps_so_the_schedule_ends_with_the_budget(
+    tiny_cohort: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fdn_training.train as train_module
+    import fdn_training.trainer as trainer_module
+    from fdn_training.schedule import lr_factor
+    from fdn_training.train import load_checkpoint, train
+
+    class Clock:  # the trainer's clock: every reading is one second later (a machine of steady speed)
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
+    monkeypatch.setattr(trainer_module, "time", Clock)
+    monkeypatch.setattr(train_module, "time", Clock)
+    monkeypatch.setattr(trainer_module, "BUDGET_SKIP", 1)
+    monkeypatch.setattr(trainer_module, "BUDGET_MEASURE", 3)
+    cfg = _tiny(run={"epochs": 50, "log_every": 5, "val_every": 1000}, save={"checkpoint_every": 1000})
+    kw = dict(device="cpu", cache_dir=cache_dir, export_bundle=False, show_progress_bar=False)
+    result = train(cfg, tiny_cohort, tmp_path / "run", max_minutes=0.5, **kw)  # 30 readings
+    planned = load_checkpoint(result.last_checkpoint)["planned_steps"]
+    assert planned is not None and 6 < planned < 30  # timed over steps 2-4, far below 50 epochs
+    assert result.steps == planned and not result.stopped_by_time  # ended as planned, inside the budget
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    last_lr = cfg.optimizer.lr * lr_factor(planned - 1, planned, cfg.schedule)
+    assert last_lr == pytest.approx(cfg.optimizer.lr * cfg.schedule.min_lr_ratio)  # the cosine's floor
+    assert int(rows[-1]["step"]) == planned and float(rows[-1]["lr"]) == pytest.approx(last_lr, rel=1e-4)
+
+
+def test_checkpoints_from_before_the_recipe_still_load_and_export(
+    tiny_cohort: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from fdn_core.model.bundle import load_bundle
+    from fdn_training.train import export_checkpoint, load_checkpoint, train
+
+    run = train(_tiny(), tiny_cohort, tmp_path / "run", max_steps=1, device="cpu", cache_dir=cache_dir,
+                export_bundle=False, show_progress_bar=False)  # fmt: skip
+    payload = _state(run.last_checkpoint)
+    for key in ("code_usage", "provenance"):
+        del payload[key]
+    for section in ("sampling", "codebook", "schedule"):
+        del payload["config"][section]
+    torch.save(payload, tmp_path / "old.pt")
+    cfg = load_train_config(load_checkpoint(tmp_path / "old.pt")["config"])
+    assert cfg.codebook.restart_threshold == 0.0 and cfg.schedule.kind == "constant"
+    meta = load_bundle(export_checkpoint(tmp_path / "old.pt", tmp_path / "bundle"), device="cpu").metadata
+    assert "code_usage" not in meta and "train_case_fingerprints" not in meta and meta["step"] == 1
 
 
 def test_too_few_cases_is_a_clear_error(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -246,6 +324,26 @@ def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: 
     assert torch.equal(torch.from_numpy(seg).long(), seg_logits.argmax(1))
     assert bundle.metadata["step"] == 4 and bundle.metadata["val_cases"]
 
+    # Codebook usage: logged per interval, kept in the checkpoint, recorded in the bundle.
+    assert {"usage_normal", "usage_abnormal", "perplexity_normal", "restarts_abnormal", "lr"} <= set(rows[0])
+    assert all(0 < float(r["usage_normal"]) <= 1 and float(r["lr"]) > 0 for r in rows)
+    assert 0 <= float(rows[0]["empty_share"]) <= 1
+    usage = bundle.metadata["code_usage"]
+    assert usage["window"] == {"epoch": None, "complete_epoch": False, "steps": 4}  # no full epoch yet
+    assert sum(usage["normal"]) == sum(usage["abnormal"]) == 4 * 4 * 64
+    counts = bundle.code_usage()
+    assert counts is not None and counts[0].tolist() == usage["normal"] and len(counts[1]) == 16
+    assert "restarts" in usage and ckpt["code_usage"]["epoch_steps"] == 4
+    # Provenance: the training cases' image fingerprints and the phantom cohort's seed.
+    from fdn_core.data.provenance import case_fingerprint
+    from fdn_core.data.readers import find_cases
+
+    by_id = {c.case_id: c for c in find_cases(tiny_cohort)}
+    fingerprints = bundle.metadata["train_case_fingerprints"]
+    assert list(fingerprints) == ckpt["train_cases"]
+    assert all(fingerprints[c] == case_fingerprint(by_id[c]) for c in fingerprints)
+    assert bundle.metadata["cohort"]["seed"] == 1234 and bundle.metadata["cohort"]["n_cases"] == 6
+
     # fdn export, and its refusal to overwrite silently.
     out = tmp_path / "exported"
     assert main(["export", "--run", str(run), "--checkpoint", "last", "--out", str(out)]) == 0
@@ -272,11 +370,12 @@ def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_pat
     from fdn_training.train import load_checkpoint, train
 
     common = {"device": "cpu", "cache_dir": cache_dir, "export_bundle": False, "show_progress_bar": False}
-    first = train("tiny_test", tiny_cohort, tmp_path / "a", max_steps=2, **common)
-    warm = train(
-        "tiny_test", tiny_cohort, tmp_path / "b", max_steps=1, init_from=first.last_checkpoint, **common
-    )
-    cold = train("tiny_test", tiny_cohort, tmp_path / "c", max_steps=1, **common)
+    # Without dead-code restarts: they would reseed the same unused codes from the same first batch in
+    # every run, warm or cold, which is not what this test is about.
+    cfg = _tiny(codebook={"restart_threshold": 0.0})
+    first = train(cfg, tiny_cohort, tmp_path / "a", max_steps=2, **common)
+    warm = train(cfg, tiny_cohort, tmp_path / "b", max_steps=1, init_from=first.last_checkpoint, **common)
+    cold = train(cfg, tiny_cohort, tmp_path / "c", max_steps=1, **common)
     key = next(k for k in load_checkpoint(first.last_checkpoint)["model"] if k.endswith("embedding.weight"))
     book = {name: load_checkpoint(r.last_checkpoint)["model"][key] for name, r in
             (("first", first), ("warm", warm), ("cold", cold))}  # fmt: skip
@@ -287,7 +386,7 @@ def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_pat
 
     with pytest.raises(ConfigError, match="cannot be combined with --resume"):
         train(None, tiny_cohort, tmp_path / "a", resume=True, init_from=first.last_checkpoint, **common)
-    other = load_train_config("tiny_test").to_dict()
+    other = cfg.to_dict()
     other["model"]["code_dim"] = other["model"]["code_dim"] * 2
     with pytest.raises(ConfigError, match="same architecture"):
         train(

@@ -96,18 +96,24 @@ def fit_hamming_codes(
     progress: Progress | None = None,
     save: bool = True,
     bundle_dir: str | Path | None = None,
+    usage: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[BinaryCodes, BinaryCodes]:
     """Binarise and shorten both codebooks of ``db`` (Algorithm A.1); with ``save`` store them in
     ``db/hamming`` (a read-only database keeps them in memory only, with a warning).
 
     The codes depend only on the codebooks: when ``bundle_dir/hamming`` holds codes fitted on exactly these
     codebooks (``fdn export`` / ``save_bundle_hamming_codes``), they are reused instead of fitted again.
+    ``usage``: the (normal, abnormal) selection counts the bundle recorded in training
+    (``InferenceBundle.code_usage()``); codes never selected are left out of the fit (see
+    ``fdn_core.codes.binarize``). None: every code takes part, as in the paper.
     """
     out = None if bundle_dir is None else _stored_codes(Path(bundle_dir) / HAMMING_DIR, db)
     if out is None:
         out = []
-        for name, book in (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal)):
-            codes = fit_binary_codes(np.asarray(book), progress)
+        books = (("normal", db.codebook_normal), ("abnormal", db.codebook_abnormal))
+        for i, (name, book) in enumerate(books):
+            counts = None if usage is None else usage[i]
+            codes = fit_binary_codes(np.asarray(book), progress, usage_counts=counts)
             log.info("%s codebook binarised: %s", name, codes.report.summary())
             out.append(codes)
     if save:
@@ -124,10 +130,13 @@ def fit_hamming_codes(
 
 def save_bundle_hamming_codes(bundle: InferenceBundle, progress: Progress | None = None) -> Path:
     """Fit the binary codes of ``bundle``'s codebooks once and store them in ``bundle.path/hamming`` so every
-    database built with this model reuses them (fitting takes minutes for K = 512)."""
+    database built with this model reuses them (fitting takes minutes for K = 512). Codes the bundle's
+    training never selected (``code_usage``) are left out of the fit."""
     folder = bundle.path / HAMMING_DIR
-    for name, book in zip(("normal", "abnormal"), bundle.codebooks()):
-        codes = fit_binary_codes(np.asarray(book), progress)
+    usage = bundle.code_usage()
+    for i, (name, book) in enumerate(zip(("normal", "abnormal"), bundle.codebooks())):
+        counts = None if usage is None else usage[i]
+        codes = fit_binary_codes(np.asarray(book), progress, usage_counts=counts)
         log.info("%s codebook binarised: %s", name, codes.report.summary())
         codes.save(folder, name=name)
     return folder
@@ -430,7 +439,7 @@ def build_index(
     )
     db = staged.finish_build()
     if fit_hamming:
-        fit_hamming_codes(db, progress, bundle_dir=bundle.path)
+        fit_hamming_codes(db, progress, bundle_dir=bundle.path, usage=bundle.code_usage())
     result.database = db
     return result
 
@@ -605,7 +614,8 @@ class Retriever:
         """Make the Hamming distance available: fit (and store) the binary codes if the database has none."""
         if self.hamming is None:
             log.info("%s has no binary codes yet; fitting them once (Algorithm A.1)", self.db.path)
-            self.hamming = fit_hamming_codes(self.db, progress)
+            usage = None if self.bundle is None else self.bundle.code_usage()
+            self.hamming = fit_hamming_codes(self.db, progress, usage=usage)
             bits = (self.hamming[0].bits, self.hamming[1].bits)
             self.engine = SearchEngine.from_database(self.db, hamming_bits=bits)
 

@@ -1,4 +1,5 @@
-"""``fdn eval-model``: reconstruction, segmentation, codebook and leakiness metrics (paper 4.4.1-4.4.4)."""
+"""``fdn eval-model``: reconstruction, segmentation, codebook, binarisation and leakiness metrics (paper
+4.4.1-4.4.5)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for model_eval.json / model_eval.md")
     add_device(parser)
     add_batch_size(parser, default=32)
-    parser.add_argument("--leak-epochs", type=int, default=15, help="epochs of the leakiness classifier")
+    parser.add_argument(
+        "--train-data",
+        type=Path,
+        default=None,
+        help="the cohort the model was trained on: the leakiness classifier then learns from "
+        "reconstructions of the bundle's training cases found there and is tested on the evaluated cases "
+        "(the paper's protocol); without it the evaluated cases are split case-wise",
+    )
+    parser.add_argument(
+        "--leak-epochs",
+        type=int,
+        default=40,
+        help="most epochs of the leakiness classifier (it stops early on a validation share of its "
+        "training cases)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the leakiness split and classifier")
+    parser.add_argument(
+        "--no-binarize", action="store_true", help="skip fitting and reporting the binary codes"
+    )
     add_no_progress(parser)
     parser.set_defaults(func=run)
 
@@ -64,7 +82,14 @@ def run(args: argparse.Namespace) -> int:
     warn_training_overlap(bundle.metadata, cases_of(args.data, cases), "fdn eval-model")
     progress = tqdm_progress(disable=args.no_progress)
     results = evaluate_model(
-        bundle, args.data, cases, leak=settings, batch_size=args.batch_size, progress=progress
+        bundle,
+        args.data,
+        cases,
+        train_data=args.train_data,
+        leak=settings,
+        batch_size=args.batch_size,
+        binarize=not args.no_binarize,
+        progress=progress,
     )
     json_path, md_path = write_model_eval(results, args.out)
     print(markdown_report(results))

@@ -190,7 +190,8 @@ class FP32EMAQuantizer(EMAQuantizer):
         flat = inputs.permute(self.flatten_permutation).reshape(-1, self.embedding_dim)
         codebook = self.embedding.weight
         sq_dist = (flat**2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + (codebook**2).sum(1)[None, :]
-        dist = sq_dist.amin(1)
+        # Non-finite latents (a diverging run) must not crash the sampling; the loss check reports them.
+        dist = torch.nan_to_num(sq_dist.amin(1), nan=0.0, posinf=0.0)
         picks = torch.multinomial(dist.clamp_min(0) + 1e-12, n_dead, replacement=n_dead > flat.shape[0])
         vectors = flat[picks].contiguous()
         if self.ddp_sync and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -245,6 +245,23 @@ class InferenceBundle:
         """The free-form metadata stored at export (training config, step, ...)."""
         return dict(self.manifest.get("metadata", {}))
 
+    def code_usage(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(normal, abnormal) int64 (K,) selection counts recorded by training (``metadata["code_usage"]``:
+        the last full epoch), or None for a bundle that records none (exported before usage tracking)."""
+        usage = self.metadata.get("code_usage")
+        if not isinstance(usage, dict):
+            return None
+        k = self.config.num_codes
+        out = []
+        for which in ("normal", "abnormal"):
+            counts = np.asarray(usage.get(which, []), dtype=np.int64)
+            if counts.shape != (k,) or (counts < 0).any():
+                raise IntegrityError(
+                    f"{self.path / MANIFEST_NAME}: metadata code_usage[{which!r}] is not {k} counts; {_FIX}"
+                )
+            out.append(counts)
+        return out[0], out[1]
+
     @property
     def grid_shape(self) -> tuple[int, int]:
         """(h, w) of the code grids."""

@@ -11,10 +11,14 @@ __all__ = ["build_model", "make_optimizers"]
 
 
 def build_model(cfg: TrainConfig, device: torch.device, seed: int | None = None) -> FDN:
-    """The FDN of ``cfg.model``, initialised from ``seed`` (default ``run.seed``), on ``device``."""
+    """The FDN of ``cfg.model``, initialised from ``seed`` (default ``run.seed``), on ``device``, with
+    ``codebook.restart_threshold`` set on both quantisers (it is a training setting: not saved in the
+    model's weights, and restarts happen only in train mode)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed if seed is None else seed)
         model = FDN(cfg.model)
+    for quantizer in (model.vq_normal, model.vq_abnormal):
+        quantizer.restart_threshold = cfg.codebook.restart_threshold
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -4,7 +4,13 @@ in a run folder, and exporting one as the inference bundle.
 A checkpoint is a dict of tensors and plain types: ``format``, ``config`` (the resolved TrainConfig as a
 dict), ``model``, ``optimizer`` / ``critic_optimizer`` (state dicts), ``step``, ``epoch``,
 ``batch_in_epoch``, ``world_size``, ``best`` (metric, value, step), ``rng`` (a list of every rank's RNG
-states, see ``fdn_training.rng``), ``train_cases`` and ``val_cases``.
+states, see ``fdn_training.rng``), ``code_usage`` (``fdn_training.usage``: selection counts of both
+codebooks), ``train_cases`` and ``val_cases``, and ``provenance`` (``train_case_fingerprints``: case id ->
+sha256 of its four image files; ``cohort``: seed and generator of a phantom cohort's cohort.json).
+
+``export_checkpoint`` records in the bundle metadata, beside the training config and the case lists,
+``code_usage`` (the counts of the last full epoch; see ``fdn_training.usage.recorded_usage``) and the
+provenance.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from fdn_core.errors import ConfigError, DataError
 from fdn_core.fileio import atomic_path, atomic_write_bytes
 from fdn_training.build import build_model
 from fdn_training.distributed import DistInfo, gather_objects
-from fdn_training.trainconfig import TrainConfig, load_train_config
+from fdn_training.trainconfig import TrainConfig, load_train_config, upgrade_config_dict
+from fdn_training.usage import recorded_usage
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -48,7 +55,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (tensors and plain types only: ``torch.load(weights_only=True)``)."""
+    """Load a training checkpoint (tensors and plain types only: ``torch.load(weights_only=True)``).
+
+    The config of a checkpoint written before the sampling / codebook / schedule sections existed gets
+    them with the values those runs trained with (``upgrade_config_dict``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; check the run folder (checkpoints/last.pt, best.pt)")
@@ -58,6 +68,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: not a readable training checkpoint ({exc}); it may be truncated") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not an fdn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if isinstance(payload.get("config"), dict):
+        payload["config"] = upgrade_config_dict(payload["config"])
     return payload
 
 
@@ -109,8 +121,11 @@ def export_checkpoint(
         "train_config": payload["config"],
         "train_cases": list(payload["train_cases"]),
         "val_cases": list(payload["val_cases"]),
+        **dict(payload.get("provenance") or {}),
         **(extra_metadata or {}),
     }
+    if "code_usage" in payload:
+        metadata["code_usage"] = recorded_usage(payload["code_usage"])
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: already exists; choose another output folder (or --overwrite)")
@@ -124,10 +139,17 @@ class Checkpointer:
     """
 
     def __init__(
-        self, ckpt_dir: Path, cfg: TrainConfig, dist: DistInfo, train_cases: list[str], val_cases: list[str]
+        self,
+        ckpt_dir: Path,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        train_cases: list[str],
+        val_cases: list[str],
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         self.ckpt_dir, self.cfg, self.dist = ckpt_dir, cfg, dist
         self.train_cases, self.val_cases = list(train_cases), list(val_cases)
+        self.provenance = dict(provenance or {})
 
     def path(self, name: str) -> Path:
         """``checkpoints/<name>.pt`` of the run."""
@@ -146,5 +168,6 @@ class Checkpointer:
             "rng": rng,
             "train_cases": self.train_cases,
             "val_cases": self.val_cases,
+            "provenance": self.provenance,
         }
         save_checkpoint(self.path(name), payload)

@@ -59,7 +59,8 @@ SINGLE_PROCESS = DistInfo()
 
 
 def setup_distributed(device_arg: str) -> tuple[DistInfo, torch.device]:
-    """Read torchrun's WORLD_SIZE / RANK / LOCAL_RANK; join the process group (nccl on CUDA, gloo on CPU)."""
+    """Read torchrun's WORLD_SIZE / RANK / LOCAL_RANK; join the process group (nccl for CUDA tensors and gloo
+    for CPU tensors on GPUs, gloo alone on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), select_device(device_arg)
@@ -75,7 +76,9 @@ def setup_distributed(device_arg: str) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = select_device(choice if choice.startswith("cuda") or choice == "cpu" else "cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # On GPUs: NCCL for CUDA tensors and gloo beside it for the small CPU tensors the trainer all-reduces
+    # (validation sums, critic activity, codebook usage counts, the wall-clock stop flag).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
     return DistInfo(world, rank, local_rank), device

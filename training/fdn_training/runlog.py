@@ -19,11 +19,15 @@ from fdn_training.distributed import DistInfo
 
 __all__ = ["TRAIN_FIELDS", "VAL_FIELDS", "CsvLog", "RunLogger", "open_tensorboard"]
 
-TRAIN_FIELDS = ["step", "epoch", "elapsed_s", "slices_per_s", "total", "critic", "grad_norm"]
+TRAIN_FIELDS = ["step", "epoch", "elapsed_s", "slices_per_s", "total", "critic", "grad_norm", "lr"]
+TRAIN_FIELDS += ["usage_normal", "usage_abnormal", "perplexity_normal", "perplexity_abnormal"]
+TRAIN_FIELDS += ["restarts_normal", "restarts_abnormal", "empty_share"]
 VAL_FIELDS = ["step", "epoch", "val_loss", "val_dice", "val_dice_ncr_net", "val_dice_ed", "val_dice_et"]
 VAL_FIELDS += ["is_best"]
 #: Loss terms shown beside the progress bar.
 BAR_TERMS = ("total", "rec", "seg", "critic")
+#: Interval figures shown beside the progress bar (short name: row key), the usage shares in percent.
+BAR_INTERVAL = {"use_n": "usage_normal", "use_a": "usage_abnormal", "rst": "restarts"}
 
 
 class CsvLog:
@@ -72,8 +76,10 @@ def open_tensorboard(run_dir: Path, purge_step: int | None) -> Any:
 
 
 class RunLogger:
-    """Rank 0's record of a run. Training rows average the steps since the previous row (every
-    ``run.log_every`` steps and at the last one); a validation row is written per validation.
+    """Rank 0's record of a run. A training row is written when the trainer passes ``row`` (every
+    ``run.log_every`` steps and at the last one): the step terms averaged since the previous row, plus the
+    interval figures of ``row`` as they are (codebook usage, perplexity, restarts); a validation row is
+    written per validation.
 
     ``resume_step``: the step a resumed run continues from (logs past it are dropped), None for a new run.
     """
@@ -95,6 +101,7 @@ class RunLogger:
         self.window: dict[str, list[float]] = {}
         self.t_start = self.t_window = time.perf_counter()
         self.n_window = 0
+        self.bar_interval: dict[str, str] = {}
         self.writer = self.bar = None
         if not self.active:
             return
@@ -110,8 +117,16 @@ class RunLogger:
                 total=total_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True
             )
 
-    def log_step(self, step: int, epoch: int, logs: dict[str, float], n_slices: int) -> None:
-        """Record the loss terms of generator step ``step`` (``n_slices``: its global batch size)."""
+    def log_step(
+        self,
+        step: int,
+        epoch: int,
+        logs: dict[str, float],
+        n_slices: int,
+        row: dict[str, float] | None = None,
+    ) -> None:
+        """Record the loss terms of generator step ``step`` (``n_slices``: its global batch size); with
+        ``row`` (the interval figures) write a training row."""
         if not self.active:
             if self.progress is not None:
                 self.progress.check()
@@ -119,17 +134,32 @@ class RunLogger:
         for k, v in logs.items():
             self.window.setdefault(k, []).append(v)
         self.n_window += n_slices
+        if row is not None:
+            self._remember_interval(row)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in BAR_TERMS})
+            postfix = {k: f"{v:.4g}" for k, v in logs.items() if k in BAR_TERMS}
+            self.bar.set_postfix({**postfix, **self.bar_interval})
         if self.progress is not None:
             self.progress.update(step, self.total_steps, "training")
-        if step % self.log_every == 0 or step == self.total_steps:
-            self._write_train_row(step, epoch)
+        if row is not None:
+            self._write_train_row(step, epoch, row)
 
-    def _write_train_row(self, step: int, epoch: int) -> None:
+    def _remember_interval(self, row: dict[str, float]) -> None:
+        """The interval figures shown beside the progress bar until the next row."""
+        shown = {}
+        for short, key in BAR_INTERVAL.items():
+            if key == "restarts":
+                if "restarts_normal" in row:
+                    shown[short] = f"{row['restarts_normal']:.0f}/{row['restarts_abnormal']:.0f}"
+            elif key in row:
+                shown[short] = f"{100 * row[key]:.0f}%"
+        self.bar_interval = shown
+
+    def _write_train_row(self, step: int, epoch: int, extra: dict[str, float]) -> None:
         now = time.perf_counter()
         row: dict[str, Any] = {k: float(np.mean(v)) for k, v in self.window.items()}
+        row.update(extra)
         row.update(
             step=step,
             epoch=epoch,

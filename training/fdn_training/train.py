@@ -3,7 +3,7 @@
 One process (CPU, one GPU or Apple MPS)::
 
     fdn train --config training/configs/demo_cpu.yaml --data COHORT --out RUN [--device auto|cuda|cpu|mps]
-              [--resume] [--max-steps N] [--cache DIR]
+              [--resume] [--max-steps N] [--max-minutes M] [--cache DIR]
 
 Several GPUs on one machine (DistributedDataParallel, one process per GPU, NCCL; gloo when on CPU)::
 
@@ -15,9 +15,18 @@ WORLD_SIZE / RANK / LOCAL_RANK.) ``dataset.batch_size`` is the global batch, spl
 processes; only rank 0 logs, writes checkpoints and exports the bundle.
 
 What a run directory holds: ``config.yaml`` (the resolved config), ``checkpoints/{last,best}.pt`` each with
-its config beside it (``last.yaml``/``best.yaml``), ``train_log.csv`` and ``val_log.csv``, ``tensorboard/``,
+its config beside it (``last.yaml``/``best.yaml``), ``train_log.csv`` (losses, learning rate, codebook usage
+and perplexity, dead-code restarts, share of empty slices) and ``val_log.csv``, ``tensorboard/``,
 ``cache/`` (the preprocessed-slice cache unless ``--cache`` is given) and, at the end, ``bundle/`` (the
-inference bundle exported from the best checkpoint).
+inference bundle exported from the best checkpoint, its metadata holding the codebook usage of the last
+full epoch and the training cases' fingerprints).
+
+``--max-minutes`` is a wall-clock budget of training, counted from the first step (once the slice cache
+is built and the run set up; the last validation and the export come after it). After timing its first
+steps the run plans its last step to fit the budget (``Trainer``: the learning-rate schedule then ends with
+the budget; ``run.max_steps`` / ``--max-steps`` / ``run.epochs`` still cap it) and saves that plan in its
+checkpoints. Should the machine slow down, the run stops after the step that passes the budget,
+validates, saves ``last.pt`` and exports as at a normal end (a later ``--resume`` continues it).
 
 Determinism: every random number derives from ``run.seed``. The slice order of an epoch is a
 DistributedSampler permutation seeded by (seed, epoch); the augmentation of one slice is seeded by
@@ -35,9 +44,11 @@ wrapper of the generator), ``runlog`` (CSV, TensorBoard, progress bar) and ``rng
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +110,7 @@ class TrainResult:
     bundle_dir: Path | None
     last_losses: dict[str, float]
     model: FDN
+    stopped_by_time: bool = False
 
 
 def train(
@@ -114,14 +126,18 @@ def train(
     progress: Progress | None = None,
     show_progress_bar: bool = True,
     init_from: str | Path | None = None,
+    max_minutes: float | None = None,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) an FDN run in ``run_dir`` on the cohort in ``data_dir``.
 
     ``config`` may be None when resuming (the run's own config is used); ``max_steps`` overrides
     ``run.max_steps``. ``init_from`` warm-starts a new run from another run's checkpoint (network, codebooks
-    and critic weights; fresh optimisers, schedule and logs). Under torchrun (WORLD_SIZE > 1) this joins
-    the process group itself.
+    and critic weights; fresh optimisers, schedule and logs). ``max_minutes``: wall-clock budget of the
+    training steps (see the module docstring). Under torchrun (WORLD_SIZE > 1) this joins the process
+    group itself.
     """
+    if max_minutes is not None and not max_minutes > 0:
+        raise ConfigError(f"max_minutes={max_minutes}: must be > 0 (or None for no wall-clock budget)")
     dist, dev = setup_distributed(device)
     request = _Request(
         data_dir=Path(data_dir),
@@ -133,6 +149,7 @@ def train(
         progress=progress,
         show_progress_bar=show_progress_bar,
         init_from=init_from,
+        max_minutes=max_minutes,
     )
     try:
         return _train(config, request, dev, dist)
@@ -153,6 +170,7 @@ class _Request:
     progress: Progress | None
     show_progress_bar: bool
     init_from: str | Path | None
+    max_minutes: float | None = None
 
 
 # ------------------------------------------------------------------------------------ config of a run
@@ -247,7 +265,10 @@ def _train(
     total_steps = data.steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps is not None:
         total_steps = min(total_steps, cfg.run.max_steps)
-    checkpoints = Checkpointer(req.run_dir / "checkpoints", cfg, dist, data.train_cases, data.val_cases)
+    provenance = _provenance(req.data_dir, data.train_cases) if dist.is_main else {}
+    checkpoints = Checkpointer(
+        req.run_dir / "checkpoints", cfg, dist, data.train_cases, data.val_cases, provenance
+    )
     trainer = _make_trainer(cfg, req, device, dist, checkpoints)
     trainer.logger = RunLogger(
         req.run_dir,
@@ -262,8 +283,13 @@ def _train(
     _start_state(trainer, payload, req.run_dir)
     if dist.is_main:
         _log_start(trainer, data, total_steps, req.run_dir)
+        _log_sampling(data)
+    if req.max_minutes is not None:  # the budget counts from the first step (the slice cache is ready)
+        trainer.deadline = time.perf_counter() + 60.0 * req.max_minutes
     trainer.fit(data, total_steps)
     trainer.logger.close()
+    if dist.is_main and trainer.state.planned_steps is not None:
+        log.info("the run was fitted to its budget: %d of %d steps", trainer.state.step, total_steps)
     barrier(dist)
     best, last = checkpoints.path("best"), checkpoints.path("last")
     bundle_dir = None
@@ -281,7 +307,35 @@ def _train(
         bundle_dir=bundle_dir,
         last_losses=trainer.last_logs,
         model=trainer.model,
+        stopped_by_time=trainer.stopped_by_time,
     )
+
+
+#: Keys of a phantom cohort's cohort.json recorded with a run (what regenerates the same cohort).
+_COHORT_KEYS = ("generator", "generator_version", "template", "seed", "n_cases", "n_healthy", "shape")
+
+
+def _provenance(data_dir: Path, train_cases: list[str]) -> dict[str, Any]:
+    """What the run trained on: ``train_case_fingerprints`` (case id -> sha256 of its four image files, in
+    the order of ``train_cases``) and, for a phantom cohort, ``cohort`` (seed and generator of its
+    cohort.json). A case that cannot be fingerprinted leaves the fingerprints out, with a warning."""
+    from fdn_core.data.provenance import FINGERPRINTS_KEY, case_fingerprint
+    from fdn_core.data.readers import find_cases
+
+    out: dict[str, Any] = {}
+    by_id = {c.case_id: c for c in find_cases(data_dir)}
+    try:
+        out[FINGERPRINTS_KEY] = {cid: case_fingerprint(by_id[cid]) for cid in train_cases}
+    except (DataError, KeyError) as exc:
+        log.warning("training cases not fingerprinted (%s); the bundle will record their ids only", exc)
+    path = data_dir / "cohort.json"
+    if path.is_file():
+        try:
+            cohort = json.loads(path.read_text(encoding="utf-8"))
+            out["cohort"] = {k: cohort[k] for k in _COHORT_KEYS if k in cohort}
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("%s: unreadable (%s); the cohort's seed is not recorded", path, exc)
+    return out
 
 
 def _make_trainer(
@@ -339,6 +393,26 @@ def _log_start(trainer: Trainer, data: TrainData, total_steps: int, run_dir: Pat
         )
 
 
+def _log_sampling(data: TrainData) -> None:
+    """One line: the share of draws going to empty / brain / tumour slices, uniform vs this run's."""
+    info = data.sampling
+    if not info:
+        return
+    uni, exp = info["uniform_shares"], info["expected_shares"]
+    log.info(
+        "sampling (%s): empty / brain / tumour slices are %.0f %% / %.0f %% / %.0f %% of the %d training "
+        "slices; expected share of draws %.0f %% / %.0f %% / %.0f %%",
+        info["mode"],
+        100 * uni["empty"],
+        100 * uni["brain"],
+        100 * uni["tumour"],
+        info["slices"],
+        100 * exp["empty"],
+        100 * exp["brain"],
+        100 * exp["tumour"],
+    )
+
+
 def _export(source: Path, out_dir: Path) -> Path:
     """Export the inference bundle of checkpoint ``source`` to ``out_dir`` (RUN/bundle), replacing it."""
     bundle_dir = export_checkpoint(source, out_dir, overwrite=True)
@@ -351,6 +425,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run training for parsed ``fdn train`` arguments; prints a summary (rank 0). Returns 0."""
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max-steps {args.max_steps}: must be >= 1")
+    max_minutes = getattr(args, "max_minutes", None)
+    if max_minutes is not None and not max_minutes > 0:
+        raise ConfigError(f"--max-minutes {max_minutes}: must be > 0")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads}: must be >= 1")
@@ -366,10 +443,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         export_bundle=not args.no_export,
         show_progress_bar=not args.no_progress,
         init_from=args.init_from,
+        max_minutes=max_minutes,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         best = "none" if result.best_value is None else f"{result.best_value:.5g} ({result.best_metric})"
-        print(f"trained {result.steps} steps ({result.epochs_completed} full epochs); best validation {best}")
+        budget = " (stopped at the --max-minutes budget)" if result.stopped_by_time else ""
+        print(
+            f"trained {result.steps} steps ({result.epochs_completed} full epochs){budget}; "
+            f"best validation {best}"
+        )
         print(f"checkpoints: {result.last_checkpoint.parent}")
         if result.bundle_dir is not None:
             print(f"inference bundle: {result.bundle_dir}")

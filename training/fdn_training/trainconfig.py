@@ -2,8 +2,14 @@
 
 Shape (in the spirit of the FDN authors' run / save / loss_weight / dataset / model / optimizer JSON):
 ``run`` (seed, length, logging), ``save`` (checkpoints, best-model metric), ``dataset`` (batching, split,
-augmentation), ``preprocess`` (PreprocessConfig), ``model`` (FDNConfig), ``loss`` (LossConfig: the loss
-weights) and ``optimizer`` (generator and critic Adam). Every key must be present; unknown keys are errors.
+augmentation), ``sampling`` (which slices a step sees), ``preprocess`` (PreprocessConfig), ``model``
+(FDNConfig), ``codebook`` (dead-code restarts), ``loss`` (LossConfig: the loss weights), ``optimizer``
+(generator and critic Adam) and ``schedule`` (the generator's learning-rate schedule). Every key must be
+present in a config file; unknown keys are errors.
+
+Checkpoints written before the ``sampling`` / ``codebook`` / ``schedule`` sections existed hold configs
+without them; ``upgrade_config_dict`` adds them with the values that reproduce how those runs trained
+(uniform sampling, no restarts, constant learning rate). Config files get no such help: they stay strict.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ from fdn_core.model import FDNConfig
 
 __all__ = [
     "CONFIG_DIR",
+    "LEGACY_SECTIONS",
+    "CodebookConfig",
     "DatasetConfig",
     "OptimizerConfig",
     "RunConfig",
+    "SamplingConfig",
     "SaveConfig",
+    "ScheduleConfig",
     "TrainConfig",
     "load_train_config",
     "shipped_configs",
+    "upgrade_config_dict",
 ]
 
 #: Folder of the shipped configs (fdn8x8_256.yaml, demo_cpu.yaml, tiny_test.yaml).
@@ -141,16 +152,109 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """Which training slices a step sees.
+
+    mode ``uniform`` (the paper): every training slice once per epoch, in a seeded random order. Most axial
+    slices of a volume are partly or wholly outside the brain, so a good share of the steps then goes to
+    slices with (almost) nothing to learn from. mode ``weighted``: each epoch draws as many slices as
+    ``uniform`` would (same steps per epoch), with replacement, from three groups in fixed shares:
+    ``empty_share`` of the draws from *empty* slices (fewer than ``min_brain_fraction`` of their pixels
+    non-zero in the preprocessed input), ``tumour_share`` from slices with an abnormal label, and the rest
+    from brain slices without one. A group the training cases lack gives its share to the others
+    (proportionally). Empty slices keep a small share so the model still sees what they look like.
+    """
+
+    mode: Literal["uniform", "weighted"]
+    empty_share: float
+    tumour_share: float
+    min_brain_fraction: float
+
+    def __post_init__(self) -> None:
+        for name in ("empty_share", "tumour_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"sampling.{name}={getattr(self, name)}: must be within 0..1")
+        if self.empty_share + self.tumour_share > 1.0:
+            raise ConfigError(
+                f"sampling.empty_share + tumour_share = {self.empty_share + self.tumour_share}: must be "
+                "<= 1 (the rest goes to brain slices without tumour)"
+            )
+        if not 0.0 <= self.min_brain_fraction < 1.0:
+            raise ConfigError(f"sampling.min_brain_fraction={self.min_brain_fraction}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """Codebook health (our addition; the paper has none).
+
+    restart_threshold: dead-code restarts of both EMA quantisers (``FP32EMAQuantizer``): after each EMA
+    update, a code whose share of the EMA cluster mass is below ``restart_threshold`` times the uniform
+    share 1/K is moved onto an encoder output of the batch (k-means++ seeding). 0 = off (the paper).
+    """
+
+    restart_threshold: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.restart_threshold < 1.0:
+            raise ConfigError(
+                f"codebook.restart_threshold={self.restart_threshold}: must be in [0, 1) (a share of the "
+                "uniform usage 1/K; 0 = no restarts)"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule of the generator (the critic keeps ``optimizer.critic_lr``).
+
+    kind ``constant`` (the paper): ``optimizer.lr`` throughout. ``cosine``: cosine decay from
+    ``optimizer.lr`` to ``min_lr_ratio * optimizer.lr`` at the run's last step (``run.max_steps`` or
+    ``run.epochs``; a ``--max-steps`` override moves the end). warmup_steps: a linear warm-up from
+    ``lr / warmup_steps`` to ``lr`` over the first steps (either kind; 0 = none). The rate is a function of
+    the step alone, so a resumed run continues on the same curve.
+    """
+
+    kind: Literal["constant", "cosine"]
+    warmup_steps: int
+    min_lr_ratio: float
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio}: must be within 0..1")
+
+
+#: The sections added after the first checkpoints were written, with the values that reproduce how those
+#: runs trained (``upgrade_config_dict`` fills them into old checkpoints' configs, never into config files).
+LEGACY_SECTIONS: dict[str, dict[str, Any]] = {
+    "sampling": {"mode": "uniform", "empty_share": 0.05, "tumour_share": 0.4, "min_brain_fraction": 0.05},
+    "codebook": {"restart_threshold": 0.0},
+    "schedule": {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0},
+}
+
+
+def upgrade_config_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config dict with the sections it predates added (``LEGACY_SECTIONS``); a copy."""
+    out = dict(d)
+    for section, values in LEGACY_SECTIONS.items():
+        out.setdefault(section, dict(values))
+    return out
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run; saved (resolved) beside every checkpoint."""
 
     run: RunConfig
     save: SaveConfig
     dataset: DatasetConfig
+    sampling: SamplingConfig
     preprocess: PreprocessConfig
     model: FDNConfig
+    codebook: CodebookConfig
     loss: LossConfig
     optimizer: OptimizerConfig
+    schedule: ScheduleConfig
 
     def __post_init__(self) -> None:
         if self.preprocess.image_size != self.model.image_size:

@@ -7,6 +7,17 @@ clipped when ``optimizer.grad_clip`` is set; the Adam step, skipped when that no
 
 Under several processes ``forward_model`` is a DistributedDataParallel wrapper of the generator only (see
 ``fdn_training.distributed``): DDP averages the generator's gradients, the Trainer the critic's.
+
+Around the steps: the generator's learning rate follows ``schedule`` (``fdn_training.schedule``), the code
+indices of every step are counted (``fdn_training.usage``: usage per log interval, the last epoch's counts
+in checkpoints), and with a wall-clock ``deadline`` the run stops cleanly after the step that passes it.
+
+Fitting the run to the deadline: a learning-rate schedule that decays to the end needs to know where the
+end is. With a deadline, the Trainer times ``BUDGET_MEASURE`` steps (after ``BUDGET_SKIP`` warm-up steps,
+early in the schedule's warm-up, so the rate so far does not depend on the end) and plans the run's last
+step as the one it expects at ``BUDGET_MARGIN`` of the time left (``budget_steps``), unless the run's own
+step count comes first. The planned count is saved in checkpoints, so a resumed run keeps the schedule;
+the deadline stays a hard stop should the machine slow down.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,14 +51,36 @@ from fdn_training.distributed import (
 )
 from fdn_training.rng import rng_state, set_rng_state
 from fdn_training.runlog import RunLogger
+from fdn_training.schedule import lr_factor
 from fdn_training.trainconfig import TrainConfig
+from fdn_training.usage import UsageTracker
 
-__all__ = ["MAX_CONSECUTIVE_SKIPS", "TrainState", "Trainer", "is_better", "train_step"]
+__all__ = [
+    "BUDGET_MARGIN",
+    "BUDGET_MEASURE",
+    "BUDGET_SKIP",
+    "MAX_CONSECUTIVE_SKIPS",
+    "TrainState",
+    "Trainer",
+    "budget_steps",
+    "is_better",
+    "train_step",
+]
 
 log = logging.getLogger("fdn_training.train")
 
 #: Training stops with an error after this many generator steps in a row with non-finite gradients.
 MAX_CONSECUTIVE_SKIPS = 25
+#: Fitting a run to its deadline: steps left untimed first, steps timed, share of the time left planned
+#: (the rest absorbs validations, checkpoints and the last validation and export).
+BUDGET_SKIP, BUDGET_MEASURE, BUDGET_MARGIN = 5, 20, 0.9
+
+
+def budget_steps(step: int, total_steps: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The last step of a run at ``step`` with ``seconds_left`` on its clock: the steps that fit in
+    ``BUDGET_MARGIN`` of that time at ``seconds_per_step``, never past ``total_steps``, at least one more."""
+    fit = int(BUDGET_MARGIN * max(seconds_left, 0.0) / max(seconds_per_step, 1e-9))
+    return min(total_steps, step + max(fit, 1))
 
 
 @dataclass
@@ -58,6 +92,7 @@ class TrainState:
     batch_in_epoch: int = 0
     best_value: float | None = None
     best_step: int | None = None
+    planned_steps: int | None = None  # the run's last step as fitted to a wall-clock budget
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
@@ -94,7 +129,8 @@ class Trainer:
 
     ``forward_model`` defaults to ``model`` in a single process and to a DDP wrapper of its generator under
     several. ``logger`` and ``checkpoints`` are what ``train_epoch`` / ``fit`` report to and save through;
-    without them those only train.
+    without them those only train. ``deadline`` (a ``time.perf_counter()`` value): ``fit`` stops after the
+    first step that ends past it (``stopped_by_time``), validates and saves as at a normal end.
     """
 
     def __init__(
@@ -110,6 +146,7 @@ class Trainer:
         forward_model: nn.Module | None = None,
         logger: RunLogger | None = None,
         checkpoints: Checkpointer | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.cfg, self.model, self.loss_fn = cfg, model, loss_fn
         self.opt_g, self.opt_c = opt_g, opt_c
@@ -122,6 +159,10 @@ class Trainer:
         self.last_logs: dict[str, float] = {}
         self.skipped_total = self.skipped_in_a_row = 0
         self.validated_at = -1
+        self.usage = UsageTracker(model, device, dist)
+        self.deadline = deadline
+        self.stopped_by_time = False
+        self._budget_clock: tuple[int, float] | None = None  # (step, time) where the timing started
 
     # ------------------------------------------------------------------------------------ one step
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -135,8 +176,12 @@ class Trainer:
         with autocast_for(self.device):
             out = self.forward_model(x)
         out = float_output(out)
+        self.usage.count(out.idx_normal, out.idx_abnormal)
         flags = abnormal_flags(seg)
-        logs: dict[str, float] = {}
+        brain = (x != 0).any(dim=1).flatten(1).float().mean(dim=1)
+        logs: dict[str, float] = {
+            "empty_share": float((brain < self.cfg.sampling.min_brain_fraction).float().mean())
+        }
         if self.loss_fn.distribution_matching:
             logs.update(self._critic_steps(out.z_q_normal.detach(), flags))
         logs.update(self._generator_backward(out, x, seg, flags))
@@ -243,8 +288,7 @@ class Trainer:
         improved = is_better(metric, res[metric], s.best_value)
         if improved:
             s.best_value, s.best_step = res[metric], s.step
-            if self.checkpoints is not None:
-                self.checkpoints.save("best", self.state_dict())
+            self._save("best")
         if self.logger is not None:
             self.logger.log_validation(s.step, s.epoch, res, improved)
         if self.dist.is_main:
@@ -254,12 +298,60 @@ class Trainer:
         self.validated_at = s.step
 
     # -------------------------------------------------------------------------------- epochs, runs
+    def set_learning_rate(self, step: int, total_steps: int) -> float:
+        """Set the generator's learning rate for 0-based step ``step`` of ``total_steps``; returns it."""
+        lr = self.cfg.optimizer.lr * lr_factor(step, total_steps, self.cfg.schedule)
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def out_of_time(self) -> bool:
+        """Whether the wall-clock deadline has passed (on any process: all of them then stop together)."""
+        if self.deadline is None:
+            return False
+        late = torch.tensor([float(time.perf_counter() >= self.deadline)])
+        return float(all_reduce_sum(late, self.dist)[0]) > 0
+
+    def _plan_budget(self, total_steps: int, first_step: int) -> None:
+        """Time steps and, once ``BUDGET_MEASURE`` are timed, plan the run's last step (see the module
+        docstring). Rank 0's plan is everyone's."""
+        s = self.state
+        if self.deadline is None or s.planned_steps is not None:
+            return
+        now = time.perf_counter()
+        if s.step == first_step + BUDGET_SKIP:
+            self._budget_clock = (s.step, now)
+        if self._budget_clock is None or s.step < self._budget_clock[0] + BUDGET_MEASURE:
+            return
+        start, t0 = self._budget_clock
+        planned = budget_steps(s.step, total_steps, (now - t0) / (s.step - start), self.deadline - now)
+        shared = torch.tensor([float(planned) if self.dist.is_main else 0.0], dtype=torch.float64)
+        s.planned_steps = int(all_reduce_sum(shared, self.dist)[0])
+        if self.dist.is_main:
+            log.info(
+                "fitted to the wall-clock budget: %.3f s/step over %d steps, %.0f s left: the run ends at "
+                "step %d (of %d)",
+                (now - t0) / (s.step - start),
+                s.step - start,
+                self.deadline - now,
+                s.planned_steps,
+                total_steps,
+            )
+
+    def effective_total(self, total_steps: int) -> int:
+        """The run's last step: ``total_steps``, or earlier when fitted to a wall-clock budget."""
+        planned = self.state.planned_steps
+        return total_steps if planned is None else min(total_steps, planned)
+
     def train_epoch(self, data: TrainData, total_steps: int) -> None:
-        """Train from the current position to the end of its epoch, or to ``total_steps``; validate and
-        save ``last.pt`` on the config's schedule."""
+        """Train from the current position to the end of its epoch, or to ``total_steps`` (or the deadline,
+        or the step planned for it); log, validate and save ``last.pt`` on the config's schedule."""
         s, run = self.state, self.cfg.run
         data.set_epoch(s.epoch, s.batch_in_epoch)
+        first_step = s.step
         for batch in data.loader:
+            total_steps = self.effective_total(total_steps)
+            lr = self.set_learning_rate(s.step, total_steps)
             logs = self.train_step(batch)
             self._count_skipped(logs)
             s.step += 1
@@ -267,16 +359,33 @@ class Trainer:
             end_of_epoch = s.batch_in_epoch >= data.steps_per_epoch
             if end_of_epoch:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                self.usage.end_epoch(s.epoch - 1)
+            self._plan_budget(total_steps, first_step)
+            total_steps = self.effective_total(total_steps)
+            self.stopped_by_time = s.step < total_steps and self.out_of_time()
+            last = s.step >= total_steps or self.stopped_by_time
             self.last_logs = logs
+            row = None
+            if s.step % run.log_every == 0 or last:  # the same steps on every rank: flush is collective
+                self.usage.flush()
+                row = {"lr": lr, **self.usage.interval_stats()}  # the rate of the row's step
+                if self.device.type == "cuda":
+                    row["gpu_mem_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             if self.logger is not None:
-                self.logger.log_step(s.step, s.epoch, logs, self.cfg.dataset.batch_size)
+                self.logger.log_step(s.step, s.epoch, logs, self.cfg.dataset.batch_size, row)
             if (run.val_every and s.step % run.val_every == 0) or (not run.val_every and end_of_epoch):
                 self.validate_and_keep_best(data)
-            checkpoint_due = s.step % self.cfg.save.checkpoint_every == 0 and s.step < total_steps
-            if checkpoint_due and self.checkpoints is not None:
-                self.checkpoints.save("last", self.state_dict())
-            if s.step >= total_steps or end_of_epoch:
+            if s.step % self.cfg.save.checkpoint_every == 0 and not last:
+                self._save("last")
+            if last or end_of_epoch:
                 break
+
+    def _save(self, name: str) -> None:
+        """Save checkpoint ``name`` (every rank calls this: the usage counts are all-reduced first)."""
+        if self.checkpoints is None:
+            return
+        self.usage.flush()
+        self.checkpoints.save(name, self.state_dict())
 
     def _count_skipped(self, logs: dict[str, float]) -> None:
         """Count steps whose gradient was not applied; raise FDNError when too many come in a row."""
@@ -298,15 +407,21 @@ class Trainer:
             )
 
     def fit(self, data: TrainData, total_steps: int) -> None:
-        """Train epochs until ``total_steps``; validate at the end (unless just done) and save ``last.pt``."""
-        while self.state.step < total_steps:
+        """Train epochs until ``total_steps`` (or the deadline); validate at the end (unless just done) and
+        save ``last.pt``."""
+        while self.state.step < self.effective_total(total_steps) and not self.stopped_by_time:
             self.train_epoch(data, total_steps)
+        if self.stopped_by_time and self.dist.is_main:
+            log.warning(
+                "wall-clock budget reached: stopping at step %d of %d (fdn train --resume continues)",
+                self.state.step,
+                self.effective_total(total_steps),
+            )
         if self.validated_at != self.state.step:
             self.validate_and_keep_best(data)
         if self.skipped_total and self.dist.is_main:
             log.warning("%d generator step(s) had non-finite gradients and were skipped", self.skipped_total)
-        if self.checkpoints is not None:
-            self.checkpoints.save("last", self.state_dict())
+        self._save("last")
 
     # --------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -321,6 +436,8 @@ class Trainer:
             "batch_in_epoch": s.batch_in_epoch,
             "best": {"metric": self.cfg.save.best_metric, "value": s.best_value, "step": s.best_step},
             "rng": rng_state(),
+            "code_usage": self.usage.state_dict(),
+            "planned_steps": s.planned_steps,
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
@@ -334,7 +451,10 @@ class Trainer:
             batch_in_epoch=int(payload["batch_in_epoch"]),
             best_value=payload["best"]["value"],
             best_step=payload["best"]["step"],
+            planned_steps=payload.get("planned_steps"),
         )
+        if "code_usage" in payload:  # checkpoints before usage tracking: counts start afresh
+            self.usage.load_state_dict(payload["code_usage"])
         set_rng_state(rank_rng_state(payload, self.dist.rank))
 
 

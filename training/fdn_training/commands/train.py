@@ -14,8 +14,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``fdn train`` (shared with ``python -m fdn_training.train`` under torchrun)."""
     parser.add_argument(
         "--config",
-        help="training config: a YAML/JSON file or a shipped name (fdn8x8_256, demo_cpu, tiny_test); "
-        "optional with --resume (the run's own config is used)",
+        help="training config: a YAML/JSON file or a shipped name (cpu_recipe, gpu_paper, fdn8x8_256, "
+        "demo_cpu, tiny_test, ...); optional with --resume (the run's own config is used)",
     )
     add_data(parser)
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, logs, bundle)")
@@ -25,6 +25,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many generator steps in total"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget: after timing its first steps the run plans its step count (and so the "
+        "learning-rate schedule) to end within it, and stops cleanly (validate, save, export) should it "
+        "run over",
     )
     parser.add_argument(
         "--cache", type=Path, default=None, help="preprocessed-slice cache folder (default RUN/cache)"
