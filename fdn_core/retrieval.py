@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,9 @@ __all__ = [
     "COMMIT_EVERY",
     "COMMIT_SECONDS",
     "HAMMING_DIR",
+    "CaseEncoder",
+    "EncodedCase",
+    "EncoderFailed",
     "IndexResult",
     "QuerySlice",
     "Retriever",
@@ -51,6 +54,7 @@ __all__ = [
     "compact_index",
     "encode_case",
     "encode_case_stack",
+    "encode_here",
     "fit_hamming_codes",
     "index_cohort",
     "load_hamming_codes",
@@ -82,10 +86,14 @@ def encode_case(
     return encode_case_stack(bundle, case, batch_size, progress)[1]
 
 
+def _slice_flags(seg: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of N label slices (N, S, S) hold a label > 0."""
+    return np.asarray((seg.reshape(seg.shape[0], -1) > 0).any(axis=1), dtype=bool)
+
+
 def _has_abnormal(stack: SliceStack, encoded: EncodedSlices) -> np.ndarray:
     """Per slice: tumour labels > 0 when the case has labels, else the model's predicted segmentation."""
-    seg = stack.seg if stack.seg is not None else encoded.seg
-    return np.asarray((seg.reshape(seg.shape[0], -1) > 0).any(axis=1), dtype=bool)
+    return _slice_flags(stack.seg if stack.seg is not None else encoded.seg)
 
 
 # --------------------------------------------------------------------------------------------- hamming
@@ -191,6 +199,41 @@ class IndexResult:
 
 
 @dataclass
+class EncodedCase:
+    """One case as an encoder hands it to the indexing loop, in the order of the cases given: indexed
+    already (``note``), bad (``problem``), or encoded (``normal`` / ``abnormal`` uint16 (S, h, w) code
+    grids, ``has_abnormal`` (S,) bool); ``sha`` is its content fingerprint (``case_fingerprint``)."""
+
+    files: CaseFiles
+    sha: str | None = None
+    normal: np.ndarray | None = None
+    abnormal: np.ndarray | None = None
+    has_abnormal: np.ndarray | None = None
+    note: str | None = None
+    problem: str | None = None
+
+
+class CaseEncoder(Protocol):
+    """Where an indexing run's cases are read and encoded: yields one ``EncodedCase`` per case of
+    ``files``, in that order (the database keeps that case order), skipping the cases ``db`` holds already
+    (``_decide``: same image files, whatever their name) without encoding them. The default runs in this
+    process (threads read ahead of the encoder); ``fdn_core.ray_index.RayEncoder`` runs on a Ray cluster."""
+
+    def __call__(
+        self,
+        bundle: InferenceBundle,
+        db: CodeDatabase,
+        files: Sequence[CaseFiles],
+        batch_size: int | None,
+    ) -> Iterator[EncodedCase]: ...
+
+
+class EncoderFailed(DataError):
+    """An encoder stopped for a reason other than one bad case (a cluster failure, a worker that cannot
+    load the model); the indexing loop commits what it holds and says how to continue."""
+
+
+@dataclass
 class _Prepared:
     """One case after the loader thread: skipped (``note``), bad (``problem``), or loaded (``stack``)."""
 
@@ -241,6 +284,53 @@ def _decide(db: CodeDatabase, f: CaseFiles, sha: str) -> tuple[str | None, str |
     return None, None
 
 
+def _prepare(bundle: InferenceBundle, db: CodeDatabase, f: CaseFiles) -> _Prepared:
+    """Hash one case, decide whether ``db`` needs it, and load and preprocess it if so."""
+    try:
+        sha = case_fingerprint(f)
+        note, problem = _decide(db, f, sha)
+        if note is not None or problem is not None:
+            return _Prepared(f, sha, note=note, problem=problem)
+        return _Prepared(f, sha, stack=volume_to_slices(load_case(f), bundle.preprocess))
+    except (DataError, OSError) as exc:
+        return _Prepared(f, problem=_case_problem(f, exc))
+
+
+def _encode_prepared(bundle: InferenceBundle, item: _Prepared, batch_size: int | None) -> EncodedCase:
+    """Encode one prepared case in this process (or pass its note / problem on)."""
+    f = item.files
+    if item.note is not None:
+        return EncodedCase(f, item.sha, note=item.note)
+    if item.problem is not None or item.stack is None:
+        return EncodedCase(f, item.sha, problem=item.problem or f"case {f.case_id}: could not be loaded")
+    if item.stack.images.shape[0] == 0:
+        return EncodedCase(f, item.sha, problem=f"case {f.case_id}: the volume has no axial slices")
+    try:
+        enc = bundle.encode_slices(item.stack.images, batch_size=batch_size)
+    except DataError as exc:
+        return EncodedCase(f, item.sha, problem=_case_problem(f, exc))
+    return EncodedCase(f, item.sha, enc.normal, enc.abnormal, _has_abnormal(item.stack, enc))
+
+
+def encode_here(
+    bundle: InferenceBundle, db: CodeDatabase, f: CaseFiles, batch_size: int | None = None
+) -> EncodedCase:
+    """Read, check against ``db`` and encode one case in this process (what the default encoder does)."""
+    return _encode_prepared(bundle, _prepare(bundle, db, f), batch_size)
+
+
+def _local_encoder(workers: int) -> CaseEncoder:
+    """The in-process encoder: ``workers`` threads read ahead, this thread encodes."""
+
+    def encode(
+        bundle: InferenceBundle, db: CodeDatabase, files: Sequence[CaseFiles], batch_size: int | None
+    ) -> Iterator[EncodedCase]:
+        for item in _prepared_cases(bundle, db, files, workers):
+            yield _encode_prepared(bundle, item, batch_size)
+
+    return encode
+
+
 def _prepared_cases(
     bundle: InferenceBundle, db: CodeDatabase, files: Sequence[CaseFiles], workers: int
 ) -> Iterator[_Prepared]:
@@ -249,14 +339,7 @@ def _prepared_cases(
     already in ``db`` are not loaded; a case that cannot be read comes back with its problem."""
 
     def prepare(f: CaseFiles) -> _Prepared:
-        try:
-            sha = case_fingerprint(f)
-            note, problem = _decide(db, f, sha)
-            if note is not None or problem is not None:
-                return _Prepared(f, sha, note=note, problem=problem)
-            return _Prepared(f, sha, stack=volume_to_slices(load_case(f), bundle.preprocess))
-        except (DataError, OSError) as exc:
-            return _Prepared(f, problem=_case_problem(f, exc))
+        return _prepare(bundle, db, f)
 
     if workers <= 1:
         yield from map(prepare, files)
@@ -285,10 +368,12 @@ def _index_into(
     skip_bad: bool,
     commit_every: int,
     commit_seconds: float,
+    encoder: CaseEncoder | None = None,
 ) -> None:
-    """Encode ``files`` into ``db``, committing a segment every ``commit_every`` cases or
-    ``commit_seconds`` seconds, so that an interruption or a bad case loses at most one batch (the batch is
-    committed before a bad case's error, and before Ctrl-C / SIGTERM / cancel propagate)."""
+    """Encode ``files`` into ``db`` (with ``encoder``; default: in this process), committing a segment
+    every ``commit_every`` cases or ``commit_seconds`` seconds, so that an interruption or a bad case loses
+    at most one batch (the batch is committed before a bad case's error, and before Ctrl-C / SIGTERM /
+    cancel / an encoder failure propagate). This process is the only writer, under the database's lock."""
     if commit_every < 1 or commit_seconds <= 0:
         raise DataError(
             f"commit_every ({commit_every}) must be >= 1 and commit_seconds ({commit_seconds}) > 0"
@@ -318,33 +403,32 @@ def _index_into(
 
     if progress is not None:
         progress.update(0, len(files), message)
+    stream = (encoder or _local_encoder(workers))(bundle, db, files, batch_size)
     try:
-        for i, item in enumerate(_prepared_cases(bundle, db, files, workers), 1):
+        for i, item in enumerate(stream, 1):
             f = item.files
             if item.note is not None:
                 log.info("%s", item.note)
                 result.already.append(f.case_id)
-            elif item.problem is not None or item.stack is None:
-                fail(f, item.problem or f"case {f.case_id}: could not be loaded")
-            elif item.stack.images.shape[0] == 0:
-                fail(f, f"case {f.case_id}: the volume has no axial slices")
+            elif (
+                item.problem is not None
+                or item.normal is None
+                or item.abnormal is None
+                or item.has_abnormal is None
+            ):
+                fail(f, item.problem or f"case {f.case_id}: could not be encoded")
             else:
-                try:
-                    enc = bundle.encode_slices(item.stack.images, batch_size=batch_size)
-                except DataError as exc:
-                    fail(f, _case_problem(f, exc))
-                else:
-                    pending.append(
-                        CaseCodes(
-                            case_id=f.case_id,
-                            normal=enc.normal,
-                            abnormal=enc.abnormal,
-                            has_abnormal=_has_abnormal(item.stack, enc),
-                            source=f.to_source(base=db.path),
-                            slice_indices=np.arange(enc.normal.shape[0], dtype=np.int32),
-                            source_sha256=item.sha,
-                        )
+                pending.append(
+                    CaseCodes(
+                        case_id=f.case_id,
+                        normal=item.normal,
+                        abnormal=item.abnormal,
+                        has_abnormal=item.has_abnormal,
+                        source=f.to_source(base=db.path),
+                        slice_indices=np.arange(item.normal.shape[0], dtype=np.int32),
+                        source_sha256=item.sha,
                     )
+                )
             if len(pending) >= commit_every or (pending and time.monotonic() - last >= commit_seconds):
                 flush()
             if progress is not None:
@@ -353,6 +437,17 @@ def _index_into(
     except (KeyboardInterrupt, Cancelled):
         flush()  # keep the encoded batch; a second interrupt during this commit leaves the last commit
         raise
+    except EncoderFailed as exc:
+        flush()
+        kept = len(result.added) + len(result.already)
+        raise EncoderFailed(
+            f"{exc}\n{kept} case(s) are committed to {db.path} and are kept; once the problem is fixed, run "
+            "the same command again: it continues where it stopped"
+        ) from exc
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stop the encoder (threads, a Ray pipeline) now, not when garbage is collected
 
 
 def _find(data_dir: Path, skip_bad: bool) -> tuple[list[CaseFiles], list[tuple[str, str]]]:
@@ -396,6 +491,7 @@ def build_index(
     skip_bad: bool = False,
     commit_every: int = COMMIT_EVERY,
     commit_seconds: float = COMMIT_SECONDS,
+    encoder: CaseEncoder | None = None,
 ) -> IndexResult:
     """Encode every case of ``data_dir`` (or the named ``cases``) into a new database at ``db_path``.
 
@@ -403,7 +499,9 @@ def build_index(
     batch, so an interruption keeps the encoded batches: running the same build again resumes it, skipping
     committed cases. The previous database stays what ``open`` sees until the build finishes. An existing
     database is replaced only with ``overwrite``; a folder that is not a database is never replaced. With
-    ``skip_bad`` unreadable cases are reported in the result instead of stopping the build.
+    ``skip_bad`` unreadable cases are reported in the result instead of stopping the build. ``encoder``
+    reads and encodes the cases elsewhere (``fdn_core.ray_index.RayEncoder``: a Ray cluster); this process
+    still commits them.
     """
     data_dir, db_path = Path(data_dir), Path(db_path)
     found, scan_bad = _find(data_dir, skip_bad)
@@ -436,6 +534,7 @@ def build_index(
         skip_bad=skip_bad,
         commit_every=commit_every,
         commit_seconds=commit_seconds,
+        encoder=encoder,
     )
     db = staged.finish_build()
     if fit_hamming:
@@ -482,8 +581,10 @@ def add_to_index(
     skip_bad: bool = False,
     commit_every: int = COMMIT_EVERY,
     commit_seconds: float = COMMIT_SECONDS,
+    encoder: CaseEncoder | None = None,
 ) -> IndexResult:
-    """Encode and add cases of ``data_dir`` (default: all) to an existing database, batch by batch.
+    """Encode and add cases of ``data_dir`` (default: all) to an existing database, batch by batch
+    (``encoder``: as in ``build_index``).
 
     Cases whose image files are indexed already (by content, whatever their name) are skipped, so running
     the same command again after an interruption continues it. A case whose id the database holds for
@@ -509,6 +610,7 @@ def add_to_index(
         skip_bad=skip_bad,
         commit_every=commit_every,
         commit_seconds=commit_seconds,
+        encoder=encoder,
     )
     return result
 

@@ -21,6 +21,7 @@ from fdn_core.cli.args import (
 if TYPE_CHECKING:
     from fdn_core.errors import DataError
     from fdn_core.model.bundle import InferenceBundle
+    from fdn_core.ray_index import RayEncoder
     from fdn_core.retrieval import IndexResult
 
 __all__ = ["register", "run"]
@@ -55,6 +56,35 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=120,
         metavar="S",
         help="... or every S seconds, whichever comes first (default 120)",
+    )
+    ray = parser.add_argument_group(
+        "Ray cluster (optional extra: pip install 'fdn-retrieval[ray]')",
+        "Read cases on the cluster's CPUs and encode them on its GPUs (CPUs without GPUs); this process "
+        "commits them. Every node must see --data and --model at the same paths (shared storage). "
+        "--device then chooses the encoders: auto (GPUs when the cluster has them), cuda or cpu.",
+    )
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: auto (the cluster this node belongs to), ray://HOST:10001 (Ray Client), or "
+        "nothing (start a local Ray for this run)",
+    )
+    ray.add_argument(
+        "--ray-workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="encoder actors (default: one per GPU; without GPUs, half the cluster's CPUs)",
+    )
+    ray.add_argument(
+        "--ray-cpus",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="CPUs (torch threads) per CPU encoder actor (default 1)",
     )
     add_no_progress(parser)
 
@@ -145,7 +175,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _load_bundle(args: argparse.Namespace) -> InferenceBundle:
     from fdn_core.model.bundle import load_bundle
 
-    return load_bundle(args.model, device=args.device)
+    # With --ray the encoders load the model where they run; this process only needs its codebooks.
+    return load_bundle(args.model, device="cpu" if args.ray is not None else args.device)
+
+
+def _ray_encoder(args: argparse.Namespace) -> RayEncoder | None:
+    """The Ray encoder that --ray asks for (checked before the model is loaded), or None."""
+    from fdn_core.errors import ConfigError
+
+    if args.ray is None:
+        if args.ray_workers is not None or args.ray_cpus != 1:
+            raise ConfigError("--ray-workers and --ray-cpus need --ray [ADDRESS]")
+        return None
+    from fdn_core.ray_index import RayEncoder, require_ray
+
+    require_ray()
+    return RayEncoder(
+        address=None if args.ray == "local" else args.ray,
+        device=args.device,
+        workers=args.ray_workers,
+        cpus_per_worker=float(args.ray_cpus),
+    )
+
+
+def _report_ray(encoder: RayEncoder | None) -> None:
+    run = None if encoder is None else encoder.last_run
+    if run is None or not run.workers:
+        return
+    where = ", ".join(f"{n} on {w}" for w, n in sorted(run.encoded.items())) or "none"
+    print(
+        f"Ray: {run.workers} {'GPU' if run.gpu else 'CPU'} encoder(s); cases encoded: {where}"
+        + (f"; {run.local} encoded here" if run.local else "")
+        + (f"; {run.known} already indexed (not read again)" if run.known else "")
+    )
 
 
 def _cli_hint(exc: DataError) -> DataError:
@@ -194,9 +256,11 @@ def _build(args: argparse.Namespace) -> int:
     from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import build_index
 
+    encoder = _ray_encoder(args)
     bundle = _load_bundle(args)
     warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index build")
-    print(f"model {bundle.fingerprint[:12]} on {bundle.device}; indexing {args.data} -> {args.db}")
+    where = f"on Ray ({args.ray})" if encoder is not None else f"on {bundle.device}"
+    print(f"model {bundle.fingerprint[:12]} {where}; indexing {args.data} -> {args.db}")
     result = _index_run(
         args,
         lambda: build_index(
@@ -212,8 +276,10 @@ def _build(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             commit_every=args.commit_every,
             commit_seconds=float(args.commit_seconds),
+            encoder=encoder,
         ),
     )
+    _report_ray(encoder)
     db = result.database
     info = db.info()
     if result.resumed:
@@ -231,6 +297,7 @@ def _add(args: argparse.Namespace) -> int:
     from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import add_to_index
 
+    encoder = _ray_encoder(args)
     bundle = _load_bundle(args)
     warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index add")
     result = _index_run(
@@ -246,8 +313,10 @@ def _add(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             commit_every=args.commit_every,
             commit_seconds=float(args.commit_seconds),
+            encoder=encoder,
         ),
     )
+    _report_ray(encoder)
     _report(result, "not added")
     if result.added:
         print(f"added {len(result.added)} case(s) to {args.db}: {', '.join(result.added)}")
