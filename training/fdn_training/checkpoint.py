@@ -55,7 +55,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"{path}: not a readable training checkpoint ({exc}); it may be truncated") from exc
+        raise DataError(
+            f"{path}: not a readable training checkpoint ({exc}); it is truncated or not a checkpoint: give "
+            "a run's checkpoints/last.pt or best.pt (fdn train), or copy the file again"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not an fdn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return payload
