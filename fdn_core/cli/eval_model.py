@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         settings = LeakinessSettings(epochs=args.leak_epochs, seed=args.seed)
     except ValueError as exc:
         raise ConfigError(f"--leak-epochs/--seed: {exc}") from exc
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder for the reports (made if missing)")
     bundle = load_bundle(args.model, device=args.device)
     cases = args.cases
     if args.held_out:

@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top {args.top}: must be >= 1")
     if args.data is None and not args.leave_one_out:
         raise ConfigError("--data is required (the query cohort), unless --leave-one-out")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder for the reports (made if missing)")
     bundle = load_bundle(args.model, device=args.device)
     result = evaluate_retrieval(
         bundle,

@@ -289,7 +289,7 @@ class InferenceBundle:
         n = images.shape[0]
         bs = self.default_batch_size() if batch_size is None else int(batch_size)
         if bs < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         chunks: list[list[np.ndarray]] = []
         if progress is not None:
             progress.update(0, n, message)
@@ -400,7 +400,8 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
         raise IntegrityError(f"{manifest_path}: not valid JSON ({exc}); the file is damaged; {_FIX}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise DataError(
-            f"{manifest_path}: not an FDN inference bundle manifest (format is not {BUNDLE_FORMAT!r})"
+            f"{manifest_path}: not an FDN inference bundle manifest (format is not {BUNDLE_FORMAT!r}); give "
+            "the bundle folder written by `fdn train` / `fdn export`"
         )
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
