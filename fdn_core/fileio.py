@@ -144,6 +144,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_file(tmp_path)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            exc.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -358,6 +362,8 @@ _ADVICE = {
     errno.EISDIR: "the path is a folder where a file was expected: check the path",
     errno.EEXIST: "something is in the way (e.g. a file where a folder is needed): choose another path or "
     "move it away",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the file system's largest file: "
+    "raise the limit or choose another disk",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other programs",
     errno.ENAMETOOLONG: "the path is too long: choose a shorter folder path",
     errno.EXDEV: "the temporary and final paths lie on different file systems: keep them on one disk",

@@ -122,9 +122,9 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fdn`` script; returns the process exit code.
 
-    Errors the library raises on purpose (``FDNError``) and operating-system errors (disk full, read-only
-    folder, device busy: the path, the errno in words and what to do) print one message and exit 2; Ctrl-C
-    exits 130 and SIGTERM 143, after the command has cleaned up."""
+    Errors the library raises on purpose (``FDNError``), operating-system errors (disk full, read-only
+    folder, device busy: the path, the errno in words and what to do) and running out of memory print one
+    message and exit 2; Ctrl-C exits 130 and SIGTERM 143, after the command has cleaned up."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -147,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
             print(f"fdn {args.command}: error: {describe_os_error(exc)}{notes}", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print(
+                f"fdn {args.command}: error: out of memory; free memory (close other programs), lower "
+                "--batch-size / --workers where the command has them, or use a machine with more memory",
+                file=sys.stderr,
+            )
             return 2
 
 

@@ -640,8 +640,15 @@ class _Image:
         """The voxels as an (I, J, K, ...) array; unreadable data becomes _CaseError."""
         try:
             data = self.reader()
-        except (_CaseError, MemoryError):
+        except _CaseError:
             raise
+        except MemoryError as exc:
+            dims = "x".join(map(str, self.shape))
+            raise _CaseError(
+                self.path,
+                f"not enough memory to read its {dims} voxels; free memory (close other programs, lower "
+                "--workers) or use a machine with more memory",
+            ) from exc
         except OSError as exc:
             if exc.errno is None:  # e.g. gzip.BadGzipFile: corrupt content, not an operating-system error
                 raise _CaseError(self.path, _corrupt(exc)) from exc

@@ -42,8 +42,8 @@ def config_yaml(cfg_dict: dict[str, Any]) -> bytes:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint atomically, with its resolved config beside it (``<name>.yaml``)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
     atomic_write_bytes(path.with_suffix(".yaml"), config_yaml(payload["config"]))
 
 
