@@ -10,7 +10,7 @@ from fdn_core.cli.args import add_batch_size, add_data, add_device, add_model, a
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``eval-model`` subcommand."""
     parser = subparsers.add_parser(
         "eval-model",

@@ -10,7 +10,7 @@ from fdn_core.cli.args import add_batch_size, add_data, add_db, add_device, add_
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``eval-retrieval`` subcommand."""
     from fdn_core.cli.args import positive_int
     from fdn_core.evaluation.ranking import BASELINES

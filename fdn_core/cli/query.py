@@ -10,7 +10,7 @@ from fdn_core.cli.args import add_db, add_device, add_model
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``query`` subcommand."""
     from fdn_core.labels import DISTANCES, MODE_CHOICES
 
