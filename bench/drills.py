@@ -845,6 +845,12 @@ def _put(a: np.ndarray, value: Any) -> np.ndarray:
     return a
 
 
+def _blank_slice(a: np.ndarray, k: int) -> np.ndarray:
+    out = a.astype(np.float32)
+    out[:, :, k] = 0
+    return out
+
+
 def _all(mutators: Iterator[Callable[[Path, str], None]] | Any) -> Callable[[Path, str], None]:
     fns = list(mutators)
 
@@ -2443,6 +2449,32 @@ def _(d: Drill) -> Observation:
     study = copy_case(d, "phantom_0002", "Patient_é_1", root)
     proc = _query(d, "--case", study, "--slice", "8", "--top", "2")
     return cli_ok(proc, lambda p: None if len(_hits(p.out)) == 2 else p.out[-300:])
+
+
+@case("query/json-folder", "fdn query", "--json naming an existing folder", "error")
+def _(d: Drill) -> Observation:
+    folder = d.new_dir("jsonfolder")
+    return cli_error(
+        _query(d, "--case", "phantom_0000", "--slice", "3", "--json", folder), ["jsonfolder", "--json"]
+    )
+
+
+@case("query/empty-case-arg", "fdn query", "--case '' (an empty argument)", "error")
+def _(d: Drill) -> Observation:
+    return cli_error(_query(d, "--case", "", "--slice", "3"), ["--case"])
+
+
+@case("query/empty-slice", "fdn query", "query slice outside the head (no voxel above 0)", "warning")
+def _(d: Drill) -> Observation:
+    def blank_bottom(folder: Path, name: str) -> None:
+        for m in MODS:
+            edit(m, lambda a: _blank_slice(a, 0))(folder, name)
+
+    study = _study(d, "qblank", blank_bottom, src="phantom_0002")
+    proc = _query(d, "--case", study, "--slice", "0", "--top", "2")
+    return cli_ok(
+        proc, lambda p: None if len(_hits(p.out)) == 2 else p.out[-300:], warning=["qblank", "empty"]
+    )
 
 
 @case("query/mode-bogus", "fdn query", "--mode both-ish", "error", fixed_by="earlier")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from fdn_core.cli.args import add_db, add_device, add_model
 
 __all__ = ["register", "run"]
+
+log = logging.getLogger("fdn_core.cli.query")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top {args.top}: must be >= 1")
     if args.slice < 0:
         raise ConfigError(f"--slice {args.slice}: must be >= 0")
+    if any(not str(c).strip() for c in args.case):
+        raise ConfigError("--case: an empty argument; give a database case id, a case folder or image files")
+    for flag, path in (("--json", args.json), ("--montage", args.montage)):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'query.json'})")
     bundle = load_bundle(args.model, device=args.device)
     retriever = Retriever.open(args.db, bundle)
     db = retriever.db
@@ -112,6 +120,15 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(
                 f"--slice {args.slice}: study {volume.case_id} ({case_arg[0]}) has axial slices "
                 f"0..{depth - 1}; give a slice in that range"
+            )
+        if not (volume.image[..., args.slice] > 0).any():
+            log.warning(
+                "slice %d of study %s (%s) is empty (no voxel above 0 in any sequence: outside the head); "
+                "its codes are those of every empty slice, so the results are arbitrary empty slices at "
+                "distance 0: give a slice through the brain",
+                args.slice,
+                volume.case_id,
+                case_arg[0],
             )
         query = retriever.slice_from_case(volume, args.slice)
 
