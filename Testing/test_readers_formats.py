@@ -33,6 +33,14 @@ ORIGIN_LPS = (12.5, -30.0, 4.0)
 COARSE_SPACING, COARSE_SHAPE = (1.8, 2.4, 2.5), (7, 9, 8)  # T2 on a coarser grid in the resampling tests
 
 
+@pytest.fixture(autouse=True)
+def _accept_oblique(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grids here are 8 degrees oblique on purpose (orientation bookkeeping of every format): read them
+    in their nearest axis-aligned orientation, as before oblique grids were refused or resampled (those
+    policies are tested in test_drills.py)."""
+    monkeypatch.setenv(readers.OBLIQUE_ENV, "accept")
+
+
 def _direction_lps() -> np.ndarray:
     """Voxel axis i runs along LPS y (posterior), j along LPS x (left), k up; rotated 8 degrees about the
     axial normal: a permuted, flipped (det -1), oblique orientation."""

@@ -144,6 +144,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_file(tmp_path)
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            exc.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -346,7 +350,8 @@ _ADVICE = {
     errno.EDQUOT: "your disk quota is used up: free space (or choose another folder) and run the command "
     "again",
     errno.EROFS: "the file system is read-only: choose a writable folder (or copy the data to one)",
-    errno.EACCES: "no permission: choose a folder you may write to, or ask for write permission",
+    errno.EACCES: "no permission: ask for access to it (read access for input, write access for output), "
+    "or choose a folder you may use",
     errno.EPERM: "the operation is not permitted there: choose a folder you may write to",
     errno.EBUSY: "the device or file is busy: close programs that use it (viewers, backups, other fdn "
     "commands) and run the command again",
@@ -355,6 +360,10 @@ _ADVICE = {
     errno.ENOENT: "check the path (a folder may have been moved or deleted meanwhile)",
     errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
     errno.EISDIR: "the path is a folder where a file was expected: check the path",
+    errno.EEXIST: "something is in the way (e.g. a file where a folder is needed): choose another path or "
+    "move it away",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the file system's largest file: "
+    "raise the limit or choose another disk",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) or close other programs",
     errno.ENAMETOOLONG: "the path is too long: choose a shorter folder path",
     errno.EXDEV: "the temporary and final paths lie on different file systems: keep them on one disk",

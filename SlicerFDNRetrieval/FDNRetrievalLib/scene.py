@@ -21,10 +21,13 @@ import slicer
 import vtk
 
 from fdn_core.data.readers import (
+    OBLIQUE_TOLERANCE_DEG,
     CaseFiles,
+    affine_problem,
     canonical_grid,
     from_canonical,
     load_case,
+    obliquity_deg,
     resample_to_grid,
     to_canonical,
 )
@@ -153,12 +156,20 @@ def assemble_study(captured: CapturedStudy) -> StudyVolumes:
     """Worker thread: check the captured sequences and put them on the T1ce grid in canonical orientation.
 
     Sequences on another grid than T1ce are resampled onto the T1ce grid (a warning says so). DataError for
-    a 2D image, an empty (all-zero) or non-finite volume, or a sequence that does not overlap the T1ce one.
+    a 2D image, an empty (all-zero) or non-finite volume, a singular IJK-to-RAS matrix, or a sequence that
+    does not overlap the T1ce one. An oblique T1ce is read in its nearest axis-aligned orientation (outputs
+    go back onto its own grid) with a warning that its axial slices are tilted.
     """
     ref = captured.volumes["t1ce"]
     arrays: dict[str, np.ndarray] = {}
     for key in MODALITIES:
         vol = captured.volumes[key]
+        problem = affine_problem(vol.ijk_to_ras)
+        if problem is not None:
+            raise DataError(
+                f"{vol.label} volume '{vol.name}': {problem}, so its voxels have no place in space; fix its "
+                "spacing and orientation (Volumes module, Volume Information) or load the series again."
+            )
         array = np.ascontiguousarray(vol.voxels_kji.transpose(2, 1, 0), dtype=np.float32)
         if min(array.shape) < 2:
             raise DataError(
@@ -176,6 +187,13 @@ def assemble_study(captured: CapturedStudy) -> StudyVolumes:
     ref_shape = arrays["t1ce"].shape
     warnings: list[str] = []
     resampled: list[str] = []
+    tilt = obliquity_deg(ref.ijk_to_ras)
+    if tilt > OBLIQUE_TOLERANCE_DEG:
+        warnings.append(
+            f"T1ce ('{ref.name}') is {tilt:.1f} degrees oblique: its slices are read as axial slices in its "
+            "nearest axis-aligned orientation, tilted by that much. For exact axial slices, resample the "
+            "study onto an axis-aligned grid (Resample Scalar Volume) and select the resampled volumes."
+        )
     for key in MODALITIES:
         vol = captured.volumes[key]
         if key == "t1ce" or (

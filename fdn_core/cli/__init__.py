@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,12 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from fdn_core.data.readers import (
+    OBLIQUE_ENV,
+    OBLIQUE_POLICIES,
+    OBLIQUE_TOLERANCE_DEG,
+    set_oblique_policy,
+)
 from fdn_core.errors import FDNError
 from fdn_core.fileio import describe_os_error
 
@@ -61,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Brain MR retrieval with normal/abnormal anatomy codes (feature decomposing network).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--oblique",
+        choices=OBLIQUE_POLICIES,
+        default=None,
+        help=(
+            f"images whose voxel axes are rotated more than {OBLIQUE_TOLERANCE_DEG:g} degree against the "
+            "scanner axes: auto (default; resampled in query studies, refused in cohorts), resample (onto an "
+            "axis-aligned grid), refuse, or accept (read in the nearest axis-aligned orientation, tilt kept)"
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"fdn_core.cli.{name}").register(sub)
@@ -105,14 +122,17 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fdn`` script; returns the process exit code.
 
-    Errors the library raises on purpose (``FDNError``) and operating-system errors (disk full, read-only
-    folder, device busy: the path, the errno in words and what to do) print one message and exit 2; Ctrl-C
-    exits 130 and SIGTERM 143, after the command has cleaned up."""
+    Errors the library raises on purpose (``FDNError``), operating-system errors (disk full, read-only
+    folder, device busy: the path, the errno in words and what to do) and running out of memory print one
+    message and exit 2; Ctrl-C exits 130 and SIGTERM 143, after the command has cleaned up."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.oblique is not None:  # also for worker processes (data loaders) started by the command
+        set_oblique_policy(args.oblique)
+        os.environ[OBLIQUE_ENV] = args.oblique
     with _terminate_as_interrupt() as received:
         try:
             return int(args.func(args) or 0)
@@ -127,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
             print(f"fdn {args.command}: error: {describe_os_error(exc)}{notes}", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print(
+                f"fdn {args.command}: error: out of memory; free memory (close other programs), lower "
+                "--batch-size / --workers where the command has them, or use a machine with more memory",
+                file=sys.stderr,
+            )
             return 2
 
 

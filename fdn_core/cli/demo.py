@@ -10,7 +10,7 @@ from fdn_core.cli.args import add_device, add_model, add_no_progress
 __all__ = ["register", "run"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` subcommand."""
     from fdn_core.demo import DEFAULT_MODEL_DIR, DemoSettings
 

@@ -11,7 +11,7 @@ from fdn_core.cli.args import add_batch_size, add_data, add_device, add_model, a
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``eval-model`` subcommand."""
     parser = subparsers.add_parser(
         "eval-model",
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         settings = LeakinessSettings(epochs=args.leak_epochs, seed=args.seed)
     except ValueError as exc:
         raise ConfigError(f"--leak-epochs/--seed: {exc}") from exc
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder for the reports (made if missing)")
     bundle = load_bundle(args.model, device=args.device)
     cases = args.cases
     if args.held_out:

@@ -10,7 +10,7 @@ from fdn_core.cli.args import add_batch_size, add_data, add_db, add_device, add_
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``eval-retrieval`` subcommand."""
     from fdn_core.cli.args import positive_int
     from fdn_core.evaluation.ranking import BASELINES
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top {args.top}: must be >= 1")
     if args.data is None and not args.leave_one_out:
         raise ConfigError("--data is required (the query cohort), unless --leave-one-out")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder for the reports (made if missing)")
     bundle = load_bundle(args.model, device=args.device)
     result = evaluate_retrieval(
         bundle,

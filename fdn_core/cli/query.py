@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from fdn_core.cli.args import add_db, add_device, add_model
 
 __all__ = ["register", "run"]
 
+log = logging.getLogger("fdn_core.cli.query")
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``query`` subcommand."""
     from fdn_core.labels import DISTANCES, MODE_CHOICES
 
@@ -77,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top {args.top}: must be >= 1")
     if args.slice < 0:
         raise ConfigError(f"--slice {args.slice}: must be >= 0")
+    if any(not str(c).strip() for c in args.case):
+        raise ConfigError("--case: an empty argument; give a database case id, a case folder or image files")
+    for flag, path in (("--json", args.json), ("--montage", args.montage)):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'query.json'})")
     bundle = load_bundle(args.model, device=args.device)
     retriever = Retriever.open(args.db, bundle)
     db = retriever.db
@@ -88,20 +96,57 @@ def run(args: argparse.Namespace) -> int:
                 f"--case {case_arg[0]}: neither a case of {args.db} nor an existing file or folder; give a "
                 "database case id (fdn index info --cases), a case folder, or the case's image files"
             )
-        query = retriever.slice_from_database(case_arg[0], args.slice)
+        try:
+            query = retriever.slice_from_database(case_arg[0], args.slice)
+        except DataError as exc:
+            raise DataError(f"--slice {args.slice}: {exc}") from exc
         volume = None
     else:
         volume = load_case(case_files_from_paths(case_arg))
-        if volume.resampled:
+        if volume.oblique_deg and volume.resampled:
+            print(
+                f"resampled onto an axis-aligned grid (the T1ce is {volume.oblique_deg:.1f} degrees "
+                f"oblique): {', '.join(volume.resampled)}"
+            )
+        elif volume.oblique_deg:
+            print(
+                f"read with its tilt kept (--oblique accept): the T1ce is {volume.oblique_deg:.1f} "
+                "degrees oblique"
+            )
+        elif volume.resampled:
             print(f"resampled onto the T1ce grid: {', '.join(volume.resampled)}")
+        depth = volume.image.shape[-1]
+        if args.slice >= depth:
+            raise DataError(
+                f"--slice {args.slice}: study {volume.case_id} ({case_arg[0]}) has axial slices "
+                f"0..{depth - 1}; give a slice in that range"
+            )
+        if not (volume.image[..., args.slice] > 0).any():
+            log.warning(
+                "slice %d of study %s (%s) is empty (no voxel above 0 in any sequence: outside the head); "
+                "its codes are those of every empty slice, so the results are arbitrary empty slices at "
+                "distance 0: give a slice through the brain",
+                args.slice,
+                volume.case_id,
+                case_arg[0],
+            )
         query = retriever.slice_from_case(volume, args.slice)
 
     abnormal_from = None
     if args.abnormal_from is not None:
-        case_id, k = parse_case_slice(args.abnormal_from)
+        try:
+            case_id, k = parse_case_slice(args.abnormal_from)
+        except DataError as exc:
+            raise DataError(f"--abnormal-from: {exc}; give CASE:SLICE of a database slice") from exc
         if case_id not in db:
-            raise DataError(f"--abnormal-from {args.abnormal_from}: case {case_id!r} is not in {args.db}")
-        abnormal_from = retriever.slice_from_database(case_id, k)
+            raise DataError(
+                f"--abnormal-from {args.abnormal_from}: case {case_id!r} is not in {args.db}; give a "
+                "database case (`fdn index info --cases` lists them)"
+            )
+        try:
+            abnormal_from = retriever.slice_from_database(case_id, k)
+        except DataError as exc:
+            raise DataError(f"--abnormal-from {args.abnormal_from}: {exc}") from exc
 
     hits = retriever.search(
         query,

@@ -71,6 +71,7 @@ used vectors only (the mask, or without one the vectors not rounded to zero).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -84,7 +85,7 @@ from scipy.spatial.distance import cdist
 
 from fdn_core.codes.tables import check_bits, check_codebook, hamming_table  # shared with the search engine
 from fdn_core.errors import ConfigError, DataError, IntegrityError
-from fdn_core.fileio import atomic_path, atomic_write_json, sha256_file
+from fdn_core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from fdn_core.progress import Progress
 
 __all__ = [
@@ -689,6 +690,13 @@ def _count_distinct(bits: np.ndarray) -> int:
     return int(np.unique(np.packbits(bits, axis=1), axis=0).shape[0])
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a .npy file (no pickles)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def _codebook_digest(codebook: np.ndarray) -> str:
     cb = np.ascontiguousarray(codebook, dtype=np.float64)
     h = hashlib.sha256(f"{cb.shape[0]}x{cb.shape[1]}:".encode())
@@ -747,10 +755,9 @@ class BinaryCodes:
             raise ConfigError(f"name: {name!r} must be a plain file-name stem")
         bits_path = directory / f"{name}.bits.npy"
         pairs_path = directory / f"{name}.pairs.npy"
-        with atomic_path(bits_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.packbits(self.bits, axis=1, bitorder="little"), allow_pickle=False)
-        with atomic_path(pairs_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(self.kept_pairs, dtype=np.int64), allow_pickle=False)
+        # np.save into a real file writes through C stdio and loses a full disk's error: write the bytes here
+        atomic_write_bytes(bits_path, _npy_bytes(np.packbits(self.bits, axis=1, bitorder="little")))
+        atomic_write_bytes(pairs_path, _npy_bytes(np.ascontiguousarray(self.kept_pairs, dtype=np.int64)))
         meta = {
             "format": _FORMAT,
             "version": _VERSION,

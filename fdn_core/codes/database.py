@@ -966,7 +966,10 @@ class CodeDatabase:
             if arr.shape[0] > 65536:
                 raise DataError(f"{path}: {name} has {arr.shape[0]} codes; uint16 indices allow 65536")
             if not np.all(np.isfinite(arr)):
-                raise DataError(f"{path}: {name} contains NaN or infinite values")
+                raise DataError(
+                    f"{path}: {name} contains NaN or infinite values; use the codebooks of a trained, "
+                    "verified model (load_bundle(...).codebooks())"
+                )
             books.append(np.ascontiguousarray(arr, dtype=np.float32))
         if books[0].shape != books[1].shape:
             raise DataError(
@@ -1298,7 +1301,7 @@ class CodeDatabase:
         if not hit.size:
             raise DataError(
                 f"{self._path}: case {case_id!r} has no slice {slice_index} in the database "
-                f"(it holds slices {int(sl.min())}..{int(sl.max())})"
+                f"(it holds slices {int(sl.min())}..{int(sl.max())}); give a slice in that range"
             )
         row = a + int(hit[0])
         return np.array(s.normal_codes[row]), np.array(s.abnormal_codes[row])
@@ -1352,7 +1355,10 @@ class CodeDatabase:
         try:
             return self._state.index[case_id]
         except (KeyError, TypeError):
-            raise DataError(f"{self._path}: no case {case_id!r} in this database") from None
+            raise DataError(
+                f"{self._path}: no case {case_id!r} in this database; check the id (`fdn index info --cases` "
+                "lists them)"
+            ) from None
 
     def info(self) -> dict[str, Any]:
         """Summary for people and the CLI: model, grid, sizes, segments, dates."""

@@ -50,9 +50,18 @@ from typing import Any, Literal, NamedTuple
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 
+from fdn_core.data._typed_io import (
+    SitkImage,
+    SitkImageFileReader,
+    nifti1_image,
+    nifti_header,
+    orientations,
+    simpleitk,
+)
 from fdn_core.errors import DataError
-from fdn_core.fileio import atomic_dir, atomic_write_bytes, atomic_write_json
+from fdn_core.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, describe_os_error
 from fdn_core.labels import (
     ABNORMAL_NAMES,
     ANATOMY_NAMES,
@@ -67,6 +76,9 @@ from fdn_core.progress import Progress
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_VOXELS",
+    "OBLIQUE_ENV",
+    "OBLIQUE_POLICIES",
+    "OBLIQUE_TOLERANCE_DEG",
     "REFERENCE_SEQUENCE",
     "SOURCE_KEYS",
     "CaseFiles",
@@ -74,18 +86,25 @@ __all__ = [
     "CaseProblem",
     "CaseSummary",
     "CaseVolume",
+    "ObliquePolicy",
+    "affine_problem",
+    "axis_aligned_grid",
     "canonical_grid",
     "canonical_shape",
     "case_files_from_paths",
+    "check_affine",
     "detect_layout",
     "find_cases",
     "from_canonical",
     "load_case",
     "nifti_bytes",
+    "oblique_policy",
+    "obliquity_deg",
     "parallel_map",
     "resample_to_grid",
     "resolve_source",
     "scan_cohort",
+    "set_oblique_policy",
     "summarize_case",
     "to_canonical",
     "validate_cohort",
@@ -105,6 +124,28 @@ MAX_VOXELS: int = 2**31
 REFERENCE_SEQUENCE = "t1ce"
 #: Keys of a case's recorded source in a code database (``CaseFiles.to_source``).
 SOURCE_KEYS: tuple[str, ...] = ("layout", "images", "image4d", "seg", "anat")
+#: A grid whose voxel axes are rotated against the world axes by more than this (degrees) is oblique: the
+#: canonical reorientation (axis permutations and flips) cannot make its slices axial. At 1 degree a point
+#: 100 mm from the centre moves 1.7 mm, under two voxels of a 1 mm grid.
+OBLIQUE_TOLERANCE_DEG: float = 1.0
+#: How an oblique grid is read: "auto" resamples where a case may be resampled (``CaseFiles.resample``:
+#: query studies, database sources) and refuses it in cohorts; "resample" always resamples it onto an
+#: axis-aligned grid; "refuse" always refuses it; "accept" reads it as its nearest axis-aligned orientation
+#: (the rotation is ignored, with a warning).
+OBLIQUE_POLICIES: tuple[str, ...] = ("auto", "resample", "refuse", "accept")
+#: Environment variable holding the oblique policy (``fdn --oblique`` sets it for one command).
+OBLIQUE_ENV = "FDN_OBLIQUE"
+ObliquePolicy = Literal["auto", "resample", "refuse", "accept"]
+_oblique_policy: ObliquePolicy | None = None
+_ORNT = orientations()
+# A voxel axis shorter than this (mm), or two axes closer than asin(_MIN_AXIS_SINE) to parallel, make a
+# voxel-to-world matrix singular.
+_MIN_VOXEL_MM = 1e-6
+_MIN_AXIS_SINE = 1e-6
+_SINGULAR_FIX = (
+    "the header's orientation or voxel size is corrupt: re-export the image with a valid geometry (NIfTI: "
+    "sform/qform and pixdim; NRRD: space directions; MetaImage: TransformMatrix and ElementSpacing)"
+)
 
 _ANAT_TO_LABEL: dict[int, int] = {i: i for i in range(len(ANATOMY_NAMES))}
 _BRATS_DESC = "BraTS labels {0 background, 1 NCR/NET, 2 oedema, 4 enhancing}"
@@ -301,7 +342,10 @@ class CaseVolume:
 
     ``load_case`` returns ``image`` as a transposed view of a (Z,4,X,Y) C-contiguous buffer, so that axial
     slices are contiguous; it is a normal numpy array in every other respect. ``resampled`` names the files
-    (modalities, "seg", "anat") that were resampled onto the reference grid when loading.
+    (modalities, "image" for a Decathlon 4D image, "seg", "anat") that were resampled when loading: onto the
+    reference grid, or all of them onto an axis-aligned grid when the reference grid was oblique.
+    ``oblique_deg``: that obliquity (also when an oblique grid was read as it is, ``--oblique accept``); 0 for
+    axis-aligned grids.
     """
 
     case_id: str
@@ -312,6 +356,7 @@ class CaseVolume:
     spacing: tuple[float, float, float]
     files: CaseFiles
     resampled: tuple[str, ...] = ()
+    oblique_deg: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -386,33 +431,108 @@ class _CaseError(Exception):
 # --------------------------------------------------------------------------------------------- orientation
 
 
-def _spatial_transform(affine: np.ndarray) -> np.ndarray:
-    """nibabel orientation transform from the array's voxel axes to RAS+."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    return nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
+def affine_problem(affine: npt.ArrayLike) -> str | None:
+    """What makes a voxel-to-world matrix unusable (None when it is usable): not 4x4, non-finite entries, or
+    a singular 3x3 part (a zero voxel size, or two voxel axes pointing the same way), as corrupt headers
+    (an all-zero sform, zero pixel sizes) give."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        return f"the voxel-to-world matrix has shape {a.shape}, not (4, 4)"
+    if not np.isfinite(a).all():
+        return (
+            "the voxel-to-world matrix (affine) is singular or undefined: it contains NaN or infinite values"
+        )
+    m = a[:3, :3]
+    sizes = np.sqrt((m**2).sum(axis=0))
+    if sizes.min() < _MIN_VOXEL_MM:
+        shown = ", ".join(f"{v:.4g}" for v in sizes)
+        return f"the voxel-to-world matrix (affine) is singular: voxel size ({shown}) mm has a zero axis"
+    # |det| over the product of the axis lengths: 1 for orthogonal axes, 0 for parallel ones.
+    if abs(float(np.linalg.det(m))) < _MIN_AXIS_SINE * float(np.prod(sizes)):
+        return "the voxel-to-world matrix (affine) is singular: two voxel axes point in the same direction"
+    return None
+
+
+def check_affine(affine: npt.ArrayLike, what: str) -> np.ndarray:
+    """``affine`` as a float64 (4, 4) array; DataError naming ``what`` (a file, a volume) when it is unusable
+    (``affine_problem``)."""
+    problem = affine_problem(affine)
+    if problem is not None:
+        raise DataError(f"{what}: {problem}; {_SINGULAR_FIX}")
+    return np.asarray(affine, dtype=np.float64)
+
+
+def obliquity_deg(affine: npt.ArrayLike) -> float:
+    """The largest angle (degrees) between a voxel axis and the world (RAS) axis nearest to it: 0 for
+    grids whose axes run along the scanner's axes, 30 for a grid rotated by 30 degrees about one axis."""
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.sqrt((m**2).sum(axis=0))
+    cosines = np.abs(m).max(axis=0) / np.maximum(sizes, np.finfo(np.float64).tiny)
+    return float(np.degrees(np.arccos(np.clip(cosines.min(), 0.0, 1.0))))
+
+
+def axis_aligned_grid(affine: npt.ArrayLike, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """An axis-aligned RAS+ grid covering the oblique grid ``affine`` / ``shape``: the same voxel sizes (along
+    the nearest world axes), the bounding box of the oblique volume. ``(affine, (X, Y, Z))``."""
+    canon, _ = canonical_grid(affine, shape)
+    sizes = np.sqrt((canon[:3, :3] ** 2).sum(axis=0))
+    shape3 = np.asarray([int(s) for s in shape[:3]], dtype=np.float64)
+    box = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape3], indexing="ij")).reshape(3, -1)
+    corners = np.asarray(affine, dtype=np.float64)[:3, :3] @ box + np.asarray(affine, np.float64)[:3, 3:]
+    lo, hi = corners.min(axis=1), corners.max(axis=1)
+    counts = np.maximum(np.ceil((hi - lo) / sizes - 1e-6), 1).astype(int)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(sizes)
+    out[:3, 3] = lo + sizes / 2
+    return out, (int(counts[0]), int(counts[1]), int(counts[2]))
+
+
+def oblique_policy() -> ObliquePolicy:
+    """How oblique grids are read now: ``set_oblique_policy``, else ``$FDN_OBLIQUE``, else "auto"."""
+    policy = _oblique_policy or os.environ.get(OBLIQUE_ENV, "").strip().lower() or "auto"
+    if policy not in OBLIQUE_POLICIES:
+        raise DataError(
+            f"{OBLIQUE_ENV}={policy!r} is not an oblique-grid policy; use one of {list(OBLIQUE_POLICIES)}"
+        )
+    return policy  # type: ignore[return-value]
+
+
+def set_oblique_policy(policy: str | None) -> None:
+    """Set how grids more than ``OBLIQUE_TOLERANCE_DEG`` oblique are read (None: back to ``$FDN_OBLIQUE``
+    or "auto"); see the module docstring. ``fdn --oblique POLICY`` sets it for one command."""
+    global _oblique_policy
+    if policy is not None and policy not in OBLIQUE_POLICIES:
+        raise DataError(f"oblique policy {policy!r}: use one of {list(OBLIQUE_POLICIES)}")
+    _oblique_policy = policy  # type: ignore[assignment]
+
+
+def _spatial_transform(affine: np.ndarray, what: str = "volume") -> np.ndarray:
+    """nibabel orientation transform from the array's voxel axes to RAS+ (DataError for a singular affine)."""
+    ornt = _ORNT.io_orientation(check_affine(affine, what))
+    return _ORNT.ornt_transform(ornt, _ORNT.axcodes2ornt("RAS"))
 
 
 def _apply(array: np.ndarray, transform: np.ndarray, channels_first: bool) -> np.ndarray:
     if channels_first:
         moved = np.moveaxis(array, 0, -1)
-        return np.moveaxis(nib.orientations.apply_orientation(moved, transform), -1, 0)
-    return nib.orientations.apply_orientation(array, transform)
+        return np.moveaxis(_ORNT.apply_orientation(moved, transform), -1, 0)
+    return _ORNT.apply_orientation(array, transform)
 
 
-def canonical_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+def canonical_grid(affine: npt.ArrayLike, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The grid with voxel-to-RAS ``affine`` and voxel ``shape`` (I, J, K, ...) once reoriented to the closest
     canonical RAS+ orientation: ``(canonical_affine, (X, Y, Z))``, as ``to_canonical`` gives them.
 
     Slicer: pass a node's IJK-to-RAS matrix and its (I, J, K) dimensions.
     """
-    affine = np.asarray(affine, dtype=np.float64)
     shape3 = tuple(int(s) for s in shape[:3])
     if len(shape3) != 3:
         raise DataError(f"canonical_grid: expected a 3D grid shape, got {tuple(shape)}")
+    affine = check_affine(affine, "canonical_grid")
     transform = _spatial_transform(affine)
-    canon_affine = affine @ nib.orientations.inv_ornt_aff(transform, shape3)
-    canon_shape = tuple(shape3[int(axis)] for axis in transform[:, 0].argsort())
-    return canon_affine, canon_shape  # type: ignore[return-value]
+    canon_affine = affine @ _ORNT.inv_ornt_aff(transform, shape3)
+    x, y, z = (shape3[int(axis)] for axis in transform[:, 0].argsort())
+    return canon_affine, (x, y, z)
 
 
 def to_canonical(
@@ -430,7 +550,8 @@ def to_canonical(
         raise DataError(
             f"to_canonical: expected a 3D volume (optionally with channels), got shape {array.shape}"
         )
-    return _apply(array, _spatial_transform(affine), channels_first), canonical_grid(affine, shape)[0]
+    transform = _spatial_transform(affine, "to_canonical")
+    return _apply(array, transform, channels_first), canonical_grid(affine, shape)[0]
 
 
 def from_canonical(
@@ -439,8 +560,8 @@ def from_canonical(
     """Inverse of ``to_canonical``: put a canonical-orientation array back on the voxel axes of the grid whose
     voxel-to-RAS matrix is ``affine_original`` (e.g. a Slicer node's IJK-to-RAS; transpose the result to KJI
     for ``updateVolumeFromArray``)."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine_original, dtype=np.float64))
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    ornt = _ORNT.io_orientation(check_affine(affine_original, "from_canonical"))
+    back = _ORNT.ornt_transform(_ORNT.axcodes2ornt("RAS"), ornt)
     return _apply(np.asarray(array), back, channels_first)
 
 
@@ -454,11 +575,13 @@ def resample_to_grid(
     """Resample ``array`` (I, J, K) from its grid (voxel-to-RAS ``src_affine``) onto the grid ``ref_affine`` /
     ``ref_shape``: linear (``order=1``, float32 result) or nearest neighbour (``order=0``, for labels: the
     dtype is kept). Points outside the source volume (beyond half a voxel from its outer voxel centres) are 0.
-    Slicer: pass IJK-to-RAS matrices."""
+    Slicer: pass IJK-to-RAS matrices. DataError when either matrix is singular (``affine_problem``)."""
     from scipy import ndimage
 
+    src = check_affine(src_affine, "resample_to_grid: the source grid")
+    ref = check_affine(ref_affine, "resample_to_grid: the reference grid")
     # output voxel o samples input voxel inv(src) @ ref @ o: one affine map, which scipy applies directly.
-    mapping = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(ref_affine, np.float64)
+    mapping = np.linalg.inv(src) @ ref
     matrix, offset = mapping[:3, :3], mapping[:3, 3]
     out_shape = tuple(int(s) for s in ref_shape[:3])
     data = np.asarray(array)
@@ -517,14 +640,21 @@ class _Image:
         """The voxels as an (I, J, K, ...) array; unreadable data becomes _CaseError."""
         try:
             data = self.reader()
-        except (_CaseError, MemoryError):
+        except _CaseError:
             raise
-        except Exception as exc:
+        except MemoryError as exc:
+            dims = "x".join(map(str, self.shape))
             raise _CaseError(
                 self.path,
-                f"voxel data cannot be read ({type(exc).__name__}: {_short(exc)}); the file is truncated or "
-                "corrupt: re-export or re-download it",
+                f"not enough memory to read its {dims} voxels; free memory (close other programs, lower "
+                "--workers) or use a machine with more memory",
             ) from exc
+        except OSError as exc:
+            if exc.errno is None:  # e.g. gzip.BadGzipFile: corrupt content, not an operating-system error
+                raise _CaseError(self.path, _corrupt(exc)) from exc
+            raise _CaseError(self.path, _os_problem(exc)) from exc
+        except Exception as exc:
+            raise _CaseError(self.path, _corrupt(exc)) from exc
         if tuple(data.shape) != self.shape:
             raise _CaseError(
                 self.path,
@@ -532,6 +662,19 @@ class _Image:
                 "re-export the file",
             )
         return data
+
+
+def _os_problem(exc: OSError) -> str:
+    """An operating-system error reading a file, in words (without the path, which the problem names)."""
+    text = describe_os_error(exc)
+    return text.removeprefix(f"{exc.filename}: ") if exc.filename is not None else text
+
+
+def _corrupt(exc: BaseException) -> str:
+    return (
+        f"voxel data cannot be read ({type(exc).__name__}: {_short(exc)}); the file is truncated or corrupt: "
+        "re-export or re-download it"
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -579,21 +722,27 @@ def _check_extent(path: Path, shape: tuple[int, ...], itemsize: int, data: _Data
 def _open_image(path: Path) -> _Image:
     """Open an image file or DICOM series folder by its name (header only); problems become _CaseError."""
     if path.is_dir():
-        return _open_dicom_series(path)
-    if not path.is_file():
+        img = _open_dicom_series(path)
+    elif not path.is_file():
         raise _CaseError(path, "file is missing; restore it")
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return _open_nifti(path)
-    if name.endswith(IMAGE_EXTENSIONS):
-        return _open_sitk_file(path)
-    raise _CaseError(path, f"is not an image format read here; give {_FORMATS_HELP}")
+    elif path.name.lower().endswith((".nii", ".nii.gz")):
+        img = _open_nifti(path)
+    elif path.name.lower().endswith(IMAGE_EXTENSIONS):
+        img = _open_sitk_file(path)
+    else:
+        raise _CaseError(path, f"is not an image format read here; give {_FORMATS_HELP}")
+    problem = affine_problem(img.affine)
+    if problem is not None:
+        raise _CaseError(path, f"{problem}; {_SINGULAR_FIX}")
+    return img
 
 
 def _open_nifti(path: Path) -> _Image:
     try:
         img = nib.load(str(path))
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # permission denied, I/O error, ...
+            raise _CaseError(path, _os_problem(exc)) from exc
         raise _CaseError(
             path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}); re-export or re-download the file"
         ) from exc
@@ -602,7 +751,8 @@ def _open_nifti(path: Path) -> _Image:
     shape = tuple(int(s) for s in img.shape)
     compressed = path.name.lower().endswith(".gz")
     offset = 0 if compressed else int(getattr(img.dataobj, "offset", 0))
-    _check_extent(path, shape, img.header.get_data_dtype().itemsize, _DataExtent(path, offset, compressed))
+    itemsize = nifti_header(img.header).get_data_dtype().itemsize
+    _check_extent(path, shape, itemsize, _DataExtent(path, offset, compressed))
     return _Image(path, shape, np.asarray(img.affine, dtype=np.float64), lambda: np.asanyarray(img.dataobj))
 
 
@@ -617,16 +767,14 @@ def _sitk_affine(
     return _LPS_TO_RAS @ lps
 
 
-def _sitk_voxels(image: Any) -> np.ndarray:
+def _sitk_voxels(image: SitkImage) -> np.ndarray:
     """A SimpleITK image's voxels as (I, J, K, ...[, C]) (SimpleITK's arrays run (..., K, J, I[, C]))."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayFromImage(image)
+    array = simpleitk().GetArrayFromImage(image)
     dim = image.GetDimension()
     return array.transpose([*range(dim - 1, -1, -1), *range(dim, array.ndim)])
 
 
-def _sitk_shape(reader: Any, path: Path) -> tuple[int, ...]:
+def _sitk_shape(reader: SitkImageFileReader, path: Path) -> tuple[int, ...]:
     """Voxel shape (I, J, K, ...[, C]) from a SimpleITK reader that read the image information."""
     size = tuple(int(s) for s in reader.GetSize())
     if len(size) < 3:
@@ -637,18 +785,15 @@ def _sitk_shape(reader: Any, path: Path) -> tuple[int, ...]:
     return size + ((n_comp,) if n_comp > 1 else ())
 
 
-def _sitk_itemsize(reader: Any) -> int:
-    import SimpleITK as sitk
-
-    return int(sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()) * max(
+def _sitk_itemsize(reader: SitkImageFileReader) -> int:
+    return int(simpleitk().Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()) * max(
         1, int(reader.GetNumberOfComponents())
     )
 
 
 def _open_sitk_file(path: Path) -> _Image:
     """Open an NRRD or MetaImage file through SimpleITK (header only)."""
-    import SimpleITK as sitk
-
+    sitk = simpleitk()
     kind = "NRRD" if path.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImage"
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -752,8 +897,7 @@ def _meta_extent(path: Path) -> _DataExtent | None:
 
 def _open_dicom_series(folder: Path) -> _Image:
     """Open the one DICOM series in ``folder`` (headers of its files only; voxels are read on demand)."""
-    import SimpleITK as sitk
-
+    sitk = simpleitk()
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise _CaseError(folder, f"is a folder without a DICOM series; give {_FORMATS_HELP}")
@@ -867,7 +1011,12 @@ def _spatial_shape(img: _Image, kind: str) -> tuple[int, int, int]:
 
 
 def _grid_difference(
-    img: _Image, shape: tuple, ref: _Image, ref_shape: tuple, kind: str, ref_kind: str
+    img: _Image,
+    shape: tuple[int, ...],
+    ref: _Image,
+    ref_shape: tuple[int, ...],
+    kind: str,
+    ref_kind: str,
 ) -> str | None:
     """How ``img``'s voxel grid differs from the reference's (None when they are the same grid)."""
     same_shape = shape == ref_shape
@@ -893,7 +1042,9 @@ _MSD_SHAPE_MSG = (
 class _Headers:
     """A case's opened headers, after checking that they share one voxel grid (or may be resampled onto it).
 
-    ``off_grid`` maps each file kind on another grid than the reference to how it differs.
+    ``shape`` / ``affine``: the grid the case is read onto (the reference file's, or an axis-aligned grid
+    covering it when the reference is oblique and resampled). ``off_grid`` maps each file kind that is not on
+    that grid to why. ``oblique_deg``: the reference's obliquity when it was resampled or accepted, else 0.
     """
 
     images: dict[str, _Image]  # BraTS: one per modality; MSD: {"image": the 4D file}
@@ -903,35 +1054,66 @@ class _Headers:
     affine: np.ndarray
     ref_kind: str
     off_grid: dict[str, str]
+    oblique_deg: float = 0.0
+    oblique_note: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The grid files are resampled onto, in words."""
+        if self.off_grid.get(self.ref_kind):
+            return f"an axis-aligned grid covering the {self.ref_kind} volume"
+        return f"the {self.ref_kind} grid"
+
+
+def _reference_grid(
+    files: CaseFiles, ref: _Image, ref_kind: str, ref_shape: tuple[int, int, int]
+) -> tuple[np.ndarray, tuple[int, int, int], float, str | None]:
+    """The grid a case is read onto: ``(affine, shape, obliquity, note)``. The reference file's own grid,
+    unless it is oblique (``OBLIQUE_TOLERANCE_DEG``): then per ``oblique_policy()`` an axis-aligned grid
+    covering it ("resample"; ``note`` says so), the reference grid itself ("accept"; ``note`` is the
+    warning), or a _CaseError ("refuse"; "auto" refuses unless ``files.resample``)."""
+    angle = obliquity_deg(ref.affine)
+    if angle <= OBLIQUE_TOLERANCE_DEG:
+        return ref.affine, ref_shape, 0.0, None
+    policy = oblique_policy()
+    if policy == "auto":
+        policy = "resample" if files.resample else "refuse"
+    what = (
+        f"{ref_kind} is {angle:.1f} degrees oblique (its voxel axes are rotated against the scanner's "
+        "right-anterior-superior axes)"
+    )
+    if policy == "refuse":
+        raise _CaseError(
+            ref.path,
+            f"{what}, and reorienting by axis flips and permutations would leave its axial slices tilted; "
+            "resample the case onto an axis-aligned grid (read it with `fdn --oblique resample ...`, or "
+            "resample it in 3D Slicer), accept the tilt with `fdn --oblique accept ...`, or leave the case "
+            "out (--skip-bad)",
+        )
+    if policy == "accept":
+        accepted = f"{what}; read in its nearest axis-aligned orientation, tilt kept (--oblique accept)"
+        return ref.affine, ref_shape, angle, accepted
+    affine, shape = axis_aligned_grid(ref.affine, ref_shape)
+    channels = 1 if files.layout == "brats" else len(MODALITIES)
+    if math.prod(shape) * channels >= MAX_VOXELS:
+        raise _CaseError(
+            ref.path,
+            f"{what}; the axis-aligned grid covering it would have {'x'.join(map(str, shape))} voxels, over "
+            f"the limit of {MAX_VOXELS:,}: resample it onto a coarser axis-aligned grid yourself",
+        )
+    return affine, shape, angle, f"{what}; resampled onto an axis-aligned grid"
 
 
 def _open_headers(files: CaseFiles) -> _Headers:
     """Header-level checks of one case (cheap: voxels are not read)."""
     images: dict[str, _Image] = {}
     off_grid: dict[str, str] = {}
-
-    def compare(img: _Image, kind: str) -> None:
-        diff = _grid_difference(img, _spatial_shape(img, kind), ref, ref_shape, kind, ref_kind)
-        if diff is None:
-            return
-        if not files.resample:
-            raise _CaseError(
-                img.path,
-                f"{diff}; all files of a case must share one voxel grid: resample or co-register them onto "
-                "the same grid (e.g. with SimpleITK or 3D Slicer) and try again",
-            )
-        off_grid[kind] = diff
-
     if files.layout == "brats":
         if not files.images:
             raise _CaseError(None, "no image files")
         ref_kind = REFERENCE_SEQUENCE
         ref = images[ref_kind] = _open_image(files.images[ref_kind])
         ref_shape = _spatial_shape(ref, ref_kind)
-        for mod in MODALITIES:
-            if mod != ref_kind:
-                images[mod] = _open_image(files.images[mod])
-                compare(images[mod], mod)
     else:
         if files.image4d is None:
             raise _CaseError(None, "no 4D image file")
@@ -939,21 +1121,35 @@ def _open_headers(files: CaseFiles) -> _Headers:
         ref = images["image"] = _open_image(files.image4d)
         if len(ref.shape) != 4 or ref.shape[3] != 4:
             raise _CaseError(files.image4d, _MSD_SHAPE_MSG.format(shape=ref.shape))
-        ref_shape = ref.shape[:3]
-    labels: dict[str, _Image | None] = {}
+        ref_shape = (ref.shape[0], ref.shape[1], ref.shape[2])
+    grid_affine, grid_shape, angle, note = _reference_grid(files, ref, ref_kind, ref_shape)
+    resampling_oblique = grid_shape != ref_shape or not np.array_equal(grid_affine, ref.affine)
+    if resampling_oblique:
+        off_grid[ref_kind] = note or ""
+
+    def compare(img: _Image, kind: str) -> None:
+        diff = _grid_difference(img, _spatial_shape(img, kind), ref, ref_shape, kind, ref_kind)
+        if diff is not None and not files.resample:
+            raise _CaseError(
+                img.path,
+                f"{diff}; all files of a case must share one voxel grid: resample or co-register them onto "
+                "the same grid (e.g. with SimpleITK or 3D Slicer) and try again",
+            )
+        if diff is not None or resampling_oblique:
+            off_grid[kind] = diff or off_grid[ref_kind]
+
+    if files.layout == "brats":
+        for mod in MODALITIES:
+            if mod != ref_kind:
+                images[mod] = _open_image(files.images[mod])  # type: ignore[index]
+                compare(images[mod], mod)
+    labels: dict[str, _Image | None] = {"seg": None, "anat": None}
     for kind, path in (("seg", files.seg), ("anat", files.anat)):
-        labels[kind] = None
         if path is not None:
-            labels[kind] = _open_image(path)
-            compare(labels[kind], kind)  # type: ignore[arg-type]
+            label_img = labels[kind] = _open_image(path)
+            compare(label_img, kind)
     return _Headers(
-        images,
-        labels["seg"],
-        labels["anat"],
-        ref_shape,
-        ref.affine,
-        ref_kind,
-        off_grid,  # type: ignore[arg-type]
+        images, labels["seg"], labels["anat"], grid_shape, grid_affine, ref_kind, off_grid, angle, note
     )
 
 
@@ -1270,6 +1466,43 @@ def _check_finite(data: np.ndarray, path: Path, kind: str) -> None:
         )
 
 
+def _image_voxels(data: np.ndarray, path: Path, kind: str) -> np.ndarray:
+    """``data`` (one MR channel as read) after checking that it holds real, finite numbers."""
+    if data.dtype.kind not in "biuf":
+        what = "complex" if data.dtype.kind == "c" else "colour (RGB) or compound"
+        raise _CaseError(
+            path,
+            f"{kind} has {what} voxels ({data.dtype}); give a grey-level image of real values (e.g. the "
+            "magnitude image) and save it again",
+        )
+    _check_finite(data, path, kind)
+    return data
+
+
+def _check_signal(data: np.ndarray, path: Path, kind: str) -> np.ndarray:
+    """``data`` (one MR channel on the case's grid) after checking that it is an image at all: some voxel
+    above 0 (the brain, as ``zscore_volume`` reads it) and more than one value there. An empty or flat
+    channel would be encoded as blank slices, which match blank slices at distance 0."""
+    brain = data > 0
+    if not brain.any():
+        lo, hi = float(data.min()), float(data.max())
+        values = "every voxel is 0" if lo == hi == 0 else f"values {lo:g}..{hi:g}"
+        raise _CaseError(
+            path,
+            f"{kind} is empty: no voxel is above 0 ({values}), so there is no image to encode; check that "
+            f"this file holds the {kind} series and was exported completely, and replace it",
+        )
+    inside = data[brain]
+    lo, hi = float(inside.min()), float(inside.max())
+    if hi - lo <= 1e-6 * max(abs(hi), 1e-30):
+        raise _CaseError(
+            path,
+            f"{kind} has the same value {hi:g} in every voxel above 0 (no contrast), so there is no image to "
+            f"encode; check that this file holds the {kind} series, and replace it",
+        )
+    return data
+
+
 def _read_labels(img: _Image, mapping: dict[int, int], kind: str, desc: str) -> np.ndarray:
     """Read a label volume and map file values to ours (uint8); unknown values are _CaseError."""
     path = img.path
@@ -1304,7 +1537,7 @@ def _read_labels(img: _Image, mapping: dict[int, int], kind: str, desc: str) -> 
 
 
 def _onto_reference(heads: _Headers, kind: str, img: _Image, data: np.ndarray, order: int) -> np.ndarray:
-    """``data`` (the voxels of ``img``) on the case's reference grid: resampled when the file is off-grid."""
+    """``data`` (the voxels of ``img``) on the case's grid: resampled when the file is not on it."""
     if kind not in heads.off_grid:
         return data
     out = resample_to_grid(data, img.affine, heads.affine, heads.shape, order=order)
@@ -1328,18 +1561,18 @@ def _load_case(files: CaseFiles) -> CaseVolume:
     if files.layout == "brats":
         for c, mod in enumerate(MODALITIES):
             img = heads.images[mod]
-            data = img.read().reshape(img.shape[:3])
-            _check_finite(data, img.path, mod)
-            image[c] = nib.orientations.apply_orientation(
-                _onto_reference(heads, mod, img, data, 1), transform
-            )
+            data = _image_voxels(img.read().reshape(img.shape[:3]), img.path, mod)
+            on_grid = _check_signal(_onto_reference(heads, mod, img, data, 1), img.path, mod)
+            image[c] = _ORNT.apply_orientation(on_grid, transform)
     else:
         img = heads.images["image"]
         data = img.read()
-        _check_finite(data, img.path, "image")
         order = files.channel_order or MSD_CHANNELS
         for c, mod in enumerate(MODALITIES):
-            image[c] = nib.orientations.apply_orientation(data[..., order.index(mod)], transform)
+            i = order.index(mod)
+            what = f"{mod} (channel {i} of the 4D image)"
+            channel = _onto_reference(heads, "image", img, _image_voxels(data[..., i], img.path, what), 1)
+            image[c] = _ORNT.apply_orientation(_check_signal(channel, img.path, what), transform)
     mapping, desc = (
         (BRATS_FILE_TO_CLASS, _BRATS_DESC) if files.layout == "brats" else (MSD_FILE_TO_CLASS, _MSD_DESC)
     )
@@ -1351,19 +1584,27 @@ def _load_case(files: CaseFiles) -> CaseVolume:
         if label_img is not None:
             raw = _read_labels(label_img, kind_mapping, kind, kind_desc)
             on_grid = _onto_reference(heads, kind, label_img, raw, 0)
-            labels[kind] = np.ascontiguousarray(nib.orientations.apply_orientation(on_grid, transform))
-    resampled = tuple(k for k in (*MODALITIES, "seg", "anat") if k in heads.off_grid)
+            labels[kind] = np.ascontiguousarray(_ORNT.apply_orientation(on_grid, transform))
+    resampled = tuple(k for k in (*MODALITIES, "image", "seg", "anat") if k in heads.off_grid)
+    if heads.oblique_note is not None:
+        log.warning("case %s: %s", files.case_id, heads.oblique_note)
     for kind in resampled:
+        if heads.off_grid[kind] == heads.oblique_note:
+            continue  # said once above
         how = "nearest neighbour" if kind in ("seg", "anat") else "linear interpolation"
         log.warning(
-            "case %s: %s; resampled onto the %s grid (%s)",
-            files.case_id,
-            heads.off_grid[kind],
-            heads.ref_kind,
-            how,
+            "case %s: %s; resampled onto %s (%s)", files.case_id, heads.off_grid[kind], heads.target, how
         )
     return CaseVolume(
-        files.case_id, image, labels["seg"], labels["anat"], affine, _spacing(affine), files, resampled
+        files.case_id,
+        image,
+        labels["seg"],
+        labels["anat"],
+        affine,
+        _spacing(affine),
+        files,
+        resampled,
+        heads.oblique_deg,
     )
 
 
@@ -1476,7 +1717,7 @@ def validate_cohort(
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, gz: bool = True) -> bytes:
     """NIfTI-1 bytes (gzipped with a fixed timestamp: equal arrays give equal files) with q- and sform set."""
     affine = np.asarray(affine, dtype=np.float64)
-    img = nib.Nifti1Image(np.asarray(array), affine)
+    img = nifti1_image(np.asarray(array), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

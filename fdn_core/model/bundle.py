@@ -154,7 +154,7 @@ def save_bundle(
     ``metadata`` (JSON-serialisable: training config, seed, step, ...) is stored as is. With ``overwrite``
     an existing folder is replaced whole, otherwise an existing ``out_dir`` is an error.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(model, FDN):
         inner = getattr(model, "module", None)  # a DistributedDataParallel wrapper
@@ -184,11 +184,15 @@ def save_bundle(
     }
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         weights = tmp / WEIGHTS_NAME
-        save_file(
-            state,
-            str(weights),
-            metadata={"format": BUNDLE_FORMAT, "format_version": str(BUNDLE_FORMAT_VERSION)},
-        )
+        # Written by Python, not by safetensors' own file writer: a full disk or a file-size limit is then an
+        # OSError saying so (safetensors reports it as a SafetensorError); the file gets the umask's mode.
+        meta = {"format": BUNDLE_FORMAT, "format_version": str(BUNDLE_FORMAT_VERSION)}
+        try:
+            weights.write_bytes(save(state, metadata=meta))
+        except OSError as exc:
+            if exc.filename is None:  # a failed write() names no file
+                exc.filename = str(out_dir / WEIGHTS_NAME)
+            raise
         manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
@@ -306,7 +310,7 @@ class InferenceBundle:
         n = images.shape[0]
         bs = self.default_batch_size() if batch_size is None else int(batch_size)
         if bs < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         chunks: list[list[np.ndarray]] = []
         if progress is not None:
             progress.update(0, n, message)
@@ -417,7 +421,8 @@ def _read_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
         raise IntegrityError(f"{manifest_path}: not valid JSON ({exc}); the file is damaged; {_FIX}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise DataError(
-            f"{manifest_path}: not an FDN inference bundle manifest (format is not {BUNDLE_FORMAT!r})"
+            f"{manifest_path}: not an FDN inference bundle manifest (format is not {BUNDLE_FORMAT!r}); give "
+            "the bundle folder written by `fdn train` / `fdn export`"
         )
     version = manifest.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:

@@ -49,8 +49,8 @@ def config_yaml(cfg_dict: dict[str, Any]) -> bytes:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint atomically, with its resolved config beside it (``<name>.yaml``)."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
     atomic_write_bytes(path.with_suffix(".yaml"), config_yaml(payload["config"]))
 
 
@@ -65,7 +65,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"{path}: not a readable training checkpoint ({exc}); it may be truncated") from exc
+        raise DataError(
+            f"{path}: not a readable training checkpoint ({exc}); it is truncated or not a checkpoint: give "
+            "a run's checkpoints/last.pt or best.pt (fdn train), or copy the file again"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not an fdn training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     if isinstance(payload.get("config"), dict):

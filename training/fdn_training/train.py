@@ -72,6 +72,7 @@ from fdn_training.checkpoint import (
 from fdn_training.data import ResumableBatchSampler, TrainData, local_batch_size, prepare_data
 from fdn_training.distributed import DistInfo, barrier, setup_distributed, teardown_distributed
 from fdn_training.rng import derive_seed, seed_everything
+from fdn_training.rundata import case_list_record, check_resume_data, record_run_data
 from fdn_training.runlog import RunLogger
 from fdn_training.trainconfig import TrainConfig, load_train_config
 from fdn_training.trainer import Trainer, train_step
@@ -127,6 +128,7 @@ def train(
     show_progress_bar: bool = True,
     init_from: str | Path | None = None,
     max_minutes: float | None = None,
+    allow_data_change: bool = False,
 ) -> TrainResult:
     """Train (or with ``resume`` continue) an FDN run in ``run_dir`` on the cohort in ``data_dir``.
 
@@ -134,7 +136,8 @@ def train(
     ``run.max_steps``. ``init_from`` warm-starts a new run from another run's checkpoint (network, codebooks
     and critic weights; fresh optimisers, schedule and logs). ``max_minutes``: wall-clock budget of the
     training steps (see the module docstring). Under torchrun (WORLD_SIZE > 1) this joins the process
-    group itself.
+    group itself. A resumed run whose ``data_dir`` holds another case list than the one it started on
+    (``RUN/data.json``) is refused unless ``allow_data_change``.
     """
     if max_minutes is not None and not max_minutes > 0:
         raise ConfigError(f"max_minutes={max_minutes}: must be > 0 (or None for no wall-clock budget)")
@@ -150,6 +153,7 @@ def train(
         show_progress_bar=show_progress_bar,
         init_from=init_from,
         max_minutes=max_minutes,
+        allow_data_change=allow_data_change,
     )
     try:
         return _train(config, request, dev, dist)
@@ -171,6 +175,7 @@ class _Request:
     show_progress_bar: bool
     init_from: str | Path | None
     max_minutes: float | None = None
+    allow_data_change: bool = False
 
 
 # ------------------------------------------------------------------------------------ config of a run
@@ -258,9 +263,13 @@ def _train(
     """Set the run up (config, folders, data, trainer, logs), train it, export its bundle."""
     cfg, payload = _resolve_config(config, req.run_dir, req.resume, req.max_steps)
     _check_request(cfg, payload, req, dist)
+    if payload is not None:
+        check_resume_data(req.run_dir, req.data_dir, payload, req.allow_data_change, dist.is_main)
     if dist.is_main:
         (req.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(req.run_dir / "config.yaml", config_yaml(cfg.to_dict()))
+        if payload is None:
+            record_run_data(req.run_dir, case_list_record(req.data_dir))
     data = prepare_data(cfg, req.data_dir, req.cache_dir, dist, device, req.progress)
     total_steps = data.steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps is not None:
@@ -444,6 +453,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         show_progress_bar=not args.no_progress,
         init_from=args.init_from,
         max_minutes=max_minutes,
+        allow_data_change=getattr(args, "allow_data_change", False),
     )
     if int(os.environ.get("RANK", "0")) == 0:
         best = "none" if result.best_value is None else f"{result.best_value:.5g} ({result.best_metric})"

@@ -49,6 +49,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="warm start: begin a new run from another run's checkpoint (weights only, same architecture)",
     )
+    parser.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue even though --data holds another case list than the run started on",
+    )
     parser.add_argument("--no-export", action="store_true", help="do not export RUN/bundle at the end")
     add_no_progress(parser)
 
