@@ -351,28 +351,6 @@ def focused_relevance_markdown(result: RetrievalEvaluation) -> list[str]:
     return lines
 
 
-def _explain_cohort(
-    bundle: InferenceBundle, baselines: list[Any], result: RetrievalEvaluation, args: argparse.Namespace
-) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
-    """RELAX mass shares over the first ``--explain-queries`` queries; returns them and the query slices."""
-    from fdn_core.data.preprocess import volume_to_slices
-    from fdn_core.data.readers import load_case
-    from fdn_core.explain import RelaxConfig, baseline_representation, explanation_shares, fdn_representation
-
-    slices = []
-    for q in result.queries[: args.explain_queries]:
-        stack = volume_to_slices(load_case(result.cases[q.case_id]), bundle.preprocess)
-        assert stack.seg is not None
-        slices.append((stack.images[q.slice_index], stack.seg[q.slice_index]))
-    methods = {"FDN": fdn_representation(bundle)}
-    for b in baselines:
-        methods[b.name] = baseline_representation(b)
-    shares = explanation_shares(
-        methods, slices, RelaxConfig(num_masks=args.explain_masks), device=bundle.device
-    )
-    return shares, slices
-
-
 def explanation_markdown(shares_by_seed: Mapping[int, Mapping[str, Any]]) -> list[str]:
     """The mass shares of every cohort: FDN abnormal map inside the tumour, normal map outside it, baselines'
     maps inside, relevance rank, chance level."""
@@ -424,9 +402,11 @@ def run(args: argparse.Namespace) -> int:
     from fdn_core.baselines.methods import BaselineEmbedding
     from fdn_core.errors import ConfigError
     from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, ordered_methods, write_retrieval_report
+    from fdn_core.explain import RelaxConfig
     from fdn_core.fileio import atomic_write_bytes, atomic_write_json
     from fdn_core.model.bundle import load_bundle
     from fdn_core.report.comparison import draw_similarity_figures, joint_table_markdown, verdict_lines
+    from fdn_core.report.explain_figure import explain_evaluation
 
     seeds = list(dict.fromkeys(args.seeds))
     bundle = load_bundle(args.model, device=args.device)
@@ -499,8 +479,7 @@ def run(args: argparse.Namespace) -> int:
     fdn_keys: list[str] = []
     trained_keys: list[str] = []
     shares_by_seed: dict[int, dict[str, Any]] = {}
-    first_slices: list[tuple[Any, Any]] = []
-    first_result: RetrievalEvaluation | None = None
+    figure = ""
     for seed in seeds:
         t0 = time.perf_counter()
         print(f"== cohort seed {seed}: {args.cases} cases", flush=True)
@@ -558,10 +537,19 @@ def run(args: argparse.Namespace) -> int:
         shares = None
         if args.explain_queries > 0:
             print(f"== RELAX explanations, seed {seed}: {args.explain_queries} queries", flush=True)
-            shares, slices = _explain_cohort(bundle, baselines, result, args)
-            shares_by_seed[seed] = shares
-            if first_result is None:
-                first_slices, first_result = slices, result
+            explained = explain_evaluation(
+                bundle,
+                baselines,
+                result,
+                args.explain_queries,
+                RelaxConfig(num_masks=args.explain_masks),
+                png=out / "explanation.png" if not shares_by_seed else None,
+            )
+            shares = explained["shares"]
+            if shares is not None:
+                shares_by_seed[seed] = shares
+            if explained["png"] is not None:
+                figure = f"{Path(explained['png']).name} (first query of seed {seed})"
         t_explain = time.perf_counter() - t3
         seconds = {"cohort": t_cohort, "index": t_index, "evaluation": t_eval, "explanations": t_explain}
         timing = (
@@ -610,9 +598,8 @@ def run(args: argparse.Namespace) -> int:
             "",
             *explanation_markdown(shares_by_seed),
         ]
-        if first_result is not None and first_slices:
-            png = _explanation_figure(bundle, baselines, first_result, first_slices[0], args, out)
-            expl += ["", f"Figure: {png.name} (first query of seed {seeds[0]})"]
+        if figure:
+            expl += ["", f"Figure: {figure}"]
         print("\n" + "\n".join(expl), flush=True)
         md += [*expl, ""]
     report["joint"] = {"columns": ["S_normal", "S_abnormal", "S_sum"], "methods": order, "labels": labels}
@@ -620,50 +607,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_bytes(out / "eval_unseen.md", "\n".join(md).encode("utf-8"))
     print(f"Overall: {verdict}. Wrote {out / 'eval_unseen.md'} and {out / 'eval_unseen.json'}", flush=True)
     return 1 if args.strict and not all_met else 0
-
-
-def _explanation_figure(
-    bundle: InferenceBundle,
-    baselines: list[Any],
-    result: RetrievalEvaluation,
-    query: tuple[Any, Any],
-    args: argparse.Namespace,
-    out: Path,
-) -> Path:
-    """One query: each method's map alone and against its own first result (FDN: best distance of S_sum)."""
-    from fdn_core.data.preprocess import volume_to_slices
-    from fdn_core.data.readers import load_case
-    from fdn_core.explain import RelaxConfig, baseline_representation, fdn_representation
-    from fdn_core.report.explain_figure import explain_query_and_hit
-
-    summary = result.summary()
-    fdn = [m for m in summary if result.info(m).kind == "fdn"]
-    best = max(fdn, key=lambda m: summary[m]["S_sum"]["ratio_to_oracle"] or 0.0) if fdn else None
-    methods = {"FDN": fdn_representation(bundle)}
-    keys = {"FDN": best}
-    for b in baselines:
-        methods[b.name] = baseline_representation(b)
-        keys[b.name] = b.kind
-    hits: dict[str, Any] = {}
-    for name, key in keys.items():
-        if key is None or key not in result.retrieved:
-            continue
-        case, k = result.retrieved[key]["S_sum"][0][0]
-        stack = volume_to_slices(load_case(result.cases[case]), bundle.preprocess)
-        hits[name] = (stack.images[k], None if stack.seg is None else stack.seg[k])
-    q = result.queries[0]
-    png = out / "explanation.png"
-    explain_query_and_hit(
-        methods,
-        query,
-        hits,
-        RelaxConfig(num_masks=max(args.explain_masks, 2)),
-        png,
-        title=f"RELAX ({args.explain_masks} masks): query {q.case_id}:{q.slice_index}; each method against "
-        "its own first S_sum result",
-        device=bundle.device,
-    )
-    return png
 
 
 def main(argv: list[str] | None = None) -> int:

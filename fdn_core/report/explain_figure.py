@@ -22,7 +22,7 @@ from fdn_core.report.montage import display_orientation
 if TYPE_CHECKING:
     from fdn_core.explain import RelaxConfig, RelaxMap, Representation
 
-__all__ = ["ExplainPanel", "explain_query_and_hit", "render_explanation_grid"]
+__all__ = ["ExplainPanel", "explain_evaluation", "explain_query_and_hit", "render_explanation_grid"]
 
 #: The channel shown under the maps (FLAIR shows oedema best).
 _SHOW_CHANNEL = 3
@@ -155,3 +155,57 @@ def explain_query_and_hit(
     render_explanation_grid(rows, png, title)
     info["png"] = str(png)
     return info
+
+
+def explain_evaluation(
+    bundle: Any,
+    baselines: Sequence[Any],
+    result: Any,
+    num_queries: int,
+    config: RelaxConfig,
+    png: str | Path | None = None,
+) -> dict[str, Any]:
+    """RELAX over a retrieval evaluation (``RetrievalEvaluation``): mass shares and relevance rank of the
+    FDN's two maps and each baseline's map over the first ``num_queries`` protocol queries
+    (``fdn_core.explain.explanation_shares``), and with ``png`` the figure of the first query, each method
+    against its own first S_sum result (the FDN: its best distance for S_sum)."""
+    from fdn_core.data.preprocess import volume_to_slices
+    from fdn_core.data.readers import load_case
+    from fdn_core.explain import baseline_representation, explanation_shares, fdn_representation
+
+    def model_slice(case_id: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        stack = volume_to_slices(load_case(result.cases[case_id]), bundle.preprocess)
+        return stack.images[k], None if stack.seg is None else stack.seg[k]
+
+    methods: dict[str, Representation] = {"FDN": fdn_representation(bundle)}
+    for b in baselines:
+        methods[b.name] = baseline_representation(b)
+    queries = result.queries[: max(num_queries, 0)]
+    slices = [model_slice(q.case_id, q.slice_index) for q in queries]
+    labelled = [(img, seg) for img, seg in slices if seg is not None]
+    shares = explanation_shares(methods, labelled, config, device=bundle.device) if labelled else None
+    out: dict[str, Any] = {"shares": shares, "png": None}
+    if png is not None and result.queries:
+        summary = result.summary()
+        fdn = [m for m in summary if result.info(m).kind == "fdn" and "S_sum" in summary[m]]
+        best = max(fdn, key=lambda m: summary[m]["S_sum"]["ratio_to_oracle"] or 0.0) if fdn else None
+        keys = {"FDN": best, **{b.name: b.kind for b in baselines}}
+        hits = {}
+        for name, key in keys.items():
+            if key is not None and key in result.retrieved and result.retrieved[key]["S_sum"][0]:
+                hits[name] = model_slice(*result.retrieved[key]["S_sum"][0][0])
+        q = result.queries[0]
+        query = slices[0] if slices else model_slice(q.case_id, q.slice_index)
+        info = explain_query_and_hit(
+            methods,
+            query,
+            hits,
+            config,
+            png,
+            title=f"RELAX ({config.num_masks} masks): query {q.case_id}:{q.slice_index}; each method alone "
+            "and against its own first S_sum result",
+            device=bundle.device,
+        )
+        out["png"] = str(png)
+        out["figure"] = info
+    return out
