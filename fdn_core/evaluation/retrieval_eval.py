@@ -39,6 +39,12 @@ Protocol (what ``evaluate_retrieval`` does)
   the number of relevant candidates (volume-wise: reference volumes with at least one relevant slice;
   slice-wise: relevant reference slices); queries with R = 0 are left out (AP undefined). mAP@k is the mean of
   AP@k over queries. ``P@k`` (precision of the k results) is reported beside it.
+- The same ranking metrics under the relevance definitions of the baselines' papers, where they transfer
+  (``RELEVANCES``): ``lesion`` (as above), ``lesion_classes`` (the same set of abnormal classes as the query
+  slice: seed 004's "same class"), ``level`` (relative axial level within ``level_tolerance``, default 0.05:
+  the same anatomical level) and ``classes_and_level`` (both); each with mAP@k, P@k and ``mP@1..k`` = the mean
+  of P@1..P@k (``mean_precision_1_to_k``; seed 003's eq. 5 calls it "MAP", its code averaged P@1..4 for
+  "MAP@5": we name it for what it is). Summary keys ``mAP@k[rel]``, ``P@k[rel]``, ``mP@1..k[rel]``.
 
 Labels are the cohort's at the model resolution (``volume_to_slices`` with the bundle's preprocess config), so
 the Dice compares exactly the slices the codes were computed from.
