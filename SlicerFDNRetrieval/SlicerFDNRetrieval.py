@@ -171,6 +171,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._demoOffered = False
         #: The last error shown to the user (read by the self-test).
         self.lastError: str | None = None
+        self._detailRow: int | None = None
 
     # ---------------------------------------------------------------- setup and lifecycle
     def setup(self) -> None:
@@ -210,6 +211,15 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.installButton.clicked.connect(self.onInstall)
         self.ui.uninstallButton.clicked.connect(self.onUninstall)
         self.ui.resultsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        # "Explain" (RELAX overlay on the query slice for the result shown large): FDNRetrievalLib/explain.py
+        self.explainButton = qt.QPushButton("Explain")
+        self.explainButton.toolTip = (
+            "Overlay on the query slice the pixels that drive its similarity to the result shown large "
+            "(RELAX, 1000 masks; about 10 s on a CPU)"
+        )
+        self.explainButton.enabled = False
+        self.explainButton.clicked.connect(self.onExplain)
+        self.ui.backToResultsButton.parentWidget().layout().addWidget(self.explainButton)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
 
@@ -309,6 +319,8 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.ui.searchButton.toolTip = "Search the database" if encoded else "Encode the study first"
         self.ui.fromViewButton.enabled = bool(encoded)
         self.ui.cancelButton.enabled = busy
+        if hasattr(self, "explainButton"):
+            self.explainButton.enabled = self._detailRow is not None and not busy
         self.ui.buildDemoButton.enabled = not busy
         self.ui.removeDemoButton.enabled = not busy
         self.ui.abnormalSliceSpinBox.enabled = bool(pn is not None and pn.useCompositeQuery)
@@ -707,6 +719,8 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             caption = self.logic.showDetail(row, self._parameterNode.displaySequence, self._fitView)
             self.ui.resultDetailLabel.text = caption
             self.ui.backToResultsButton.enabled = True
+            self._detailRow = row
+            self.explainButton.enabled = not self.busy
             slicer.util.showStatusMessage(caption, 5000)
 
     def onBackToResults(self) -> None:
@@ -717,6 +731,25 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.logic.showTable()
             self.ui.backToResultsButton.enabled = False
             self.ui.resultDetailLabel.text = ""
+            self._detailRow = None
+            self.explainButton.enabled = False
+
+    def onExplain(self) -> None:
+        with self._userErrors("Could not explain this result."):
+            if self._detailRow is None:
+                from fdn_core.errors import DataError
+
+                raise DataError("Click a result row first: the result shown large is explained.")
+            self._startTask("explain the result", self.logic.explainTask(self._detailRow), self._onExplained)
+
+    def _onExplained(self, explanation: Any) -> None:
+        nodes = self.logic.publishExplanation(explanation)
+        self._setStatus(
+            self.ui.encodeStatusLabel,
+            f"Explanation overlaid on the query ({', '.join(n.GetName() for n in nodes)}; "
+            f"{explanation.seconds:.0f} s).",
+            warning=False,
+        )
 
     @staticmethod
     def _fitView(layoutName: str) -> None:
@@ -769,6 +802,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         self._viewLink = None
         self._inputs: dict[str, Any] = {}
         self._segmentation = None
+        self._searchSettings: Any = None
 
     def getParameterNode(self) -> SlicerFDNRetrievalParameterNode:
         return SlicerFDNRetrievalParameterNode(super().getParameterNode())
@@ -1028,6 +1062,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             raise DataError("Encode a study first.")
         encoded, database = self.encoded, self._database()
         settings = replace(settings, exclude_case=self.indexedCase)
+        self._searchSettings = settings
 
         def work(progress: Any) -> Any:
             progress.update(0, 1, "Searching")
@@ -1126,6 +1161,33 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene, "FDN retrieved cases", [n for n in (case.volume, case.labels) if n is not None]
         )
         return views.hit_caption(hit, sequence)
+
+    def explainTask(self, row: int) -> Any:
+        """A not-yet-started task: RELAX maps of the searched query slice against the result in ``row``."""
+        from FDNRetrievalLib import explain, tasks
+
+        hit = self.hitForRow(row)
+        settings, files = self._searchSettings, self._caseFiles(hit)
+        bundle, study = self._resources.bundle, self.study
+
+        def work(progress: Any) -> Any:
+            image = explain.reference_slice(bundle, files, hit.slice_index)
+            against = (hit.case_id, hit.slice_index, image)
+            return explain.compute_explanation(
+                bundle, study, settings.query_slice, settings.mode, against, progress=progress
+            )
+
+        return tasks.BackgroundTask(work, name="FDN explain")
+
+    def publishExplanation(self, explanation: Any) -> list[Any]:
+        """Main thread: the explanation overlay nodes, shown over the query view, in a folder."""
+        from FDNRetrievalLib import explain, scene
+
+        nodes = explain.add_explanation_overlay(
+            slicer.mrmlScene, self.study, explanation, self.study.reference_name, [scene.QUERY_VIEW]
+        )
+        scene.put_in_folder(slicer.mrmlScene, "FDN explanations", nodes)
+        return nodes
 
     def linkResultViews(self) -> None:
         from FDNRetrievalLib import scene, views
@@ -1260,6 +1322,17 @@ class SlicerFDNRetrievalTest(ScriptedLoadableModuleTest):
             detail = scene.composite_node(slicer.mrmlScene, views.DETAIL_VIEW)
             self.assertTrue(detail.GetBackgroundVolumeID())
             self.assertTrue(widget.ui.backToResultsButton.enabled)
+            self.delayDisplay("Explain the result shown large")
+            self.assertTrue(widget.explainButton.enabled)
+            widget.explainButton.click()
+            self._pumpUntil(lambda: not widget.busy)
+            self.assertIsNone(widget.lastError, widget.lastError)
+            overlays = [
+                n
+                for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                if n.GetAttribute(scene.ROLE_ATTRIBUTE) == "explanation"
+            ]
+            self.assertTrue(overlays, "no explanation overlay was added")
             widget.ui.backToResultsButton.click()
             self.assertFalse(widget.ui.backToResultsButton.enabled)
         self.delayDisplay("Panel test passed")

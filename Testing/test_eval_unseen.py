@@ -32,7 +32,7 @@ def script() -> ModuleType:
 def _argv(model: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--cases", "5", "--seeds", str(SEED), "--shape", "64", "64", "40",
             "--out", str(out), "--workers", "1", "--top", "3", "--draws", "2", "--device", "cpu",
-            "--no-progress", *extra]  # fmt: skip
+            "--no-progress", "--explain-queries", "0", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +145,67 @@ def test_targets_on_hand_made_figures(script: ModuleType) -> None:
     assert twice.value == pytest.approx(0.375) and twice.threshold == pytest.approx(0.75) and not twice.met
     missing = targets[("S_sum", "FDN >= 0.85")]
     assert missing.value is None and not missing.met  # no S_sum column: never "met"
+
+
+def test_trained_baselines_joint_table_figures_and_explanations(
+    script: ModuleType,
+    tiny_bundle: Path,
+    unseen_run: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With --embeddings the trained baselines join every table; the joint table, one figure per similarity,
+    the relevance table, the verdict lines and the RELAX mass shares are written; a baseline trained on the
+    evaluated seed is refused."""
+    import torch
+
+    from fdn_core.baselines.backbone import BackboneConfig
+    from fdn_core.baselines.bundle import save_baseline
+    from fdn_core.baselines.simsiam import SimSiam, SimSiamConfig
+    from fdn_core.baselines.ynet import YNet, YNetConfig
+    from fdn_core.data.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    small = BackboneConfig(widths=(8, 8, 16, 16))
+    sim = save_baseline(
+        SimSiam(SimSiamConfig(backbone=small, projector_dim=16, predictor_hidden=4)),
+        PreprocessConfig(64),
+        tmp_path / "simsiam",
+        {"train_cohort_seed": 11},
+    )
+    ynet = save_baseline(
+        YNet(YNetConfig(backbone=small, fpn_channels=8, rmac_channels=8, hash_bits=16)),
+        PreprocessConfig(64),
+        tmp_path / "ynet",
+        {"train_cohort_seed": 11},
+    )
+    out = unseen_run["out"]
+    argv = _argv(tiny_bundle, out, "--embeddings", str(sim), str(ynet))
+    argv[argv.index("--explain-queries") + 1] = "2"
+    argv += ["--explain-masks", "8"]
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    text = capsys.readouterr().out
+    for label in ("| SimSiam (cosine, 16 features)", "| Y-Net hash (Hamming, 16 bits)"):
+        assert label in text
+    assert "## Joint table: ratio of mean Dice to the oracle's" in text
+    assert "S_normal [level] | S_abnormal [lesion_classes] | S_sum [classes_and_level]" in text
+    assert "FDN against the trained baselines" in text and "Where the FDN wins and where it does not" in text
+    assert "FDN abnormal-code map: mass inside the tumour" in text
+    assert "chance: the tumour's share of the brain area" in text
+    for col in ("S_normal", "S_abnormal", "S_sum"):
+        assert (out / f"joint_{col}.png").is_file()
+    assert (out / "explanation.png").is_file()
+    report = json.loads((out / "eval_unseen.json").read_text())
+    assert set(report["baselines"]) == {"simsiam", "ynet"}
+    shares = report["cohorts"][str(SEED)]["explanations"]
+    assert shares["num_queries"] == 2 and set(shares["summary"]) == {"FDN", "SimSiam", "Y-Net"}
+    # a baseline trained on the evaluated cohort's seed is refused
+    seen = save_baseline(
+        SimSiam(SimSiamConfig(backbone=small, projector_dim=16, predictor_hidden=4)),
+        PreprocessConfig(64),
+        tmp_path / "seen",
+        {"train_cohort_seed": SEED},
+    )
+    assert script.main(_argv(tiny_bundle, out, "--embeddings", str(seen))) == 2
+    assert "training cohort of the SimSiam bundle" in capsys.readouterr().err

@@ -1,11 +1,15 @@
-"""Retrieval quality on phantom cohorts the model never saw, beside trivial baselines and the oracle.
+"""Retrieval quality on phantom cohorts the model never saw, beside trained and trivial baselines and the
+oracle.
 
 For each seed: generate a phantom cohort (``fdn_core.data.phantom.generate_cohort``), index every case with
 the model (``fdn index build``), and run the leave-one-out retrieval evaluation (``fdn eval-retrieval
---leave-one-out``: every tumour volume queries all the other volumes) with the FDN distances, the trivial
+--leave-one-out``: every tumour volume queries all the other volumes) with the FDN distances, the trained
+baselines (``--embeddings``, default the shipped SimSiam and Y-Net bundles: seeds 003 and 004), the trivial
 baselines (random, level prior, pooled pixels; random ones over seeded draws) and the oracle. Prints one
-table per cohort, the FDN's margin over the best trivial baseline per similarity, and the targets, each
-marked met / missed with its figures (ratios of mean Dice to the oracle's; "FDN" = the best distance):
+table per cohort, the ranking metrics (mAP@k, P@k, mP@1..k) under the relevance that fits each similarity,
+the FDN's margin over the best trivial baseline and whether it beats the trained baselines per similarity,
+and the targets, each marked met / missed with its figures (ratios of mean Dice to the oracle's; "FDN" = the
+best distance):
 
 - S_normal: FDN >= 0.90, and >= level prior + 0.10
 - S_abnormal: FDN >= 0.76, and >= 2 x the best trivial baseline
@@ -16,9 +20,15 @@ Unseen means unseen: the script refuses a seed equal to the training cohort's se
 bundle records ``train_case_fingerprints``, any generated case whose image files are identical to a training
 case's. When it can check neither, it says so loudly.
 
+With ``--explain-queries N`` (default 10; 0 skips it) the first N queries of every cohort are explained with
+RELAX (``fdn_core.explain``, ``--explain-masks`` masks): the share of the FDN's abnormal-code map mass inside
+the tumour and of its normal-code map outside it, each baseline's map inside the tumour, the relevance rank,
+beside the chance level (the tumour's share of the brain), and one explanation figure.
+
 Writes, under ``--out``: ``cohort_<seed>/`` and ``db_<seed>/`` (reused when already complete and identical;
-``--fresh`` rebuilds), ``eval_<seed>/retrieval_eval.{json,md}``, and ``eval_unseen.{json,md}`` (all
-cohorts, margins, targets). Exit status 0 when it ran (targets met or not; ``--strict``: 1 when any target
+``--fresh`` rebuilds), ``eval_<seed>/retrieval_eval.{json,md}``, ``eval_unseen.{json,md}`` (all cohorts,
+the joint table, margins, targets, explanation shares), ``joint_S_*.png`` (one figure per similarity) and
+``explanation.png``. Exit status 0 when it ran (targets met or not; ``--strict``: 1 when any target
 is missed), 2 on an error.
 
 Run: ``python bench/eval_unseen.py --model fdn_core/resources/models/demo --cases 40 --seeds 9101 9102
@@ -240,7 +250,7 @@ def _database(bundle: InferenceBundle, cohort: Path, out: Path, seed: int, reuse
     return db_path
 
 
-def _check_fingerprints(bundle: InferenceBundle, cohort: Path, seed: int) -> str:
+def _check_fingerprints(bundle: Any, cohort: Path, seed: int) -> str:
     """Refuse a cohort holding a training case (by image fingerprint); say how the check was done."""
     from fdn_core.data.provenance import FINGERPRINTS_KEY, cases_of, training_overlap
     from fdn_core.errors import ConfigError
@@ -280,6 +290,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seed(s) of the training cohort, for bundles that do not record it",
     )
+    parser.add_argument(
+        "--embeddings",
+        nargs="*",
+        default=None,
+        metavar="NAME|FOLDER",
+        help="trained baselines to rank beside the FDN (default: the shipped simsiam and ynet bundles; give "
+        "none to skip them)",
+    )
+    parser.add_argument(
+        "--explain-queries",
+        type=int,
+        default=10,
+        help="queries per cohort explained with RELAX for the mass shares (0: none)",
+    )
+    parser.add_argument("--explain-masks", type=positive_int, default=1000, help="RELAX masks per map")
     parser.add_argument("--fresh", action="store_true", help="regenerate cohorts and databases")
     parser.add_argument("--strict", action="store_true", help="exit status 1 when any target is missed")
     add_device(parser)
@@ -287,15 +312,105 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _baselines(args: argparse.Namespace) -> list[Any]:
+    """The trained baselines' bundles (``--embeddings``; default: the shipped ones that are present)."""
+    from fdn_core.baselines.bundle import load_baseline
+    from fdn_core.baselines.methods import SHIPPED_BASELINES, resolve_baseline_path
+    from fdn_core.resources import shipped_model_dir
+
+    if args.embeddings is None:
+        specs = [n for n in SHIPPED_BASELINES if (shipped_model_dir(n) / "baseline.json").is_file()]
+    else:
+        specs = list(args.embeddings)
+    return [load_baseline(resolve_baseline_path(spec), device=args.device) for spec in specs]
+
+
+def focused_relevance_markdown(result: RetrievalEvaluation) -> list[str]:
+    """mAP@k / P@k / mP@1..k per method under the relevance that fits each similarity: S_normal - same level,
+    S_abnormal - same lesion-class set, S_sum - both."""
+    from fdn_core.evaluation.retrieval_eval import ordered_methods
+
+    pairs = (("S_normal", "level"), ("S_abnormal", "lesion_classes"), ("S_sum", "classes_and_level"))
+    summary = result.summary()
+    k = result.top
+    lines = [
+        f"Ranking metrics, mAP@{k} / P@{k} / mP@1..{k} (mP@1..k: seed 003's 'MAP'); relevance: "
+        "S_normal - same "
+        "level, S_abnormal - same lesion-class set, S_sum - both",
+        "",
+        "| Method | S_normal [level] | S_abnormal [lesion_classes] | S_sum [classes_and_level] |",
+        "|---|---|---|---|",
+    ]
+    for m in ordered_methods(result, summary):
+        cells = []
+        for col, rel in pairs:
+            e = summary[m].get(col, {})
+            vals = [e.get(f"mAP@{k}[{rel}]"), e.get(f"P@{k}[{rel}]"), e.get(f"mP@1..{k}[{rel}]")]
+            cells.append(" / ".join("n/a" if v is None else f"{v:.3f}" for v in vals))
+        lines.append(f"| {result.info(m).label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def explanation_markdown(shares_by_seed: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """The mass shares of every cohort: FDN abnormal map inside the tumour, normal map outside it, baselines'
+    maps inside, relevance rank, chance level."""
+    lines = [
+        "| Map | " + " | ".join(f"seed {s}" for s in shares_by_seed) + " |",
+        "|---|" + "---|" * len(shares_by_seed),
+    ]
+
+    def cell(sh: Mapping[str, Any], method: str, code: str, key: str) -> str:
+        v = sh["summary"].get(method, {}).get(code, {}).get(key, {})
+        return "n/a" if v.get("mean") is None else f"{v['mean']:.2f} ± {v['std']:.2f}"
+
+    rows = [("FDN", "abnormal", "share_in_tumour", "FDN abnormal-code map: mass inside the tumour")]
+    rows.append(("FDN", "normal", "share_outside_tumour", "FDN normal-code map: mass outside the tumour"))
+    rows.append(
+        ("FDN", "abnormal", "relevance_rank_tumour", "FDN abnormal-code map: relevance rank (tumour)")
+    )
+    rows.append(("FDN", "normal", "share_in_tumour", "FDN normal-code map: mass inside the tumour"))
+    methods = {m for sh in shares_by_seed.values() for m in sh["summary"]} - {"FDN"}
+    for m in sorted(methods):
+        rows.append((m, "embedding", "share_in_tumour", f"{m} map: mass inside the tumour"))
+        rows.append((m, "embedding", "relevance_rank_tumour", f"{m} map: relevance rank (tumour)"))
+    for method, code, key, title in rows:
+        lines.append(
+            f"| {title} | " + " | ".join(cell(sh, method, code, key) for sh in shares_by_seed.values()) + " |"
+        )
+    chance = []
+    for sh in shares_by_seed.values():
+        c = sh["chance_tumour_share_of_brain"]
+        chance.append("n/a" if c["mean"] is None else f"{c['mean']:.2f} ± {c['std']:.2f}")
+    lines.append("| chance: the tumour's share of the brain area | " + " | ".join(chance) + " |")
+    secs = {
+        m: round(t, 1) for sh in shares_by_seed.values() for m, t in sh["seconds_per_explanation"].items()
+    }
+    first = next(iter(shares_by_seed.values()))
+    lines += [
+        "",
+        f"Queries per cohort: {', '.join(str(sh['num_queries']) for sh in shares_by_seed.values())}; RELAX "
+        f"{first['relax']['num_masks']} masks ({first['relax']['grid']}x{first['relax']['grid']} cells, p = "
+        f"{first['relax']['keep_prob']}); seconds per explanation (CPU, shared machine): {secs}. "
+        "Mass = positive "
+        "part of the centred importance, within the brain (fdn_core/explain.py).",
+    ]
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate every seed's cohort; returns the exit status."""
+    from fdn_core.baselines.methods import BaselineEmbedding
     from fdn_core.errors import ConfigError
-    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, write_retrieval_report
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, ordered_methods, write_retrieval_report
+    from fdn_core.explain import RelaxConfig
     from fdn_core.fileio import atomic_write_bytes, atomic_write_json
     from fdn_core.model.bundle import load_bundle
+    from fdn_core.report.comparison import draw_similarity_figures, joint_table_markdown, verdict_lines
+    from fdn_core.report.explain_figure import explain_evaluation
 
     seeds = list(dict.fromkeys(args.seeds))
     bundle = load_bundle(args.model, device=args.device)
+    baselines = _baselines(args)
     train_seeds, source = training_seeds(bundle, args.training_seed)
     seen = [s for s in seeds if s in train_seeds]
     if seen:
@@ -303,6 +418,13 @@ def run(args: argparse.Namespace) -> int:
             f"seed(s) {seen} are the training cohort's seed (from {source}): those cohorts are the training "
             "data, not unseen data; choose other seeds"
         )
+    for b in baselines:
+        recorded = b.metadata.get(SEED_KEY)
+        if recorded is not None and int(recorded) in seeds:
+            raise ConfigError(
+                f"seed {recorded} is the training cohort of the {b.name} bundle {b.path}: not unseen data; "
+                "choose other seeds"
+            )
     if not train_seeds:
         print(
             "WARNING: the training cohort's seed is unknown (the bundle records no train_cohort_seed; pass "
@@ -319,6 +441,15 @@ def run(args: argparse.Namespace) -> int:
         "model_fingerprint": bundle.fingerprint,
         "training_seeds": train_seeds,
         "training_seed_source": source,
+        "baselines": {
+            b.kind: {
+                "path": str(b.path),
+                "fingerprint": b.fingerprint,
+                "train_cohort_seed": b.metadata.get(SEED_KEY),
+                "budget": b.metadata.get("budget"),
+            }
+            for b in baselines
+        },
         "cases": args.cases,
         "shape": list(args.shape),
         "top": args.top,
@@ -326,22 +457,37 @@ def run(args: argparse.Namespace) -> int:
         "cohorts": {},
     }
     md = [
-        "# Retrieval on unseen phantom cohorts (leave-one-out, FDN vs trivial baselines vs oracle)",
+        "# Retrieval on unseen phantom cohorts (leave-one-out: FDN vs trained and trivial baselines vs "
+        "oracle)",
         "",
         f"- model `{args.model}` ({bundle.fingerprint[:16]}), training cohort seed(s) "
         f"{train_seeds or 'unknown'} (from {source})",
+        *(
+            f"- {b.name}: `{b.path}` ({b.fingerprint[:16]}), trained on cohort seed "
+            f"{b.metadata.get(SEED_KEY, 'unknown')}"
+            for b in baselines
+        ),
         f"- {args.cases} cases per cohort, shape {tuple(args.shape)}, volume-wise top-{args.top}, "
         f"random baselines over {args.draws} draws",
         "",
     ]
     all_met = True
     per_seed: dict[int, list[Target]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    labels: dict[str, str] = {}
+    order: list[str] = []
+    fdn_keys: list[str] = []
+    trained_keys: list[str] = []
+    shares_by_seed: dict[int, dict[str, Any]] = {}
+    figure = ""
     for seed in seeds:
         t0 = time.perf_counter()
         print(f"== cohort seed {seed}: {args.cases} cases", flush=True)
         cohort, reused = _cohort(out, seed, args)
         t_cohort = time.perf_counter() - t0
         provenance = _check_fingerprints(bundle, cohort, seed)
+        for b in baselines:
+            _check_fingerprints(b, cohort, seed)
         print(f"   {provenance}", flush=True)
         t1 = time.perf_counter()
         print(f"== index cohort seed {seed}", flush=True)
@@ -358,6 +504,7 @@ def run(args: argparse.Namespace) -> int:
             leave_one_out=True,
             draws=args.draws,
             workers=args.workers or 2,
+            methods=[BaselineEmbedding(b) for b in baselines],  # fresh per cohort: they keep embeddings
         )
         t_eval = time.perf_counter() - t2
         result.notes.append(f"cohort provenance: phantom seed {seed}; {provenance}")
@@ -365,26 +512,97 @@ def run(args: argparse.Namespace) -> int:
         targets = evaluate_targets(result)
         per_seed[seed] = targets
         all_met &= all(t.met for t in targets)
+        summary = result.summary()
+        summaries[f"seed {seed}"] = summary
+        order = ordered_methods(result, summary)
+        labels.update({m: result.info(m).label for m in order})
+        fdn_keys = [m for m in order if result.info(m).kind == "fdn"]
+        trained_keys = [m for m in order if result.info(m).kind == "embedding"]
         text = cohort_markdown(seed, result, targets)
+        extra = ["", *focused_relevance_markdown(result), ""]
+        if trained_keys:
+            extra += [
+                "FDN against the trained baselines (best FDN distance vs best of "
+                f"{', '.join(labels[m] for m in trained_keys)}; ratios to the oracle):",
+                "",
+                *(
+                    f"- {line}"
+                    for line in verdict_lines({f"seed {seed}": summary}, fdn_keys, trained_keys, labels)
+                ),
+                "",
+            ]
+        text += "\n".join(extra)
         print("\n" + text, flush=True)
-        seconds = {"cohort": t_cohort, "index": t_index, "evaluation": t_eval}
-        timing = f"Time: cohort {t_cohort:.0f} s, indexing {t_index:.0f} s, evaluation {t_eval:.0f} s."
+        t3 = time.perf_counter()
+        shares = None
+        if args.explain_queries > 0:
+            print(f"== RELAX explanations, seed {seed}: {args.explain_queries} queries", flush=True)
+            explained = explain_evaluation(
+                bundle,
+                baselines,
+                result,
+                args.explain_queries,
+                RelaxConfig(num_masks=args.explain_masks),
+                png=out / "explanation.png" if not shares_by_seed else None,
+            )
+            shares = explained["shares"]
+            if shares is not None:
+                shares_by_seed[seed] = shares
+            if explained["png"] is not None:
+                figure = f"{Path(explained['png']).name} (first query of seed {seed})"
+        t_explain = time.perf_counter() - t3
+        seconds = {"cohort": t_cohort, "index": t_index, "evaluation": t_eval, "explanations": t_explain}
+        timing = (
+            f"Time: cohort {t_cohort:.0f} s, indexing {t_index:.0f} s, evaluation {t_eval:.0f} s, "
+            f"explanations {t_explain:.0f} s."
+        )
         print(timing, flush=True)
         md += [text, timing, ""]
         report["cohorts"][str(seed)] = {
             "provenance": provenance,
             "seconds": seconds,
             "num_queries": len(result.queries),
-            "summary": result.summary(),
+            "summary": summary,
             "margins": result.margins(),
             "targets": [asdict(t) for t in targets],
             "notes": result.notes,
+            "explanations": shares,
         }
     verdict = "all targets met" if all_met else "some targets MISSED"
     overview = ["## Targets of every cohort (ratios to the oracle; FDN = its best distance)", ""]
     overview += overview_markdown(per_seed)
     print("\n" + "\n".join(overview), flush=True)
-    md += [*overview, "", f"**Overall: {verdict}.**", ""]
+    joint = [
+        "## Joint table: ratio of mean Dice to the oracle's, " + " / ".join(summaries),
+        "",
+        *joint_table_markdown(summaries, order, labels),
+        "",
+    ]
+    others = [m for m in order if m not in fdn_keys and m != "oracle"]
+    if others:
+        joint += [
+            "Where the FDN wins and where it does not (best FDN distance vs the best other method, "
+            "trained or "
+            "trivial):",
+            "",
+            *(f"- {line}" for line in verdict_lines(summaries, fdn_keys, others, labels)),
+            "",
+        ]
+    figures = draw_similarity_figures(summaries, order, labels, out)
+    joint += [f"Figures: {', '.join(p.name for p in figures)}", ""]
+    print("\n" + "\n".join(joint), flush=True)
+    md += [*joint, *overview, "", f"**Overall: {verdict}.**", ""]
+    if shares_by_seed:
+        expl = [
+            "## RELAX explanations: where the maps put their mass",
+            "",
+            *explanation_markdown(shares_by_seed),
+        ]
+        if figure:
+            expl += ["", f"Figure: {figure}"]
+        print("\n" + "\n".join(expl), flush=True)
+        md += [*expl, ""]
+    report["joint"] = {"columns": ["S_normal", "S_abnormal", "S_sum"], "methods": order, "labels": labels}
     atomic_write_json(out / "eval_unseen.json", report)
     atomic_write_bytes(out / "eval_unseen.md", "\n".join(md).encode("utf-8"))
     print(f"Overall: {verdict}. Wrote {out / 'eval_unseen.md'} and {out / 'eval_unseen.json'}", flush=True)

@@ -2,10 +2,11 @@
 
 Steps: (1) generate a phantom cohort (a seed the shipped model never saw), (2) load the shipped model bundle,
 (3) index the reference cases, (4) run the paper's retrieval evaluation on held-out query cases for all
-similarities and distances beside the trivial baselines (random, level prior, pooled pixels) and the oracle,
-with the FDN's margin over the best baseline per similarity, (5) write ``index.html`` with the Table-2-style
-results, query-and-top-5 montages (S_normal, S_abnormal, S_sum, a composite query), reconstructions and the
-binarisation figures.
+similarities and distances beside the trained baselines (the shipped SimSiam and Y-Net bundles), the trivial
+baselines (random, level prior, pooled pixels) and the oracle, with the FDN's margin over the best baseline
+per similarity, (5) write ``index.html`` with the Table-2-style results, query-and-top-5 montages (S_normal,
+S_abnormal, S_sum, a composite query), reconstructions, the binarisation figures and RELAX explanations
+(which pixels drive each method's representation; mass shares inside / outside the tumour).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class DemoSettings:
     top: int = 10
     montage_top: int = 5
     distances: tuple[str, ...] = ("euclidean", "angular", "hamming")
+    #: Trained baselines ranked beside the FDN: shipped names or bundle folders; None = the shipped ones.
+    embeddings: tuple[str, ...] | None = None
+    #: RELAX explanations: queries whose maps give the mass shares, and masks per map (0 queries: none).
+    explain_queries: int = 3
+    explain_masks: int = 500
 
     def __post_init__(self) -> None:
         if self.cases < 8:
@@ -294,12 +300,68 @@ def _training_curve(model_dir: Path, png: Path) -> Path | None:
     return png
 
 
+def _load_baselines(settings: DemoSettings) -> list[Any]:
+    """The trained baselines of the demo (shipped SimSiam and Y-Net when present, or the given ones)."""
+    from fdn_core.baselines.bundle import load_baseline
+    from fdn_core.baselines.methods import SHIPPED_BASELINES, resolve_baseline_path
+    from fdn_core.resources import shipped_model_dir
+
+    if settings.embeddings is None:
+        specs = [n for n in SHIPPED_BASELINES if (shipped_model_dir(n) / "baseline.json").is_file()]
+    else:
+        specs = list(settings.embeddings)
+    return [load_baseline(resolve_baseline_path(s), device=settings.device) for s in specs]
+
+
+def _explain_section(explained: dict[str, Any], settings: DemoSettings) -> Any:
+    """The report's explanation section: the figure and the mass-share table."""
+    from fdn_core.report.html import Image, Section, Table
+
+    items: list[Any] = [
+        "RELAX (Wickstrøm et al.; fdn_core/explain.py): random smooth masks occlude the query slice; a "
+        "pixel's importance is the mean cosine similarity between the masked and the unmasked representation "
+        "over the masks that keep it, shown centred (red: keeping it raises the similarity). The FDN has one "
+        "map per code (its continuous latents z_e); the baselines one map for their retrieval vector. "
+        "'Against' compares the masked query with the method's first retrieved slice instead.",
+    ]
+    if explained.get("png"):
+        items.append(Image(Path(explained["png"]).name, "Query, RELAX maps, retrieved slice, pair maps"))
+    shares = explained.get("shares")
+    if shares:
+        rows = []
+        for method, codes in shares["summary"].items():
+            for code, stats in codes.items():
+                rows.append(
+                    [
+                        f"{method} / {code}",
+                        _fmt(stats["share_in_tumour"]["mean"], stats["share_in_tumour"]["std"]),
+                        _fmt(stats["share_outside_tumour"]["mean"], stats["share_outside_tumour"]["std"]),
+                        _fmt(stats["relevance_rank_tumour"]["mean"]),
+                    ]
+                )
+        chance = shares["chance_tumour_share_of_brain"]
+        items.append(
+            Table(
+                ["Map", "mass inside the tumour", "mass outside the tumour", "relevance rank (tumour)"],
+                rows,
+                caption=f"Over {shares['num_queries']} queries, {settings.explain_masks} masks; chance "
+                f"level (the tumour's share of the brain area): {_fmt(chance['mean'], chance['std'])}. The "
+                "abnormal map should sit on the tumour, the normal map outside it. Seconds per explanation: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in shares["seconds_per_explanation"].items()),
+            )
+        )
+    return Section("Explanations (RELAX)", items)
+
+
 def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | None] = lambda: None) -> Path:
     """Run the demo end to end; returns the path of the report's ``index.html``."""
+    from fdn_core.baselines.methods import BaselineEmbedding
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import find_cases, load_case
     from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, margin_lines, write_retrieval_report
+    from fdn_core.explain import RelaxConfig
     from fdn_core.model.bundle import load_bundle
+    from fdn_core.report.explain_figure import explain_evaluation
     from fdn_core.report.html import Bullets, Image, Section, Table, write_html_report
     from fdn_core.report.montage import render_retrieval_montage
     from fdn_core.retrieval import Retriever, index_cohort, load_hamming_codes
@@ -318,6 +380,9 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
         f"2/5 load model bundle {settings.model}", lambda: load_bundle(settings.model, settings.device)
     )
     print(f"   model {bundle.fingerprint[:12]} on {bundle.device}")
+    baselines = _load_baselines(settings)
+    if baselines:
+        print(f"   baselines: {', '.join(f'{b.name} ({b.fingerprint[:12]})' for b in baselines)}")
     references, queries = split_cases(meta, settings.query_fraction, settings.seed)
     print(f"   {len(references)} reference cases, {len(queries)} held-out query cases")
     db_path = out / "db"
@@ -337,6 +402,7 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
             top=settings.top,
             distances=settings.distances,
             progress=progress_factory(),
+            methods=[BaselineEmbedding(b) for b in baselines],
         ),
     )
     json_path, md_path = write_retrieval_report(result, report_dir)
@@ -396,6 +462,15 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
             reports = {"normal": hamming[0].report, "abnormal": hamming[1].report}
             made["binarization"] = (reports, _binarization_figure(reports, report_dir / "binarization.png"))
         made["curve"] = _training_curve(Path(settings.model), report_dir / "training_curve.png")
+        if settings.explain_queries > 0:
+            made["explain"] = explain_evaluation(
+                bundle,
+                baselines,
+                result,
+                settings.explain_queries,
+                RelaxConfig(num_masks=settings.explain_masks),
+                report_dir / "explanation.png",
+            )
         return made
 
     made = timer.run("5/5 report figures", figures)
@@ -509,6 +584,8 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
                 ],
             )
         )
+    if made.get("explain") is not None:
+        sections.append(_explain_section(made["explain"], settings))
     if made["curve"] is not None:
         sections.append(Section("Shipped model", [Image(made["curve"].name, "Training curve")]))
     index = write_html_report(report_dir / "index.html", "FDN retrieval demo report", sections)
@@ -522,6 +599,7 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
             "queries": queries,
             "summary": summary,
             "margins": result.margins(),
+            "explanations": (made.get("explain") or {}).get("shares"),
             "retrieval_json": json_path.name,
             "retrieval_md": md_path.name,
         },

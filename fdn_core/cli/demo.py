@@ -34,6 +34,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_device(p)
     p.add_argument("--workers", type=int, default=None, help="phantom worker processes (default: all cores)")
     p.add_argument("--top", type=int, default=d.top)
+    p.add_argument(
+        "--embeddings",
+        nargs="*",
+        default=None,
+        metavar="NAME|FOLDER",
+        help="trained baselines beside the FDN (default: the shipped simsiam and ynet; none: skip them)",
+    )
+    p.add_argument(
+        "--explain-queries",
+        type=int,
+        default=d.explain_queries,
+        help=f"queries explained with RELAX for the mass shares (default {d.explain_queries}; 0: none)",
+    )
+    p.add_argument(
+        "--explain-masks", type=int, default=d.explain_masks, help=f"RELAX masks (default {d.explain_masks})"
+    )
     add_no_progress(p)
     p.set_defaults(func=run)
 
@@ -53,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         top=args.top,
+        embeddings=None if args.embeddings is None else tuple(args.embeddings),
+        explain_queries=args.explain_queries,
+        explain_masks=args.explain_masks,
     )
     run_demo(settings, lambda: tqdm_progress(disable=args.no_progress))
     return 0

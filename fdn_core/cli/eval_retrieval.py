@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "of --data that is not in the database; --leave-one-out: every database volume against all the "
             "others), retrieve the volume-wise top-k (own volume excluded) for each distance and similarity, "
             "and score the results by the Dice of their ground-truth labels against the query's, beside "
-            "trivial baselines (random, level prior, pooled pixels) and the oracle that maximises that Dice "
-            "directly. Writes retrieval_eval.json and retrieval_eval.md."
+            "trivial baselines (random, level prior, pooled pixels), trained baselines (--embeddings: "
+            "SimSiam, Y-Net hash codes) and the oracle that maximises that Dice directly; mAP@k, P@k and "
+            "mP@1..k under "
+            "several relevance definitions. Writes retrieval_eval.json and retrieval_eval.md."
         ),
     )
     add_db(parser, help="code database of the reference volumes")
@@ -56,6 +58,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=list(BASELINES),
         help="trivial baselines scored beside the FDN (default: all; give none to skip them)",
     )
+    parser.add_argument(
+        "--embeddings",
+        nargs="*",
+        default=[],
+        metavar="NAME|FOLDER",
+        help="trained baselines ranked on the same queries and references: the shipped simsiam and ynet, "
+        "baseline bundle folders (fdn train-baseline ... RUN/bundle), or KEY=FOLDER",
+    )
+    parser.add_argument(
+        "--level-tolerance",
+        type=float,
+        default=0.05,
+        help="relative axial distance within which a slice is at the query's level (relevance 'level')",
+    )
     parser.add_argument("--draws", type=positive_int, default=10, help="seeded draws of random baselines")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
     add_device(parser)
@@ -66,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fdn eval-retrieval``."""
+    from fdn_core.baselines.methods import load_embedding_methods
     from fdn_core.data.provenance import warn_training_overlap
     from fdn_core.errors import ConfigError
     from fdn_core.evaluation.retrieval_eval import evaluate_retrieval, markdown_report, write_retrieval_report
@@ -79,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: is a file; give a folder for the reports (made if missing)")
     bundle = load_bundle(args.model, device=args.device)
+    methods = load_embedding_methods(args.embeddings, device=args.device) if args.embeddings else []
     result = evaluate_retrieval(
         bundle,
         args.db,
@@ -92,10 +110,18 @@ def run(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         draws=args.draws,
         seed=args.seed,
+        methods=methods,
+        level_tolerance=args.level_tolerance,
     )
     overlap = warn_training_overlap(bundle.metadata, result.cases.values(), "fdn eval-retrieval")
     if overlap is not None:
         result.notes.append(overlap)
+    for m in methods:
+        overlap = warn_training_overlap(
+            m.bundle.metadata, result.cases.values(), f"fdn eval-retrieval ({m.key})"
+        )
+        if overlap is not None:
+            result.notes.append(f"{m.key}: {overlap}")
     json_path, md_path = write_retrieval_report(result, args.out)
     print(markdown_report(result))
     print(f"wrote {json_path} and {md_path}")

@@ -294,10 +294,14 @@ class LevelPrior(_RandomVolumes):
 
 class SliceEmbeddingMethod(RankingMethod):
     """A method that embeds each model-input slice into a vector and ranks by a distance between vectors;
-    volume-wise like the FDN (each volume's closest slice). Subclasses implement ``embed``."""
+    volume-wise like the FDN (each volume's closest slice). Subclasses implement ``embed``. The reference
+    vectors are searched exactly through ``fdn_core.codes.embedding_index.EmbeddingIndex``."""
 
     #: "l2" (Euclidean), "cosine" (1 - cosine similarity) or "hamming" (count of differing 0/1 features).
     metric: str = "l2"
+    #: Search backend of ``fdn_core.codes.embedding_index.EmbeddingIndex``: "auto" (faiss when installed for
+    #: l2 / cosine, numpy otherwise; Hamming: packed bits and ``np.bitwise_count``), "faiss" or "numpy".
+    backend: str = "auto"
 
     def __init__(self) -> None:
         self._queries: dict[int, np.ndarray] = {}
@@ -325,26 +329,21 @@ class SliceEmbeddingMethod(RankingMethod):
         return ref
 
     def distances(self, query: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        """(N,) float64 distances of every reference row to one query vector."""
-        if self.metric == "l2":
-            diff = ref.astype(np.float64) - query.astype(np.float64)
-            return np.sqrt(np.einsum("nf,nf->n", diff, diff))
-        if self.metric == "cosine":
-            r = ref.astype(np.float64)
-            qv = query.astype(np.float64)
-            denom = np.linalg.norm(r, axis=1) * np.linalg.norm(qv)
-            cos = np.divide(r @ qv, denom, out=np.zeros(r.shape[0]), where=denom > 0)
-            return 1.0 - cos
-        if self.metric == "hamming":
-            return np.count_nonzero(ref.astype(bool) != query.astype(bool), axis=1).astype(np.float64)
-        raise ConfigError(f"{self.key}: unknown metric {self.metric!r}; use 'l2', 'cosine' or 'hamming'")
+        """(N,) float64 distances of every reference row to one query vector (through ``EmbeddingIndex``)."""
+        from fdn_core.codes.embedding_index import EmbeddingIndex
+
+        return EmbeddingIndex(ref, self.metric, backend=self.backend).distances(query[None])[0]
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
-        ref = self.reference_matrix(ctx.num_rows)
+        from fdn_core.codes.embedding_index import EmbeddingIndex
+
         missing = [q for q in range(ctx.num_queries) if q not in self._queries]
         if missing:
             raise DataError(f"{self.key}: queries {missing} were never embedded")
-        return [ctx.volume_wise(self.distances(self._queries[q], ref), q) for q in range(ctx.num_queries)]
+        index = EmbeddingIndex(self.reference_matrix(ctx.num_rows), self.metric, backend=self.backend)
+        queries = np.stack([np.asarray(self._queries[q]) for q in range(ctx.num_queries)])
+        dist = index.distances(queries)
+        return [ctx.volume_wise(dist[q], q) for q in range(ctx.num_queries)]
 
 
 class PooledPixels(SliceEmbeddingMethod):
@@ -354,6 +353,7 @@ class PooledPixels(SliceEmbeddingMethod):
     key = "pooled_pixels"
     kind: MethodKind = "baseline"
     metric = "l2"
+    backend = "numpy"  # float64, exact: its ranking does not depend on whether faiss is installed
 
     def __init__(self, grid: tuple[int, int]) -> None:
         super().__init__()

@@ -39,6 +39,12 @@ Protocol (what ``evaluate_retrieval`` does)
   the number of relevant candidates (volume-wise: reference volumes with at least one relevant slice;
   slice-wise: relevant reference slices); queries with R = 0 are left out (AP undefined). mAP@k is the mean of
   AP@k over queries. ``P@k`` (precision of the k results) is reported beside it.
+- The same ranking metrics under the relevance definitions of the baselines' papers, where they transfer
+  (``RELEVANCES``): ``lesion`` (as above), ``lesion_classes`` (the same set of abnormal classes as the query
+  slice: seed 004's "same class"), ``level`` (relative axial level within ``level_tolerance``, default 0.05:
+  the same anatomical level) and ``classes_and_level`` (both); each with mAP@k, P@k and ``mP@1..k`` = the mean
+  of P@1..P@k (``mean_precision_1_to_k``; seed 003's eq. 5 calls it "MAP", its code averaged P@1..4 for
+  "MAP@5": we name it for what it is). Summary keys ``mAP@k[rel]``, ``P@k[rel]``, ``mP@1..k[rel]``.
 
 Labels are the cohort's at the model resolution (``volume_to_slices`` with the bundle's preprocess config), so
 the Dice compares exactly the slices the codes were computed from.
@@ -87,18 +93,24 @@ __all__ = [
     "COLUMNS",
     "DEFINITIONS",
     "ORACLE",
+    "RELEVANCES",
     "MethodInfo",
     "QueryInfo",
     "RetrievalEvaluation",
     "average_precision_at_k",
+    "class_set_codes",
     "evaluate_retrieval",
     "largest_tumour_slice",
     "margin_lines",
     "markdown_report",
+    "mean_precision_1_to_k",
     "method_table_rows",
     "oracle_volume_wise",
     "ordered_methods",
     "precision_at_k",
+    "relevance_markdown",
+    "relevance_matrices",
+    "relevance_table_rows",
     "volume_wise_best",
     "write_retrieval_report",
 ]
@@ -147,6 +159,67 @@ def average_precision_at_k(relevant_ranked: Sequence[bool], k: int, n_relevant: 
     return float((precisions * rel).sum() / min(k, n_relevant))
 
 
+def mean_precision_1_to_k(relevant_ranked: Sequence[bool], k: int) -> float:
+    """mP@1..k = (1/k) sum_{i=1..k} P@i: the mean of the precisions at 1..k. This is what seed 003 (eq. 5)
+    calls "MAP" (its code averaged P@1..4 for "MAP@5"); it is not the average precision: a relevant result at
+    rank 1 raises every P@i, so it weighs early hits more than AP@k does."""
+    if k < 1:
+        raise DataError(f"mean_precision_1_to_k: k must be at least 1, got {k}")
+    rel = np.zeros(k, dtype=bool)
+    given = np.asarray(relevant_ranked, dtype=bool)[:k]
+    rel[: given.size] = given
+    return float((np.cumsum(rel) / np.arange(1, k + 1)).mean())
+
+
+#: Relevance definitions of the ranking metrics (mAP@k, P@k, mP@1..k), by key.
+RELEVANCES: dict[str, str] = {
+    "lesion": "the retrieved slice has tumour labels (every protocol query has one)",
+    "lesion_classes": "the retrieved slice has exactly the query slice's set of abnormal classes "
+    "(NCR/NET, ED, "
+    "ET): seed 004's slice-level class transferred (same pathological pattern)",
+    "level": "the retrieved slice's relative axial level (slice index / (slices - 1)) is within the level "
+    "tolerance of the query's: the same anatomical level (seed 003's organ-present relevance transferred)",
+    "classes_and_level": "both: the same abnormal-class set at the same level (what S_sum asks; Y-Net's "
+    "training positives)",
+}
+
+
+def relevance_matrices(
+    query_class_set: np.ndarray,
+    query_level: np.ndarray,
+    ref_class_set: np.ndarray,
+    ref_level: np.ndarray,
+    level_tolerance: float,
+) -> dict[str, np.ndarray]:
+    """(Nq, N) boolean relevance of every reference row to every query, per ``RELEVANCES`` key.
+
+    Class sets are int codes (bit c-1 set when abnormal class c is present; 0 = no lesion); levels are
+    relative
+    axial positions in [0, 1]."""
+    qc, rc = np.asarray(query_class_set)[:, None], np.asarray(ref_class_set)[None, :]
+    lesion = np.broadcast_to(rc > 0, (qc.shape[0], rc.shape[1]))
+    classes = qc == rc
+    level = (
+        np.abs(np.asarray(query_level)[:, None] - np.asarray(ref_level)[None, :]) <= level_tolerance + 1e-12
+    )
+    return {
+        "lesion": np.array(lesion),
+        "lesion_classes": classes,
+        "level": level,
+        "classes_and_level": classes & level,
+    }
+
+
+def class_set_codes(seg: np.ndarray) -> np.ndarray:
+    """(N,) int lesion-class-set codes of label slices (N, H, W) (classes 0..3): sum of 2**(c-1) over the
+    abnormal classes present."""
+    flat = np.asarray(seg).reshape(np.asarray(seg).shape[0], -1)
+    out = np.zeros(flat.shape[0], dtype=np.int64)
+    for c in ABNORMAL_CLASSES:
+        out |= (flat == c).any(axis=1).astype(np.int64) << (c - 1)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- protocol
 
 #: Table columns: (key, engine search mode, score). Scores: "anatomy" Dice, "tumour" Dice, "mean" =
@@ -193,6 +266,8 @@ class RetrievalEvaluation:
     the baselines, any other methods and ``"oracle"`` (``methods`` describes each), columns the keys of
     ``COLUMNS`` that could be scored. ``draw_scores[method][column]`` (draws, Nq) and ``draw_retrieved`` keep
     every draw of multi-draw methods. ``cases`` holds the files of every query and reference case.
+    ``relevance[method][relevance][column]`` maps "AP", "P" and "mP" to (Nq,) arrays of AP@k, P@k and
+    mP@1..k under each relevance definition of ``RELEVANCES`` (mean over draws).
     """
 
     queries: list[QueryInfo]
@@ -209,6 +284,7 @@ class RetrievalEvaluation:
     draw_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     draw_retrieved: dict[str, dict[str, list[list[list[tuple[str, int]]]]]] = field(default_factory=dict)
     cases: dict[str, CaseFiles] = field(default_factory=dict)
+    relevance: dict[str, dict[str, dict[str, dict[str, np.ndarray]]]] = field(default_factory=dict)
 
     def info(self, method: str) -> MethodInfo:
         """The ``MethodInfo`` of a result key (FDN distances and the oracle when not recorded)."""
@@ -238,6 +314,13 @@ class RetrievalEvaluation:
                     f"mAP@{self.top}_queries": int(np.count_nonzero(~np.isnan(ap))),
                     f"P@{self.top}": _mean_std(self.precision[method][col])[0],
                 }
+                for rel, cols_rel in self.relevance.get(method, {}).items():
+                    metrics = cols_rel.get(col)
+                    if metrics is None:
+                        continue
+                    cell[f"mAP@{self.top}[{rel}]"] = _mean_std(metrics["AP"])[0]
+                    cell[f"P@{self.top}[{rel}]"] = _mean_std(metrics["P"])[0]
+                    cell[f"mP@1..{self.top}[{rel}]"] = _mean_std(metrics["mP"])[0]
                 draws = self.draw_scores.get(method, {}).get(col)
                 if draws is not None and draws.shape[0] > 1:
                     per_draw = np.asarray([_mean_std(d)[0] for d in draws])
@@ -311,6 +394,13 @@ class RetrievalEvaluation:
                         f"P@{self.top}": float(self.precision[method][col][i]),
                         "retrieved": [[c, int(s)] for c, s in self.retrieved[method][col][i]],
                     }
+                    rel_metrics = {
+                        rel: {m: float(v[i]) for m, v in cols_rel[col].items()}
+                        for rel, cols_rel in self.relevance.get(method, {}).items()
+                        if col in cols_rel
+                    }
+                    if rel_metrics:
+                        res["relevance"] = rel_metrics
                     draws = self.draw_retrieved.get(method, {}).get(col)
                     if draws is not None and len(draws) > 1:
                         res["draws"] = [
@@ -361,6 +451,9 @@ DEFINITIONS: dict[str, str] = {
     "labels (as the query does); R: reference volumes with at least one tumour slice; queries with R = 0 "
     "left out",
     "P@k": "share of the k results with tumour labels (k = min(top, number of reference volumes))",
+    "mP@1..k": "mean of P@1 .. P@k: what seed 003 (eq. 5) calls MAP; not an average precision",
+    "relevance": "mAP@k[r], P@k[r], mP@1..k[r] use relevance r: "
+    + "; ".join(f"{k}: {v}" for k, v in RELEVANCES.items()),
     "mean +- std": "over queries, population standard deviation (ddof = 0)",
 }
 
@@ -438,6 +531,7 @@ def evaluate_retrieval(
     seed: int = 0,
     methods: Sequence[RankingMethod] = (),
     workers: int = 2,
+    level_tolerance: float = 0.05,
 ) -> RetrievalEvaluation:
     """Run the paper's retrieval evaluation (module docstring) of ``bundle``'s database ``db``.
 
@@ -447,6 +541,7 @@ def evaluate_retrieval(
     database recorded. ``baselines`` (``BASELINES``) are evaluated beside the FDN ``distances`` on the same
     queries and references, the random ones over ``draws`` draws seeded by ``seed``; ``methods`` adds other
     ranking methods (``fdn_core.evaluation.ranking``). ``workers`` threads load volumes ahead.
+    ``level_tolerance``: the "level" relevance's largest relative axial distance (``RELEVANCES``).
     """
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import CaseFiles, find_cases
@@ -570,6 +665,8 @@ def evaluate_retrieval(
     anatomy: np.ndarray | None = np.zeros((nq, n), dtype=np.float64)
     no_anat: list[str] = [q.info.case_id for q in qslices if q.anat is None]
     ref_tumour = np.zeros(n, dtype=bool)
+    ref_class = np.zeros(n, dtype=np.int64)
+    ref_level = np.zeros(n, dtype=np.float64)
     depth = np.zeros(len(case_names), dtype=np.int64)
     q_seg = np.stack([q.seg for q in qslices])
     q_anat = None if no_anat else np.stack([q.anat for q in qslices])
@@ -595,6 +692,8 @@ def evaluate_retrieval(
         seg = stack.seg[ks]
         tumour[:, lo:hi] = dice_matrix(q_seg, seg, ABNORMAL_CLASSES)
         ref_tumour[lo:hi] = (seg.reshape(seg.shape[0], -1) > 0).any(axis=1)
+        ref_class[lo:hi] = class_set_codes(seg)
+        ref_level[lo:hi] = ks / max(stack.seg.shape[0] - 1, 1)
         if stack.anat is None:
             no_anat.append(cid)
         if anatomy is not None and not no_anat:
@@ -622,6 +721,10 @@ def evaluate_retrieval(
     vol_has_tumour = np.zeros(len(case_names), dtype=bool)
     np.logical_or.at(vol_has_tumour, row_volume, ref_tumour)
     n_relevant = [int(vol_has_tumour.sum()) - (1 if o is not None and vol_has_tumour[o] else 0) for o in own]
+    q_class = class_set_codes(q_seg)
+    q_level = np.asarray([q.info.slice_index / max(q.depth - 1, 1) for q in qslices])
+    rel_tables = relevance_matrices(q_class, q_level, ref_class, ref_level, level_tolerance)
+    rel_counts = {name: _relevant_volumes(table, starts, own) for name, table in rel_tables.items()}
     k_eff = [min(top, len(case_names) - (1 if o is not None else 0)) for o in own]
     if min(k_eff) < 1:
         raise DataError(f"{db.path} holds no volume other than the query's own; add reference cases")
@@ -653,6 +756,7 @@ def evaluate_retrieval(
     draw_scores: dict[str, dict[str, np.ndarray]] = {}
     draw_retrieved: dict[str, dict[str, list[list[list[tuple[str, int]]]]]] = {}
     seconds: dict[str, float] = {}
+    relevance: dict[str, dict[str, dict[str, dict[str, np.ndarray]]]] = {}
 
     total = sum(m.draws * (len(similarities) if m.per_similarity else 1) for m in all_methods)
     done = 0
@@ -664,6 +768,10 @@ def evaluate_retrieval(
         d_ap = {s.key: np.full((nd, nq), np.nan) for s in similarities}
         d_prec = {s.key: np.full((nd, nq), np.nan) for s in similarities}
         d_ret: dict[str, list[list[list[tuple[str, int]]]]] = {s.key: [] for s in similarities}
+        d_rel = {
+            r: {s.key: {m: np.full((nd, nq), np.nan) for m in ("AP", "P", "mP")} for s in similarities}
+            for r in rel_tables
+        }
         t0 = time.perf_counter()
         # A per-similarity method ranks once per similarity; a single-embedding method ranks once and that
         # ranking is scored for every similarity.
@@ -678,6 +786,9 @@ def evaluate_retrieval(
                         ctx, key, ranked, tables[s.score], ref_tumour, n_relevant
                     )
                     d_scores[s.key][d], d_ap[s.key][d], d_prec[s.key][d] = dice, ap_d, prec_d
+                    for r, table in rel_tables.items():
+                        for metric, values in _relevance_scores(ctx, ranked, table, rel_counts[r]).items():
+                            d_rel[r][s.key][metric][d] = values
                     d_ret[s.key].append(named)
                 done += 1
                 if progress is not None:
@@ -687,6 +798,10 @@ def evaluate_retrieval(
         ap[key] = {c: _nanmean0(v) for c, v in d_ap.items()}
         prec[key] = {c: v.mean(axis=0) for c, v in d_prec.items()}
         retrieved[key] = {c: v[0] for c, v in d_ret.items()}
+        relevance[key] = {
+            r: {c: {metric: _nanmean0(v) for metric, v in ms.items()} for c, ms in cols.items()}
+            for r, cols in d_rel.items()
+        }
         if nd > 1:
             draw_scores[key] = d_scores
             draw_retrieved[key] = d_ret
@@ -708,6 +823,7 @@ def evaluate_retrieval(
         "num_reference_volumes": len(case_names),
         "num_reference_slices": n,
         "query_selection": selection,
+        "level_tolerance": level_tolerance,
     }
     return RetrievalEvaluation(
         queries=[q.info for q in qslices],
@@ -724,6 +840,7 @@ def evaluate_retrieval(
         draw_scores=draw_scores,
         draw_retrieved=draw_retrieved,
         cases=used_cases,
+        relevance=relevance,
     )
 
 
@@ -762,6 +879,39 @@ def _score_ranking(
         prec[qi] = precision_at_k(rel, k)
         named.append([(str(ctx.case_names[v]), int(ctx.slice_indices[r])) for r, v in zip(rows, vols)])
     return dice, ap, prec, named
+
+
+def _relevant_volumes(table: np.ndarray, starts: np.ndarray, own: Sequence[int | None]) -> list[int]:
+    """Per query: candidate volumes (own excluded) holding at least one relevant row of ``table`` (Nq, N)."""
+    nv = len(starts) - 1
+    per_volume = np.zeros((table.shape[0], nv), dtype=bool)
+    for v in range(nv):
+        lo, hi = int(starts[v]), int(starts[v + 1])
+        if hi > lo:
+            per_volume[:, v] = table[:, lo:hi].any(axis=1)
+    counts = []
+    for q, o in enumerate(own):
+        c = int(per_volume[q].sum())
+        if o is not None and per_volume[q, o]:
+            c -= 1
+        counts.append(c)
+    return counts
+
+
+def _relevance_scores(
+    ctx: RankingContext, ranked: Sequence[np.ndarray], table: np.ndarray, n_relevant: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """Per query AP@k, P@k and mP@1..k of the ranked rows under the relevance ``table`` (Nq, N)."""
+    nq = ctx.num_queries
+    out = {m: np.full(nq, np.nan) for m in ("AP", "P", "mP")}
+    for qi, rows in enumerate(ranked):
+        rows = np.asarray(rows, dtype=np.int64)
+        rel = table[qi, rows]
+        k = ctx.k[qi]
+        out["AP"][qi] = average_precision_at_k(rel, k, n_relevant[qi])
+        out["P"][qi] = precision_at_k(rel, k)
+        out["mP"][qi] = mean_precision_1_to_k(rel, k)
+    return out
 
 
 def _nanmean0(values: np.ndarray) -> np.ndarray:
@@ -827,6 +977,43 @@ def margin_lines(result: RetrievalEvaluation) -> list[str]:
     return lines
 
 
+def relevance_table_rows(result: RetrievalEvaluation, relevance: str) -> tuple[list[str], list[list[str]]]:
+    """(similarity columns, rows) of ``mAP@k / P@k / mP@1..k`` under one relevance definition."""
+    summary = result.summary()
+    methods = ordered_methods(result, summary)
+    cols = list(summary[methods[0]]) if methods else []
+    k = result.top
+    rows = []
+    for m in methods:
+        cells = []
+        for c in cols:
+            e = summary[m][c]
+            keys = (f"mAP@{k}[{relevance}]", f"P@{k}[{relevance}]", f"mP@1..{k}[{relevance}]")
+            cells.append(" / ".join(_fmt(e.get(key)) for key in keys))
+        rows.append([result.info(m).label, *cells])
+    return cols, rows
+
+
+def relevance_markdown(result: RetrievalEvaluation) -> list[str]:
+    """Markdown lines: one table of mAP@k / P@k / mP@1..k per relevance definition (``RELEVANCES``)."""
+    if not result.relevance:
+        return []
+    k = result.top
+    tol = result.settings.get("level_tolerance")
+    lines = [
+        "",
+        f"## Ranking metrics by relevance: mAP@{k} / P@{k} / mP@1..{k}",
+        "",
+        f"mP@1..{k} is the mean of P@1..P@{k} (what seed 003 calls MAP). Level tolerance: {tol}. Methods "
+        "with one embedding rank once: their three columns are the same ranking.",
+    ]
+    for rel, text in RELEVANCES.items():
+        cols, rows = relevance_table_rows(result, rel)
+        lines += ["", f"### Relevance `{rel}`: {text}", "", "| Method | " + " | ".join(cols) + " |"]
+        lines += ["|---|" + "---|" * len(cols), *(f"| {' | '.join(r)} |" for r in rows)]
+    return lines
+
+
 def markdown_report(result: RetrievalEvaluation) -> str:
     """Table-2-like markdown: one table of every method (mean ± std Dice, ratio to the oracle), the margin of
     the FDN over the trivial baselines per similarity, and mAP@k / P@k."""
@@ -869,6 +1056,7 @@ def markdown_report(result: RetrievalEvaluation) -> str:
     for m in methods:
         cells = [f"{_fmt(summary[m][c][f'mAP@{k}'])} / {_fmt(summary[m][c][f'P@{k}'])}" for c in cols]
         lines.append(f"| {result.info(m).label} | " + " | ".join(cells) + " |")
+    lines += relevance_markdown(result)
     lines += ["", "## Definitions", "", *(f"- **{name}**: {text}" for name, text in DEFINITIONS.items())]
     if result.notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in result.notes)]
