@@ -175,6 +175,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     # ---------------------------------------------------------------- setup and lifecycle
     def setup(self) -> None:
+        """Build the panel from its .ui file and connect the widgets."""
         ScriptedLoadableModuleWidget.setup(self)
         problem = versionProblem()
         if problem:
@@ -237,6 +238,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.logic.clearResults()
 
     def enter(self) -> None:
+        """Make sure the parameter node exists when the module is shown."""
         if self.logic is None:
             return
         self.initializeParameterNode()
@@ -244,12 +246,14 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._offerDemoOnce()
 
     def exit(self) -> None:
+        """Stop observing the parameter node when the module is hidden."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        """Forget the parameter node before the scene closes."""
         self._stopWork()
         if self._follower is not None:
             self._follower.remove()
@@ -259,16 +263,19 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
+        """Make a fresh parameter node after the scene closed."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def onNodeAdded(self, caller: Any, event: Any, node: Any) -> None:
+        """Offer a volume loaded into the scene as a sequence of the study."""
         # Volumes loaded after the module was opened pre-fill empty sequence selectors (once loading is done).
         if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
             qt.QTimer.singleShot(0, self._autoFillEmpty)
 
     def initializeParameterNode(self) -> None:
+        """Make (or find) the parameter node and fill in default model and database."""
         self.setParameterNode(self.logic.getParameterNode())
         self._autoFillEmpty()
         pn = self._parameterNode
@@ -280,6 +287,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 pn.databasePath = database
 
     def setParameterNode(self, inputParameterNode: SlicerFDNRetrievalParameterNode | None) -> None:
+        """Observe ``inputParameterNode`` and show its values in the panel."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
@@ -365,6 +373,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 setattr(pn, f"{key}Volume", found[key])
 
     def onAutoFill(self) -> None:
+        """Assign the scene's volumes to the four sequences by their names."""
         from FDNRetrievalLib.naming import describe_missing, match_sequence_nodes
 
         found = match_sequence_nodes(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
@@ -409,6 +418,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._buildDemo(confirm=False)
 
     def onUseDemo(self) -> None:
+        """Select the demo model and database."""
         model, _database = self.logic.defaultResourcePaths()
         if model is None:
             slicer.util.warningDisplay(
@@ -425,6 +435,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._buildDemo(confirm=True)
 
     def onBuildDemo(self) -> None:
+        """Build the demo database in the worker, with progress and Cancel."""
         self._buildDemo(confirm=True)
 
     def _buildDemo(self, confirm: bool) -> None:
@@ -461,6 +472,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._updateDemoStatus()
 
     def onRemoveDemo(self) -> None:
+        """Delete what the demo build made, after asking."""
         from FDNRetrievalLib import demo
 
         folder = demoRoot() / "demo"
@@ -485,6 +497,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     # ---------------------------------------------------------------- dependencies
     def onInstall(self) -> None:
+        """Install the Python packages the module needs, after asking."""
         with self._userErrors("Installing the Python packages failed.", waitCursor=True):
             installed = self.logic.ensureDependencies(self._parameterNode.wheelhousePath)
             slicer.util.infoDisplay(
@@ -495,6 +508,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             )
 
     def onUninstall(self) -> None:
+        """Uninstall fdn-retrieval from Slicer's Python, after asking."""
         if not slicer.util.confirmOkCancelDisplay(
             "Remove the fdn-retrieval Python package (fdn_core) from Slicer's Python? Its dependencies and "
             "PyTorch stay installed. The module installs it again on next use.",
@@ -566,6 +580,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._updateButtons()
 
     def onCancel(self) -> None:
+        """Ask the running task to stop."""
         if self._poller is not None and self._poller.busy:
             self._poller.cancel()
             self.ui.cancelButton.enabled = False
@@ -583,6 +598,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     # ---------------------------------------------------------------- encode
     def onEncode(self) -> None:
+        """Encode the study's slices in the worker; segmentation and reconstruction on completion."""
         pn = self._parameterNode
         if (
             not _pathSet(pn.databasePath)
@@ -652,6 +668,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._followingView = False
 
     def onQuerySliceFromView(self) -> None:
+        """Take the query slice from the query view's current position."""
         with self._userErrors("Could not read the viewed slice."):
             if self._follower is None:
                 from fdn_core.errors import DataError
@@ -661,6 +678,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     # ---------------------------------------------------------------- search
     def onSearch(self) -> None:
+        """Search the database with the query slice and show the results layout."""
         with self._userErrors("Could not search the database.", waitCursor=True):
             pn = self._parameterNode
             if pn.followView and self._follower is not None:
@@ -713,6 +731,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self._updateButtons()
 
     def onResultClicked(self, index: Any) -> None:
+        """Show the clicked result large, at its slice."""
         with self._userErrors("Could not show this result.", waitCursor=True):
             proxy = self.ui.resultsTableView.sortFilterProxyModel()
             row = int(proxy.mapToSource(index).row()) if proxy is not None else int(index.row())
@@ -724,6 +743,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             slicer.util.showStatusMessage(caption, 5000)
 
     def onBackToResults(self) -> None:
+        """Return from one result to the results layout."""
         with self._userErrors("Could not show the results."):
             layoutManager = slicer.app.layoutManager()
             layoutNode = layoutManager.layoutLogic().GetLayoutNode()
@@ -735,6 +755,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             self.explainButton.enabled = False
 
     def onExplain(self) -> None:
+        """Compute a RELAX explanation of the result shown large and overlay it."""
         with self._userErrors("Could not explain this result."):
             if self._detailRow is None:
                 from fdn_core.errors import DataError
@@ -805,17 +826,20 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         self._searchSettings: Any = None
 
     def getParameterNode(self) -> SlicerFDNRetrievalParameterNode:
+        """The module's parameter node (made on first use)."""
         return SlicerFDNRetrievalParameterNode(super().getParameterNode())
 
     # ---------------------------------------------------------------- resources and demo
     @staticmethod
     def defaultResourcePaths() -> tuple[pathlib.Path | None, pathlib.Path | None]:
+        """The shipped model folder and the demo database, where they exist."""
         from FDNRetrievalLib.deps import default_resource_paths
 
         return default_resource_paths(MODULE_DIR, demoRoot())
 
     @staticmethod
     def demoPlan() -> Any:
+        """What building the demo will cost (cases, size, time), before it starts."""
         from FDNRetrievalLib.demo import DemoPlan
 
         return DemoPlan()
@@ -842,6 +866,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return tasks.BackgroundTask(work, name="FDN demo database")
 
     def removeDemo(self) -> int:
+        """Delete the demo folder's cohort and database; the number of files removed."""
         from FDNRetrievalLib.demo import remove_demo
 
         return remove_demo(demoRoot())
@@ -935,6 +960,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def uninstallPackage() -> None:
+        """Uninstall fdn-retrieval from Slicer's Python."""
         from FDNRetrievalLib.deps import DISTRIBUTION
 
         slicer.util.pip_uninstall(DISTRIBUTION)
@@ -989,6 +1015,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return tasks.BackgroundTask(work, name="FDN encode")
 
     def resourcesSummary(self) -> str:
+        """One line on the model, the database and the device in use."""
         r = self._resources
         return (
             f"Model {r.model_path.name} ({r.bundle.fingerprint[:12]}), database with {len(r.database.cases)} "
@@ -996,6 +1023,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         )
 
     def deviceWarning(self) -> str | None:
+        """A warning when encoding will run slowly (no GPU), else None."""
         from FDNRetrievalLib import workflow
 
         return workflow.device_warning(self._resources.bundle, self.study.shape[2])
@@ -1031,6 +1059,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- search
     @staticmethod
     def makeQueryFollower(onChange: Callable[[int], None]) -> Any:
+        """Follow the query view's slice and call ``onChange`` with its index."""
         from FDNRetrievalLib.views import QueryFollower
 
         return QueryFollower(slicer.mrmlScene, onChange)
@@ -1039,6 +1068,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
     def searchSettings(
         querySlice: int, mode: str, distance: str, topK: int, volumeWise: bool, abnormalSlice: Any
     ) -> Any:
+        """The panel's search settings as the library's ``SearchSettings``."""
         from FDNRetrievalLib import workflow
 
         return workflow.SearchSettings(
@@ -1075,6 +1105,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return tasks.BackgroundTask(work, name="FDN search")
 
     def publishHits(self, hits: list[Any]) -> Any:
+        """Put the hits in the scene's results table node and return it."""
         from FDNRetrievalLib import scene
 
         self._hits = list(hits)
@@ -1082,21 +1113,25 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return self._table
 
     def showTable(self) -> None:
+        """Show the results table in the layout's table view."""
         from FDNRetrievalLib import scene
 
         if self._table is not None:
             scene.show_table_in_view(slicer.mrmlScene, self._table)
 
     def numHits(self) -> int:
+        """Number of hits of the last search."""
         return len(self._hits)
 
     @staticmethod
     def registerLayout(layoutNode: Any, topK: int) -> int:
+        """Register the results layout for ``topK`` hits; its layout id."""
         from FDNRetrievalLib import scene
 
         return scene.register_results_layout(layoutNode, max(1, topK))
 
     def showQuery(self, volume: Any, querySlice: int, fitView: Any) -> None:
+        """Show the query volume at ``querySlice`` in the query view."""
         from FDNRetrievalLib import scene
 
         scene.assign_view_volumes(slicer.mrmlScene, scene.QUERY_VIEW, volume)
@@ -1120,6 +1155,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return CaseFiles.from_database(self._database(), hit.case_id)
 
     def showHit(self, hit: Any, sequence: str, fitView: Any) -> None:
+        """Show a hit's case at its slice (``sequence`` as background, labels overlaid)."""
         from FDNRetrievalLib import scene
 
         case = scene.load_reference_case(
@@ -1190,6 +1226,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return nodes
 
     def linkResultViews(self) -> None:
+        """Link zoom and pan of the result views."""
         from FDNRetrievalLib import scene, views
 
         if self._viewLink is not None:
@@ -1218,9 +1255,11 @@ class SlicerFDNRetrievalTest(ScriptedLoadableModuleTest):
     in testing mode nothing is installed unless FDNRETRIEVAL_TEST_INSTALL=1 is set."""
 
     def setUp(self) -> None:
+        """Start from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        """Run the module's self-tests."""
         self.setUp()
         self.test_SlicerFDNRetrievalScenario()
         self.setUp()
@@ -1235,6 +1274,7 @@ class SlicerFDNRetrievalTest(ScriptedLoadableModuleTest):
             self.skipTest(f"FDN Retrieval's Python packages are not installed ({exc})")
 
     def test_SlicerFDNRetrievalScenario(self) -> None:
+        """Encode a tiny study, search a tiny database and check the results on real MRML."""
         self.delayDisplay("Checking the Python packages")
         self._requirePackages()
         from FDNRetrievalLib import scenario

@@ -15,6 +15,8 @@ import pytest
 
 from fdn_core.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # trains both baselines
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

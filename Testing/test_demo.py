@@ -14,6 +14,8 @@ import pytest
 
 from fdn_core.cli import main
 
+pytestmark = pytest.mark.slow  # the demo end to end and its report in headless Chromium
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

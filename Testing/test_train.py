@@ -164,6 +164,7 @@ def _state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tiny_cohort: Path, cache_dir: Path, tmp_path: Path) -> None:
     from fdn_training.train import train
 
@@ -286,6 +287,7 @@ def test_too_few_cases_is_a_clear_error(tiny_cohort: Path, tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
     from fdn_core.cli import main
     from fdn_core.data.cache import SliceCache
@@ -366,6 +368,7 @@ def test_fdn_train_cli_end_to_end(tiny_cohort: Path, cache_dir: Path, tmp_path: 
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_warm_start_from_another_run(tiny_cohort: Path, cache_dir: Path, tmp_path: Path) -> None:
     from fdn_training.train import load_checkpoint, train
 

@@ -225,7 +225,8 @@ class CaseEncoder(Protocol):
         db: CodeDatabase,
         files: Sequence[CaseFiles],
         batch_size: int | None,
-    ) -> Iterator[EncodedCase]: ...
+    ) -> Iterator[EncodedCase]:
+        """Yield the encoded cases of ``files`` in order, skipping those ``db`` holds."""
 
 
 class EncoderFailed(DataError):

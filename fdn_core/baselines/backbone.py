@@ -65,6 +65,7 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the block's output."""
         return self.act(self.body(x) + self.shortcut(x))
 
 
@@ -97,6 +98,7 @@ class ResNetBackbone(nn.Module):
         return self.config.widths[-1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 4, S, S) slices -> the feature maps of the four stages (strides 2 to 16)."""
         h = self.stem(x)
         maps = []
         for stage in self.stages:

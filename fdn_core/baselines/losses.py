@@ -67,6 +67,7 @@ class SimSiamLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Symmetric negative cosine of predictions and stop-gradient projections (SimSiam)."""
         return 0.5 * negative_cosine(p1, z2, True, self.reduction) + 0.5 * negative_cosine(
             p2, z1, True, self.reduction
         )
@@ -115,6 +116,7 @@ class CircleLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
     ) -> torch.Tensor:
+        """Circle loss over the pairs of a batch (``positive``/``negative``: boolean pair masks)."""
         b = embeddings.shape[0]
         if positive.shape != (b, b) or negative.shape != (b, b):
             raise DataError(f"circle loss: pair masks must be ({b}, {b})")
@@ -188,6 +190,7 @@ class YNetLoss(nn.Module):
         seg: torch.Tensor,
         levels: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Y-Net's coupled loss (segmentation, presence, circle, quantisation) and its terms."""
         c = self.config
         presence = presence_from_seg(seg, class_logits.shape[1])
         class_sets = class_set_codes(presence)

@@ -49,6 +49,7 @@ class BaselineEmbedding(SliceEmbeddingMethod):
             )
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        """(n, 4, S, S) model-input slices -> the bundle's retrieval vectors."""
         return self.bundle.embed(images)
 
 

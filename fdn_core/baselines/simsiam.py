@@ -85,6 +85,7 @@ class SimSiam(nn.Module):
         return self.encoder.pooled(x)
 
     def forward(self, x: torch.Tensor) -> SimSiamOutput:
+        """(B, 4, S, S) slices -> embedding, projection and prediction."""
         h = self.embed(x)
         z = self.projector(h)
         return SimSiamOutput(h=h, z=z, p=self.predictor(z))

@@ -103,6 +103,7 @@ class YNet(nn.Module):
         return rmac(self.rmac_conv(core), self.config.rmac_scales)
 
     def forward(self, x: torch.Tensor) -> YNetOutput:
+        """(B, 4, S, S) slices -> segmentation logits, class logits and relaxed hash codes."""
         maps = self.encoder(x)
         top = self.lateral[-1](maps[-1])
         for lateral, fmap in zip(reversed(self.lateral[:-1]), reversed(maps[:-1])):

@@ -590,7 +590,7 @@ def _case_params(seed: int, index: int, shape: tuple[int, int, int]) -> _CasePar
     # (partly) the ventricles.
     scale = rng.uniform(0.81, 0.97) * rng.uniform(0.95, 1.05, 3)
     tilt = rng.uniform([-10.0, -8.0, -10.0], [10.0, 8.0, 10.0])
-    rotation = _rotation(tilt)
+    rotation = _rotation(tilt.tolist())
     shift = np.array(
         [rng.normal(0, 3.0), float(np.clip(rng.normal(0, 3.0), -6, 6)), rng.uniform(-16.0, 16.0)]
     )
@@ -1030,9 +1030,9 @@ def _render_case(p: _CaseParams) -> _Rendered:
         sigma_mm = np.array([contrast.inplane_blur_mm[ci]] * 2 + [0.42 * contrast.slice_thickness_mm[ci]])
         if float((sigma_mm / spacing).max()) >= 0.2:
             value = smooth(value, sigma_mm)
-        noise = float(contrast.noise[ci]) * float(max(t[1], t[2]))
-        real = value + noise * crng.standard_normal(n, dtype=np.float32)
-        imag = noise * crng.standard_normal(n, dtype=np.float32)
+        noise_sd = float(contrast.noise[ci]) * float(max(t[1], t[2]))
+        real = value + noise_sd * crng.standard_normal(n, dtype=np.float32)
+        imag = noise_sd * crng.standard_normal(n, dtype=np.float32)
         value = np.sqrt(real * real + imag * imag)
         out = np.zeros(shape, np.int16)
         out.ravel()[flat] = np.clip(np.rint(value * float(contrast.gain[ci])), 1, 32767).astype(np.int16)
@@ -1152,7 +1152,7 @@ def _check_arguments(
         raise ConfigError(
             f"phantom cohort: workers={workers!r} must be a positive integer (or None for all cores)"
         )
-    return int(n_cases), int(seed), shape_t, min(int(workers), int(n_cases))  # type: ignore[return-value]
+    return int(n_cases), int(seed), shape_t, min(int(workers), int(n_cases))
 
 
 def generate_cohort(

@@ -192,6 +192,7 @@ class FDNDistance(RankingMethod):
         self.description = f"FDN code search, {distance} distance between code grids"
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
+        """Volume-wise top-k of every query by the database's code distance."""
         from fdn_core.codes.search import Query
 
         assert similarity is not None
@@ -215,6 +216,7 @@ class Oracle(RankingMethod):
     description = "brutal search: volume-wise top-k ranked by the reported score itself, from ground truth"
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
+        """Volume-wise top-k of every query by the score itself (ground truth)."""
         assert similarity is not None
         table = ctx.scores[similarity.score]
         return [ctx.volume_wise(table[q], q, higher_is_better=True) for q in range(ctx.num_queries)]
@@ -312,9 +314,11 @@ class SliceEmbeddingMethod(RankingMethod):
         raise NotImplementedError
 
     def observe_query(self, q: int, images: np.ndarray, slice_index: int) -> None:
+        """Embed query ``q``'s slice ``slice_index`` of ``images``."""
         self._queries[q] = np.asarray(self.embed(images[slice_index : slice_index + 1]))[0]
 
     def observe_reference(self, volume: int, rows: slice, images: np.ndarray) -> None:
+        """Embed reference volume ``volume``'s slices (database ``rows``)."""
         feats = np.asarray(self.embed(images))
         if feats.shape[0] != rows.stop - rows.start:
             raise DataError(f"{self.key}: embed returned {feats.shape[0]} rows for {rows.stop - rows.start}")
@@ -335,6 +339,7 @@ class SliceEmbeddingMethod(RankingMethod):
         return EmbeddingIndex(ref, self.metric, backend=self.backend).distances(query[None])[0]
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
+        """Volume-wise top-k of every query by the embedding distance."""
         from fdn_core.codes.embedding_index import EmbeddingIndex
 
         missing = [q for q in range(ctx.num_queries) if q not in self._queries]
@@ -368,6 +373,7 @@ class PooledPixels(SliceEmbeddingMethod):
         )
 
     def embed(self, images: np.ndarray) -> np.ndarray:
+        """Z-score and average-pool the slices to the code grid."""
         import torch
         from torch.nn.functional import adaptive_avg_pool2d
 

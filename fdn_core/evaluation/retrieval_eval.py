@@ -579,7 +579,7 @@ def evaluate_retrieval(
 
     # ---- queries
     explicit = queries is not None
-    if explicit:
+    if queries is not None:
         missing = [q for q in queries if q not in cohort]
         if missing:
             raise DataError(
@@ -667,9 +667,9 @@ def evaluate_retrieval(
     ref_tumour = np.zeros(n, dtype=bool)
     ref_class = np.zeros(n, dtype=np.int64)
     ref_level = np.zeros(n, dtype=np.float64)
-    depth = np.zeros(len(case_names), dtype=np.int64)
+    volume_depth = np.zeros(len(case_names), dtype=np.int64)
     q_seg = np.stack([q.seg for q in qslices])
-    q_anat = None if no_anat else np.stack([q.anat for q in qslices])
+    q_anat = None if no_anat else np.stack([q.anat for q in qslices if q.anat is not None])
     slice_indices = np.asarray(db.slice_indices)
     ref_files = [case_files(cid) for cid in case_names]
     if progress is not None:
@@ -688,7 +688,7 @@ def evaluate_retrieval(
                 f"reference case {cid}: the database holds slice {int(ks.max())} but the volume has "
                 f"{stack.seg.shape[0]} slices; the files changed since indexing: re-index the case"
             )
-        depth[ci] = stack.seg.shape[0]
+        volume_depth[ci] = stack.seg.shape[0]
         seg = stack.seg[ks]
         tumour[:, lo:hi] = dice_matrix(q_seg, seg, ABNORMAL_CLASSES)
         ref_tumour[lo:hi] = (seg.reshape(seg.shape[0], -1) > 0).any(axis=1)
@@ -696,7 +696,7 @@ def evaluate_retrieval(
         ref_level[lo:hi] = ks / max(stack.seg.shape[0] - 1, 1)
         if stack.anat is None:
             no_anat.append(cid)
-        if anatomy is not None and not no_anat:
+        if anatomy is not None and q_anat is not None and stack.anat is not None and not no_anat:
             anatomy[:, lo:hi] = dice_matrix(q_anat, stack.anat[ks], ANATOMY_CLASSES)
         for m in all_methods:
             m.observe_reference(ci, slice(lo, hi), stack.images[ks])
@@ -742,7 +742,7 @@ def evaluate_retrieval(
         k=k_eff,
         case_names=case_names,
         volume_starts=starts,
-        volume_depth=depth,
+        volume_depth=volume_depth,
         row_volume=row_volume,
         slice_indices=slice_indices,
         scores=tables,

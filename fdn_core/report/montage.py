@@ -204,13 +204,13 @@ def render_retrieval_montage(
             except DataError as exc:
                 log.warning("montage: cannot show case %s: %s", hit.case_id, exc)
                 volumes[hit.case_id] = str(exc)
-        vol = volumes[hit.case_id]
+        entry = volumes[hit.case_id]
         caption = f"#{hit.rank} {hit.case_id}:{hit.slice_index}\nd={hit.distance:.4g}"
-        if isinstance(vol, str):
+        if isinstance(entry, str):
             size = query_case.image.shape[1:3]
             panels.append(MontagePanel(np.zeros(size, np.float32), caption + "\n(files missing)"))
         else:
-            panels.append(case_panel(vol, hit.slice_index, caption, channel))
+            panels.append(case_panel(entry, hit.slice_index, caption, channel))
     return render_montage(panels, png_path, title=title, ncols=ncols, show_anat=show_anat)
 
 

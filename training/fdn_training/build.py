@@ -21,7 +21,7 @@ def build_model(cfg: TrainConfig, device: torch.device, seed: int | None = None)
         quantizer.restart_threshold = cfg.codebook.restart_threshold
     model = model.to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing in torch's stubs
     return model
 
 

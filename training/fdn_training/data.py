@@ -103,8 +103,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
                     f"weights: expected {n_items} finite non-negative numbers with a positive sum"
                 )
             self.weights = w / w.sum()
-        self.sampler = DistributedSampler(
-            range(n_items),
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(n_items),  # type: ignore[arg-type]  # a Sized is all the sampler uses
             num_replicas=dist.world_size,
             rank=dist.rank,
             shuffle=True,
@@ -151,7 +151,7 @@ class TrainData:
     train_set: SliceDataset
     val_set: SliceDataset
     sampler: ResumableBatchSampler
-    loader: DataLoader
+    loader: DataLoader[Any]
     val_indices: list[int]
     local_batch: int
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +170,7 @@ class TrainData:
 def val_indices(n: int, max_slices: int, dist: DistInfo) -> list[int]:
     """Evenly spread validation indices (at most ``max_slices``), sharded over the processes."""
     if max_slices and n > max_slices:
-        chosen = np.unique(np.linspace(0, n - 1, max_slices).round().astype(int)).tolist()
+        chosen: list[int] = np.unique(np.linspace(0, n - 1, max_slices).round().astype(int)).tolist()
     else:
         chosen = list(range(n))
     return chosen[dist.rank :: dist.world_size]

@@ -204,7 +204,7 @@ class Trainer:
             if active == 0.0:
                 break  # no process has both healthy and diseased slices: nothing to learn from
             self.opt_c.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             average_gradients(params, self.dist, divisor=active)
             self.opt_c.step()
         return {k: v for k, v in terms.items() if k != "dm_active"}
@@ -219,7 +219,7 @@ class Trainer:
         try:
             total, terms = self.loss_fn.generator(out, x, seg, critic=self.model.critic, abnormal=flags)
             self.opt_g.zero_grad(set_to_none=True)
-            total.backward()
+            total.backward()  # type: ignore[no-untyped-call]
         finally:
             for p in critic_params:
                 p.requires_grad_(True)
@@ -242,7 +242,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self, dataset: Dataset, indices: list[int], batch_size: int) -> dict[str, float]:
+    def validate(self, dataset: Dataset[Any], indices: list[int], batch_size: int) -> dict[str, float]:
         """Validation loss (generator loss without the adversarial term) and pooled Dice of the abnormal
         classes. Sums are all-reduced over the processes, so every rank gets the same numbers."""
         self.model.eval()

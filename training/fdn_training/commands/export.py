@@ -8,7 +8,7 @@ from pathlib import Path
 __all__ = ["register", "run"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export`` subcommand."""
     parser = subparsers.add_parser(
         "export",
