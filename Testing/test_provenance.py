@@ -146,3 +146,14 @@ def test_eval_model_warns_about_training_cases(
     assert main([*common, "--held-out", "--device", "cpu", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert seen["cases"] == ids[2:3] and "WARNING" not in err and "by name only" in err
+
+
+def test_training_cohort_seeds_from_either_record() -> None:
+    from fdn_core.data.provenance import TRAIN_COHORT_SEED_KEY, training_cohort_seeds
+
+    assert training_cohort_seeds({TRAIN_COHORT_SEED_KEY: 11}) == [11]
+    assert training_cohort_seeds({TRAIN_COHORT_SEED_KEY: [3, 4]}) == [3, 4]
+    # FDN bundles exported before the key copy cohort.json's fields under "cohort".
+    assert training_cohort_seeds({"cohort": {"seed": 11, "n_cases": 120}}) == [11]
+    assert training_cohort_seeds({"cohort": {"n_cases": 120}}) == []
+    assert training_cohort_seeds({}) == []

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fdn_core.data.provenance import training_cohort_seeds
+
 if TYPE_CHECKING:
     from fdn_core.evaluation.retrieval_eval import RetrievalEvaluation
     from fdn_core.model.bundle import InferenceBundle
@@ -58,8 +60,6 @@ __all__ = ["KNOWN_TRAINING_SEEDS", "Target", "evaluate_targets", "main", "traini
 KNOWN_TRAINING_SEEDS: dict[str, tuple[int, ...]] = {
     "f4f5559c76c3f39c24fb6ccd069a4ac4636afb6ff3c42210aa3d2934d3755c76": (1,),
 }
-#: Bundle metadata key of the training cohort's phantom seed(s).
-SEED_KEY = "train_cohort_seed"
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,9 @@ class Target:
 
 def training_seeds(bundle: InferenceBundle, override: Sequence[int] | None) -> tuple[list[int], str]:
     """The training cohort's seed(s) and where they come from (empty list when unknown)."""
-    recorded = bundle.metadata.get(SEED_KEY)
-    if recorded is not None:
-        seeds = recorded if isinstance(recorded, list) else [recorded]
-        return [int(s) for s in seeds], f"bundle metadata {SEED_KEY!r}"
+    recorded = training_cohort_seeds(bundle.metadata)
+    if recorded:
+        return recorded, "the bundle's metadata"
     if override:
         return [int(s) for s in override], "--training-seed"
     known = KNOWN_TRAINING_SEEDS.get(bundle.fingerprint)
@@ -419,8 +418,9 @@ def run(args: argparse.Namespace) -> int:
             "data, not unseen data; choose other seeds"
         )
     for b in baselines:
-        recorded = b.metadata.get(SEED_KEY)
-        if recorded is not None and int(recorded) in seeds:
+        recorded_seeds = training_cohort_seeds(b.metadata)
+        if any(s in seeds for s in recorded_seeds):
+            recorded = recorded_seeds[0]
             raise ConfigError(
                 f"seed {recorded} is the training cohort of the {b.name} bundle {b.path}: not unseen data; "
                 "choose other seeds"
@@ -445,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
             b.kind: {
                 "path": str(b.path),
                 "fingerprint": b.fingerprint,
-                "train_cohort_seed": b.metadata.get(SEED_KEY),
+                "train_cohort_seed": (training_cohort_seeds(b.metadata) or [None])[0],
                 "budget": b.metadata.get("budget"),
             }
             for b in baselines
@@ -464,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
         f"{train_seeds or 'unknown'} (from {source})",
         *(
             f"- {b.name}: `{b.path}` ({b.fingerprint[:16]}), trained on cohort seed "
-            f"{b.metadata.get(SEED_KEY, 'unknown')}"
+            f"{(training_cohort_seeds(b.metadata) or ['unknown'])[0]}"
             for b in baselines
         ),
         f"- {args.cases} cases per cohort, shape {tuple(args.shape)}, volume-wise top-{args.top}, "

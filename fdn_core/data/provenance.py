@@ -28,10 +28,12 @@ from fdn_core.labels import MODALITIES
 __all__ = [
     "FINGERPRINTS_KEY",
     "TRAIN_CASES_KEY",
+    "TRAIN_COHORT_SEED_KEY",
     "ProvenanceWarning",
     "case_fingerprint",
     "cases_of",
     "overlap_message",
+    "training_cohort_seeds",
     "training_overlap",
     "warn_training_overlap",
 ]
@@ -40,7 +42,20 @@ __all__ = [
 FINGERPRINTS_KEY = "train_case_fingerprints"
 #: Bundle metadata key of the training case ids (recorded by ``fdn train``).
 TRAIN_CASES_KEY = "train_cases"
+#: Bundle metadata key of the phantom training cohort's seed (``fdn train`` and ``fdn train-baseline``).
+TRAIN_COHORT_SEED_KEY = "train_cohort_seed"
 _CHUNK = 1 << 20
+
+
+def training_cohort_seeds(metadata: Mapping[str, Any]) -> list[int]:
+    """The phantom seed(s) of a bundle's training cohort: ``train_cohort_seed``, or the seed in the copy of
+    ``cohort.json`` that FDN bundles exported before that key record under ``cohort``; [] when unknown."""
+    recorded = metadata.get(TRAIN_COHORT_SEED_KEY)
+    if recorded is None and isinstance(metadata.get("cohort"), Mapping):
+        recorded = metadata["cohort"].get("seed")
+    if recorded is None:
+        return []
+    return [int(s) for s in (recorded if isinstance(recorded, list) else [recorded])]
 
 
 class ProvenanceWarning(UserWarning):

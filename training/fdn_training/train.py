@@ -328,7 +328,7 @@ def _provenance(data_dir: Path, train_cases: list[str]) -> dict[str, Any]:
     """What the run trained on: ``train_case_fingerprints`` (case id -> sha256 of its four image files, in
     the order of ``train_cases``) and, for a phantom cohort, ``cohort`` (seed and generator of its
     cohort.json). A case that cannot be fingerprinted leaves the fingerprints out, with a warning."""
-    from fdn_core.data.provenance import FINGERPRINTS_KEY, case_fingerprint
+    from fdn_core.data.provenance import FINGERPRINTS_KEY, TRAIN_COHORT_SEED_KEY, case_fingerprint
     from fdn_core.data.readers import find_cases
 
     out: dict[str, Any] = {}
@@ -342,6 +342,8 @@ def _provenance(data_dir: Path, train_cases: list[str]) -> dict[str, Any]:
         try:
             cohort = json.loads(path.read_text(encoding="utf-8"))
             out["cohort"] = {k: cohort[k] for k in _COHORT_KEYS if k in cohort}
+            if "seed" in cohort:
+                out[TRAIN_COHORT_SEED_KEY] = int(cohort["seed"])
         except (OSError, ValueError, TypeError) as exc:
             log.warning("%s: unreadable (%s); the cohort's seed is not recorded", path, exc)
     return out

@@ -190,14 +190,20 @@ def _batches(cfg: TrainConfig, slices: BaselineSlices, rng: np.random.Generator)
 
 
 def _cohort_provenance(data_dir: Path, train_cases: list[str]) -> dict[str, Any]:
-    from fdn_core.data.provenance import FINGERPRINTS_KEY, TRAIN_CASES_KEY, case_fingerprint, cases_of
+    from fdn_core.data.provenance import (
+        FINGERPRINTS_KEY,
+        TRAIN_CASES_KEY,
+        TRAIN_COHORT_SEED_KEY,
+        case_fingerprint,
+        cases_of,
+    )
 
     out: dict[str, Any] = {"train_cohort": str(data_dir), TRAIN_CASES_KEY: list(train_cases)}
     meta_path = data_dir / "cohort.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if "seed" in meta:
-            out["train_cohort_seed"] = int(meta["seed"])
+            out[TRAIN_COHORT_SEED_KEY] = int(meta["seed"])
         if "generator_version" in meta:
             out["train_cohort_generator"] = str(meta["generator_version"])
     out[FINGERPRINTS_KEY] = {c.case_id: case_fingerprint(c) for c in cases_of(data_dir, train_cases)}
