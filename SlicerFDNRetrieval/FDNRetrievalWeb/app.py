@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from FDNRetrievalLib import tasks
 from FDNRetrievalLib import views as lib_views
 from FDNRetrievalLib.naming import SEQUENCE_LABELS
 
-from .studies import DisplayVolume, StudyCatalogue, UploadArea, read_display_volume
+from .studies import DisplayVolume, StudyCatalogue, UploadArea, ViewVolume, read_display_volume
 from .viewer import DETAIL_LAYOUT, DETAIL_VIEW, QUERY_VIEW, SessionViewer
 
 __all__ = ["POLL_S", "FDNWebApp", "WebSettings"]
@@ -104,6 +105,7 @@ class FDNWebApp:
         self.hits: list[Any] = []
         self.volumes: dict[tuple[str, str], DisplayVolume] = {}
         self._task: tasks.BackgroundTask[Any] | None = None
+        self._detail_rank: int | None = None
         self._upload_chunks: list[dict[str, Any]] = []
         self._message_ids = itertools.count(1)
         self._closed = False
@@ -182,9 +184,11 @@ class FDNWebApp:
         label: str,
         work: Callable[[Any], Any],
         on_done: Callable[[Any, tasks.TaskStatus], None],
+        on_tick: Callable[[], None] | None = None,
     ) -> bool:
-        """Run ``work(progress)`` in a worker thread; ``on_done(result, status)`` on the event loop. One task
-        at a time: False (and a message) while another one runs."""
+        """Run ``work(progress)`` in a worker thread; ``on_done(result, status)`` on the event loop, and
+        ``on_tick()`` at every poll meanwhile (to show partial results). One task at a time: False (and a
+        message) while another one runs."""
         if self._task is not None:
             self._message("info", f"Wait until '{self.state.fdn_busy_label}' has finished, or cancel it.")
             return False
@@ -196,7 +200,7 @@ class FDNWebApp:
             )
         from trame_server.utils.asynchronous import create_task
 
-        create_task(self._follow(task, label, on_done))
+        create_task(self._follow(task, label, on_done, on_tick))
         return True
 
     async def _follow(
@@ -204,6 +208,7 @@ class FDNWebApp:
         task: tasks.BackgroundTask[Any],
         label: str,
         on_done: Callable[[Any, tasks.TaskStatus], None],
+        on_tick: Callable[[], None] | None,
     ) -> None:
         try:
             while True:
@@ -211,6 +216,11 @@ class FDNWebApp:
                 with self.state:
                     self.state.fdn_progress = round(100.0 * status.fraction, 1)
                     self.state.fdn_progress_text = status.message or label
+                    if on_tick is not None and not status.finished:
+                        try:
+                            on_tick()
+                        except Exception as exc:  # showing partial results must not stop the polling
+                            self._report(label, exc)
                 if status.finished:
                     break
                 await asyncio.sleep(POLL_S)
@@ -220,11 +230,18 @@ class FDNWebApp:
             elif status.error is not None:
                 self._report(label, status.error)
             else:
+                applying = time.perf_counter()
                 try:
                     with self.state:
                         on_done(task.result(), status)
                 except Exception as exc:  # applying results must never take the page down
                     self._report(label, exc)
+                log.info(
+                    "%s: %.2f s in the worker, %.3f s applying the results on the event loop",
+                    label,
+                    status.elapsed_s,
+                    time.perf_counter() - applying,
+                )
         finally:
             self._task = None
             with self.state:
@@ -296,7 +313,8 @@ class FDNWebApp:
             for tag in (*sc.result_view_names(PREPARED_RESULTS), DETAIL_VIEW):
                 if self._closed:
                     return
-                self.viewer.ensure_view(tag)
+                with self.state:  # a view's page template is state: push it with the view, whole
+                    self.viewer.ensure_view(tag)
                 await asyncio.sleep(0.05)
 
         create_task(prepare())
@@ -320,13 +338,17 @@ class FDNWebApp:
         """Read and check the study's four sequences (worker), then show it (event loop)."""
         from fdn_core.data.readers import load_case
 
-        def work(progress: Any) -> Any:
-            progress.update(0, 1, f"Reading {files.case_id}")
+        def work(progress: Any) -> tuple[Any, dict[str, ViewVolume]]:
+            progress.update(0, 2, f"Reading {files.case_id}")
             case = load_case(files)
-            progress.update(1, 1, f"Read {files.case_id}")
-            return case
+            progress.update(1, 2, f"Preparing {files.case_id} for display")
+            inputs = {
+                m: ViewVolume.from_canonical(case.image[c], case.affine) for c, m in enumerate(MODALITIES)
+            }
+            return case, inputs
 
-        def done(case: Any, status: tasks.TaskStatus) -> None:
+        def done(result: tuple[Any, dict[str, ViewVolume]], status: tasks.TaskStatus) -> None:
+            case, inputs = result
             volumes = sc.StudyVolumes(
                 image=case.image,
                 affine=case.affine,
@@ -338,7 +360,7 @@ class FDNWebApp:
             )
             self._forget_results()
             self.encoded, self.indexed_case = None, None
-            self.viewer.show_study(case.case_id, volumes)
+            self.viewer.show_study(case.case_id, volumes, inputs)
             self.study_files = files
             self.uploads.discard_others(files)
             shape = volumes.shape
@@ -402,7 +424,7 @@ class FDNWebApp:
 
         resources, study = self.resources, self.viewer.study
 
-        def work(progress: Any) -> tuple[Any, str | None]:
+        def work(progress: Any) -> tuple[Any, str | None, dict[str, ViewVolume]]:
             batch = wf.choose_batch_size(resources.bundle)
             encoded = wf.encode_study(
                 resources.bundle,
@@ -411,14 +433,22 @@ class FDNWebApp:
                 batch_size=batch,
                 progress=progress,
             )
-            return encoded, wf.find_indexed_case(resources.database, encoded)
+            recon = {}
+            if encoded.recon_normal is not None:
+                recon = {
+                    m: ViewVolume.from_canonical(
+                        encoded.recon_normal[c], study.volumes.affine, study.windows[m]
+                    )
+                    for c, m in enumerate(MODALITIES)
+                }
+            return encoded, wf.find_indexed_case(resources.database, encoded), recon
 
-        def done(result: tuple[Any, str | None], status: tasks.TaskStatus) -> None:
+        def done(result: tuple[Any, str | None, dict[str, ViewVolume]], status: tasks.TaskStatus) -> None:
             if self.viewer.study is not study:
                 return  # another study was opened meanwhile
-            encoded, indexed = result
+            encoded, indexed, recon = result
             self.encoded, self.indexed_case = encoded, indexed
-            self.viewer.show_encoded(encoded.seg, encoded.recon_normal)
+            self.viewer.show_encoded(encoded.seg, recon)
             k = self.viewer.query_slice()
             self.state.update(
                 {
@@ -459,11 +489,11 @@ class FDNWebApp:
         )
 
     def search(self) -> None:
-        """Search the database with the query slice; then read the retrieved slices' cases (worker)."""
+        """Search the database with the query slice (worker). The table and the captions appear as soon as
+        the search returns; each result view fills in as its case has been read (worker, in rank order)."""
         if self.encoded is None:
             self._message("info", "Encode the study first.")
             return
-        from fdn_core.data.readers import CaseFiles
         from FDNRetrievalLib import workflow as wf
 
         try:
@@ -471,42 +501,34 @@ class FDNWebApp:
         except Exception as exc:
             self._report("Search", exc)
             return
-        engine, encoded, database, sequence = (
-            self.engine,
-            self.encoded,
-            self.resources.database,
-            self.viewer.sequence,
-        )
-        loaded = {key for key in self.volumes if self.viewer.has_reference(*key)}
+        engine, encoded, sequence = self.engine, self.encoded, self.viewer.sequence
+        files_of, loaded = self._reader()
+        arrived: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         started = time.perf_counter()
 
-        def work(progress: Any) -> tuple[list[Any], dict[tuple[str, str], Any], float]:
+        def work(progress: Any) -> None:
             hits = wf.search_study(engine, encoded, settings)
-            search_s = time.perf_counter() - started
-            volumes = self._read_volumes(
-                [h.case_id for h in hits],
-                sequence,
-                loaded,
-                progress,
-                lambda c: CaseFiles.from_database(database, c),
-            )
-            return hits, volumes, search_s
+            arrived.put(("hits", hits, time.perf_counter() - started))
+            cases = [h.case_id for h in hits]
+            self._read_volumes(cases, sequence, loaded, progress, files_of, arrived)
 
-        def done(
-            result: tuple[list[Any], dict[tuple[str, str], Any], float], status: tasks.TaskStatus
-        ) -> None:
-            hits, volumes, search_s = result
-            self.hits = hits
-            self._show_results(volumes)
-            self.state.fdn_timings = {
-                **self.state.fdn_timings,
-                "search_s": round(search_s, 3),
-                "search_total_s": round(status.elapsed_s, 2),
-            }
-            if not hits:
+        def done(_: None, status: tasks.TaskStatus) -> None:
+            self._drain(arrived)
+            self._tidy_references()
+            timings = {**self.state.fdn_timings, "search_total_s": round(status.elapsed_s, 2)}
+            self.state.fdn_timings = timings
+            if not self.hits:
                 self._message("info", "No result: the database holds no other case to compare with.")
 
-        self._start("Searching", work, done)
+        self._start("Searching", work, done, on_tick=lambda: self._drain(arrived))
+
+    def _reader(self) -> tuple[Callable[[str], Any], set[tuple[str, str]]]:
+        """How the worker finds a database case's files, and the (case, sequence) pairs already loaded."""
+        from fdn_core.data.readers import CaseFiles
+
+        database = self.resources.database
+        loaded = {key for key in self.volumes if self.viewer.has_reference(*key)}
+        return (lambda case_id: CaseFiles.from_database(database, case_id)), loaded
 
     @staticmethod
     def _read_volumes(
@@ -515,63 +537,85 @@ class FDNWebApp:
         loaded: set[tuple[str, str]],
         progress: Any,
         files_of: Callable[[str], Any],
-    ) -> dict[tuple[str, str], Any]:
-        """Worker: read ``sequence`` and labels of each case not yet loaded; a case that cannot be read
-        becomes its error (shown as a message) instead of failing the whole search."""
+        arrived: queue.SimpleQueue[tuple[str, Any, Any]],
+    ) -> None:
+        """Worker: read ``sequence`` and labels of each case not yet loaded, in rank order, handing each over
+        as it is read. A case that cannot be read is handed over as its error message (shown in the page)
+        instead of failing the whole search."""
         todo = [c for c in dict.fromkeys(case_ids) if (c, sequence) not in loaded]
-        out: dict[tuple[str, str], Any] = {}
         for i, case_id in enumerate(todo):
-            progress.update(i, len(todo), f"Reading retrieved case {case_id}")
+            progress.update(i, len(todo), f"Reading retrieved case {case_id} ({i + 1} of {len(todo)})")
             try:
-                out[(case_id, sequence)] = read_display_volume(files_of(case_id), sequence)
+                value: Any = read_display_volume(files_of(case_id), sequence)
             except Exception as exc:
                 text, expected = tasks.describe_failure(exc)
                 if not expected:
                     log.error("reading case %s failed", case_id, exc_info=exc)
-                out[(case_id, sequence)] = text
+                value = text
+            arrived.put(("volume", (case_id, sequence), value))
         progress.update(len(todo), max(len(todo), 1), "Showing the results")
-        return out
 
-    def _forget_results(self) -> None:
-        self.hits = []
-        self.state.update({"fdn_hits": [], "fdn_captions": {}, "fdn_detail_caption": ""})
-
-    def _show_results(self, volumes: dict[tuple[str, str], Any]) -> None:
-        sequence = self.viewer.sequence
-        problems = []
-        for key, value in volumes.items():
-            if isinstance(value, DisplayVolume):
+    def _drain(self, arrived: queue.SimpleQueue[tuple[str, Any, Any]]) -> None:
+        """Event loop: show what the worker has handed over so far (the hits, then case by case)."""
+        while True:
+            try:
+                kind, key, value = arrived.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "hits":
+                self.hits = key
+                self.state.fdn_timings = {**self.state.fdn_timings, "search_s": round(value, 3)}
+                self._show_hits()
+            elif isinstance(value, DisplayVolume):
                 self.volumes[key] = value
                 self.viewer.reference_nodes(value)
+                self._show_case(key[0])
             else:
-                problems.append(value)
+                self._message("warning", value)
+                self._show_case(key[0], problem=True)
+
+    def _show_hits(self) -> None:
+        """The results layout, table and captions; result views whose case is loaded already are shown."""
         top_k = max(1, len(self.hits))
         self.viewer.show_results_layout(top_k)
-        captions, rows = {}, []
+        rows = [
+            {"rank": h.rank, "case": h.case_id, "slice": h.slice_index, "distance": f"{h.distance:.4g}"}
+            for h in self.hits
+        ]
+        k = self.viewer.query_slice()
+        captions = {QUERY_VIEW: f"{self.state.fdn_study} · slice {k}" if k is not None else ""}
         for tag, hit in zip(sc.result_view_names(top_k), self.hits):
-            volume = self.volumes.get((hit.case_id, sequence))
-            if volume is not None:
+            captions[tag] = f"{hit.case_id} · slice {hit.slice_index} · reading ..."
+        self.state.update(
+            {"fdn_hits": rows, "fdn_captions": captions, "fdn_view": "results", "fdn_detail_caption": ""}
+        )
+        for case_id in dict.fromkeys(h.case_id for h in self.hits):
+            if (case_id, self.viewer.sequence) in self.volumes:
+                self._show_case(case_id)
+
+    def _show_case(self, case_id: str, problem: bool = False) -> None:
+        """Fill the result views of ``case_id`` (several with per-slice results) and their captions."""
+        volume = self.volumes.get((case_id, self.viewer.sequence))
+        captions = dict(self.state.fdn_captions)
+        for tag, hit in zip(sc.result_view_names(len(self.hits)), self.hits):
+            if hit.case_id != case_id:
+                continue
+            if volume is not None and not problem:
                 self.viewer.show_reference(tag, volume, hit.slice_index)
                 captions[tag] = f"{hit.case_id} · slice {hit.slice_index} · {hit.distance:.3g}"
             else:
                 captions[tag] = f"{hit.case_id}: cannot be shown"
-            rows.append(
-                {
-                    "rank": hit.rank,
-                    "case": hit.case_id,
-                    "slice": hit.slice_index,
-                    "distance": f"{hit.distance:.4g}",
-                }
-            )
-        k = self.viewer.query_slice()
-        captions[QUERY_VIEW] = f"{self.state.fdn_study} · slice {k}" if k is not None else ""
+        self.state.fdn_captions = captions
+
+    def _tidy_references(self) -> None:
+        """Keep the loaded reference cases bounded (the current results always stay)."""
+        sequence = self.viewer.sequence
         self.viewer.forget_references([(h.case_id, sequence) for h in self.hits])
         self.volumes = {key: v for key, v in self.volumes.items() if self.viewer.has_reference(*key)}
-        self.state.update(
-            {"fdn_hits": rows, "fdn_captions": captions, "fdn_view": "results", "fdn_detail_caption": ""}
-        )
-        for problem in dict.fromkeys(problems):
-            self._message("warning", problem)
+
+    def _forget_results(self) -> None:
+        self.hits, self._detail_rank = [], None
+        self.state.update({"fdn_hits": [], "fdn_captions": {}, "fdn_detail_caption": ""})
 
     # ----------------------------------------------------------------------------------------- detail
 
@@ -583,10 +627,12 @@ class FDNWebApp:
         hit = hits[0]
         volume = self.volumes.get((hit.case_id, self.viewer.sequence))
         if volume is None:
-            self._message("warning", f"Case {hit.case_id} cannot be shown (see the message above).")
+            why = "it is still being read" if self._task is not None else "see the message above"
+            self._message("info", f"Case {hit.case_id} cannot be shown yet ({why}).")
             return
         self.viewer.show_reference(DETAIL_VIEW, volume, hit.slice_index)
         self.viewer.set_layout(DETAIL_LAYOUT)
+        self._detail_rank = hit.rank
         caption = lib_views.hit_caption(hit, self.viewer.sequence)
         self.state.update(
             {
@@ -599,6 +645,7 @@ class FDNWebApp:
     def back_to_results(self) -> None:
         """Return from the large view to all results."""
         if self.hits:
+            self._detail_rank = None
             self.viewer.show_results_layout(len(self.hits))
             self.state.fdn_view = "results"
 
@@ -626,31 +673,25 @@ class FDNWebApp:
         self.viewer.set_sequence(fdn_sequence)
         if not self.hits:
             return
-        from fdn_core.data.readers import CaseFiles
+        hits, detail = list(self.hits), self.state.fdn_view == "detail"
+        rank = self._detail_rank
+        files_of, loaded = self._reader()
+        arrived: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        if not detail:
+            self._show_hits()
 
-        database, hits = self.resources.database, list(self.hits)
-        loaded = {key for key in self.volumes if self.viewer.has_reference(*key)}
-        detail = self.state.fdn_view == "detail"
-        caption = self.state.fdn_detail_caption
+        def work(progress: Any) -> None:
+            self._read_volumes([h.case_id for h in hits], fdn_sequence, loaded, progress, files_of, arrived)
 
-        def work(progress: Any) -> dict[tuple[str, str], Any]:
-            return self._read_volumes(
-                [h.case_id for h in hits],
-                fdn_sequence,
-                loaded,
-                progress,
-                lambda c: CaseFiles.from_database(database, c),
-            )
-
-        def done(volumes: dict[tuple[str, str], Any], status: tasks.TaskStatus) -> None:
-            if self.hits is not hits and self.hits != hits:
-                return
-            self._show_results(volumes)
-            if detail:
-                rank = int(caption.split(":")[0].split()[-1]) if caption.startswith("Result") else 1
+        def done(_: None, status: tasks.TaskStatus) -> None:
+            self._drain(arrived)
+            self._tidy_references()
+            if detail and rank is not None and self.hits == hits:
                 self.open_result(rank)
 
-        self._start(f"Showing {SEQUENCE_LABELS[fdn_sequence]}", work, done)
+        self._start(
+            f"Showing {SEQUENCE_LABELS[fdn_sequence]}", work, done, on_tick=lambda: self._drain(arrived)
+        )
 
     def _on_normal_opacity(self, fdn_normal_opacity: float = 0.0, **_: Any) -> None:
         self.viewer.set_normal_opacity(float(fdn_normal_opacity or 0.0))
@@ -936,31 +977,35 @@ class FDNWebApp:
 def _register_view_factory(view_manager: Any, server: Any, populate: Callable[..., None]) -> None:
     """Slice views only (no 3D view), each drawn with ``populate``.
 
-    A view is built without rendering (trame-slicer renders a new view about 40 times while building it, most
-    of its 0.25 s), and calls its ``resized_hook`` after the browser resized it, so that the viewer can fit
-    the image to the view's new shape (a layout change resizes views after the server has set them up).
+    A view is built without rendering (trame-slicer renders a new view about 40 times while building it and
+    setting its properties, before its image is streamed: most of the 0.3-0.7 s it takes), and calls its
+    ``resized_hook`` after the browser resized it, so that the viewer can fit the image to the view's new
+    shape (a layout change resizes views after the server has set them up).
     """
     from trame_slicer.rca_view.rca_view_factory import RemoteViewFactory
-    from trame_slicer.views import SliceView, ViewType
+    from trame_slicer.views import DirectRendering, SliceView, ViewType
 
     class FDNSliceView(SliceView):  # type: ignore[misc]
         resized_hook: Callable[[Any], None] | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._building = True
             self._resizing = False
             super().__init__(*args, **kwargs)
-            self._building = False
+
+        @property
+        def _building(self) -> bool:
+            # Until the factory installs the streaming render strategy, a render draws for nobody.
+            return isinstance(getattr(self, "_scheduled_render", None), DirectRendering)
 
         def render(self) -> None:
-            if getattr(self, "_building", False):
+            if self._building:
                 return
             super().render()
 
         def _update_slice_size(self, *args: Any) -> None:
             super()._update_slice_size(*args)
             hook = self.resized_hook
-            if hook is None or getattr(self, "_building", True) or self._resizing:
+            if hook is None or self._building or self._resizing:
                 return
             self._resizing = True  # the hook fits the view, which resizes the slice node again
             try:

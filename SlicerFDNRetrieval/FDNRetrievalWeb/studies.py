@@ -10,6 +10,8 @@ they run in the server's worker threads and under pytest in any environment.
   their file names suggest; the folder is removed by ``close()`` (the server calls it at exit).
 - ``read_display_volume``: one sequence and the tumour labels of a case, in canonical orientation, for a
   result view (reading one NIfTI file and the label file instead of the whole case when possible).
+- ``ViewVolume``: voxels laid out as Slicer's image data holds them, made in the worker so that the event
+  loop only wraps them (no copy, no histogram) when it adds a volume node.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "StudyCatalogue",
     "StudyEntry",
     "UploadArea",
+    "ViewVolume",
     "brats_labels_to_classes",
     "read_display_volume",
     "window_for",
@@ -229,16 +232,54 @@ class UploadArea:
 # --------------------------------------------------------------------------------------- display volumes
 
 
+def window_for(image: np.ndarray) -> tuple[float, float]:
+    """A display range (low, high) for an MR image: the 0.5th and 99.5th percentiles of its non-zero voxels
+    (the brain). The normal-appearing reconstruction is shown with its study's range, so the two compare."""
+    values = np.asarray(image)
+    values = values[values > 0]
+    if values.size == 0:
+        return 0.0, 1.0
+    sample = values[:: max(1, values.size // 200_000)]
+    low, high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    return low, max(high, low + 1e-3)
+
+
+@dataclass
+class ViewVolume:
+    """Voxels made ready, in a worker thread, to become a Slicer volume node on the event loop without any
+    copy: ``kji`` is the (K, J, I) C-contiguous array Slicer's image data holds, on the grid ``ijk_to_ras``;
+    ``window``: the display range (None for labels)."""
+
+    kji: np.ndarray
+    ijk_to_ras: np.ndarray
+    window: tuple[float, float] | None = None
+
+    @classmethod
+    def from_canonical(
+        cls, array: np.ndarray, affine: np.ndarray, window: tuple[float, float] | bool | None = True
+    ) -> ViewVolume:
+        """From a canonical (X, Y, Z) array and its voxel-to-RAS matrix (the node's IJK is canonical XYZ).
+        ``window``: True computes the display range, a pair sets it, False/None for labels."""
+        kji = np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
+        if window is True:
+            window = window_for(kji)
+        return cls(kji, np.asarray(affine, dtype=np.float64), window or None)
+
+    @property
+    def canonical(self) -> np.ndarray:
+        """The voxels as a canonical (X, Y, Z) array (a view, no copy)."""
+        return self.kji.transpose(2, 1, 0)
+
+
 @dataclass
 class DisplayVolume:
-    """One sequence of a case (and its tumour classes 0..3, when the case has labels) in canonical RAS+
-    orientation, as the database indexed it: axial slice k is ``image[..., k]``."""
+    """One sequence of a case and its tumour classes 0..3 (None when the case has no labels), ready for the
+    result views; in canonical orientation as the database indexed it (axial slice k is ``[..., k]``)."""
 
     case_id: str
     sequence: str
-    image: np.ndarray
-    labels: np.ndarray | None
-    affine: np.ndarray
+    image: ViewVolume
+    labels: ViewVolume | None
 
 
 def brats_labels_to_classes(values: np.ndarray) -> np.ndarray:
@@ -279,44 +320,31 @@ def read_display_volume(files: CaseFiles, sequence: str) -> DisplayVolume:
         raise DataError(f"unknown sequence {sequence!r}; one of {list(MODALITIES)}")
     images = files.images or {}
     path, reference = images.get(sequence), images.get("t1ce")
-    nifti = (".nii", ".nii.gz")
     candidates = [p for p in (path, reference, files.seg) if p is not None]
     if (
         files.layout == "brats"
         and path is not None
         and reference is not None
-        and all(str(p).lower().endswith(nifti) for p in candidates)
+        and all(str(p).lower().endswith((".nii", ".nii.gz")) for p in candidates)
     ):
         grids = [_nifti_grid(Path(p)) for p in candidates]
-        same = all(
-            g is not None
-            and len(g[0]) == 3
-            and g[0] == grids[0][0]
-            and np.allclose(g[1], grids[0][1], atol=1e-3)
-            for g in grids
-        )
-        if same:
-            image, affine = _read_nifti(Path(path), np.float32)
-            canonical, canonical_affine = to_canonical(image, affine)
+        first = grids[0]
+        if (
+            first is not None
+            and len(first[0]) == 3
+            and all(
+                g is not None and g[0] == first[0] and np.allclose(g[1], first[1], atol=1e-3) for g in grids
+            )
+        ):
+            image, affine = to_canonical(*_read_nifti(Path(path), np.float32))
             labels = None
             if files.seg is not None:
-                seg, seg_affine = _read_nifti(Path(files.seg), np.int16)
-                labels = np.ascontiguousarray(brats_labels_to_classes(to_canonical(seg, seg_affine)[0]))
-            return DisplayVolume(
-                files.case_id, sequence, np.ascontiguousarray(canonical), labels, canonical_affine
-            )
+                seg, seg_affine = to_canonical(*_read_nifti(Path(files.seg), np.int16))
+                labels = ViewVolume.from_canonical(brats_labels_to_classes(seg), seg_affine, window=False)
+            return DisplayVolume(files.case_id, sequence, ViewVolume.from_canonical(image, affine), labels)
     case = load_case(files)
     channel = MODALITIES.index(sequence)
-    return DisplayVolume(files.case_id, sequence, case.image[channel], case.seg, case.affine)
-
-
-def window_for(image: np.ndarray) -> tuple[float, float]:
-    """A display range (low, high) for an MR image: the 0.5th and 99.5th percentiles of its non-zero voxels
-    (the brain). The normal-appearing reconstruction is shown with its study's range, so the two compare."""
-    values = np.asarray(image)
-    values = values[values > 0]
-    if values.size == 0:
-        return 0.0, 1.0
-    sample = values[:: max(1, values.size // 200_000)]
-    low, high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-    return low, max(high, low + 1e-3)
+    labels = None if case.seg is None else ViewVolume.from_canonical(case.seg, case.affine, window=False)
+    return DisplayVolume(
+        files.case_id, sequence, ViewVolume.from_canonical(case.image[channel], case.affine), labels
+    )

@@ -29,9 +29,9 @@ import numpy as np
 from fdn_core.labels import MODALITIES
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import views as lib_views
-from FDNRetrievalLib.naming import SEQUENCE_LABELS
+from FDNRetrievalLib.naming import ROLE_ATTRIBUTE, SEQUENCE_LABELS
 
-from .studies import DisplayVolume, window_for
+from .studies import DisplayVolume, ViewVolume
 
 __all__ = [
     "DETAIL_LAYOUT",
@@ -59,6 +59,7 @@ DETAIL_LAYOUT = "fdn-detail"
 MAX_LOADED_REFERENCES = 40
 #: Opacity of the tumour labels over a result, as in the Slicer panel.
 LABEL_OPACITY = 0.5
+_GREY = "vtkMRMLColorTableNodeGrey"
 
 # View colours of the Slicer module (query red, results green) and a neutral one for the reconstruction.
 _VIEW_STYLE = {QUERY_VIEW: ("Q", "#F34A33"), NORMAL_VIEW: ("N", "#8E8E8E"), DETAIL_VIEW: ("R", "#6EB04B")}
@@ -146,6 +147,7 @@ class SessionViewer:
         self.sequence = "flair"
         self.normal_opacity = 0.0
         self._references: OrderedDict[tuple[str, str], tuple[Any, Any | None]] = OrderedDict()
+        self._arrays: dict[str, np.ndarray] = {}
         self._following = False
         self._watched: set[str] = set()
         self.layouts.register_layout(STUDY_LAYOUT, study_layout())
@@ -239,26 +241,29 @@ class SessionViewer:
             return
         study, self.study = self.study, None
         for node in (*study.inputs.values(), *study.reconstruction.values(), study.segmentation):
-            if node is not None and self.scene.IsNodePresent(node):
-                self.scene.RemoveNode(node)
+            self._remove(node)
         self._set_view(QUERY_VIEW, None)
         self._set_view(NORMAL_VIEW, None)
         if self.on_query_slice is not None:
             self.on_query_slice(None)
 
-    def show_study(self, name: str, volumes: sc.StudyVolumes, start_slice: int | None = None) -> LoadedStudy:
-        """Add the study's four sequences as volume nodes (canonical grid) and show it in the query view at
-        ``start_slice`` (default: the middle slice), in the study layout."""
+    def show_study(
+        self,
+        name: str,
+        volumes: sc.StudyVolumes,
+        inputs: dict[str, ViewVolume],
+        start_slice: int | None = None,
+    ) -> LoadedStudy:
+        """Add the study's four sequences (``inputs``, prepared from ``volumes`` by the worker) as volume
+        nodes and show it in the query view at ``start_slice`` (default: the middle slice), in the study
+        layout."""
         self.clear_study()
-        windows = {key: window_for(volumes.image[c]) for c, key in enumerate(MODALITIES)}
-        inputs = {}
-        for c, key in enumerate(MODALITIES):
-            node = sc.add_scalar_volume(
-                self.scene, volumes.image[c], volumes.affine, f"{name} {SEQUENCE_LABELS[key]}", "web-input"
-            )
-            self._set_window(node, windows[key])
-            inputs[key] = node
-        self.study = LoadedStudy(name, volumes, windows, inputs, {})
+        nodes = {
+            key: self._add_volume(inputs[key], f"{name} {SEQUENCE_LABELS[key]}", "web-input")
+            for key in MODALITIES
+        }
+        windows = {key: inputs[key].window or (0.0, 1.0) for key in MODALITIES}
+        self.study = LoadedStudy(name, volumes, windows, nodes, {})
         self.set_layout(STUDY_LAYOUT)
         self._show_query()
         self._set_view(NORMAL_VIEW, None)
@@ -267,23 +272,22 @@ class SessionViewer:
         self.go_to_slice(k)
         return self.study
 
-    def show_encoded(self, seg: np.ndarray, recon: np.ndarray | None) -> None:
+    def show_encoded(self, seg: np.ndarray, recon: dict[str, ViewVolume] | None) -> None:
         """The predicted segmentation (three BraTS-coloured segments, drawn in the query and normal-appearing
-        views only) and the normal-appearing image (one volume per sequence, the study's display range)."""
+        views only) and the normal-appearing image (one volume per sequence, prepared by the worker with the
+        study's display range)."""
         study = self._require_study()
         for node in (*study.reconstruction.values(), study.segmentation):
-            if node is not None and self.scene.IsNodePresent(node):
-                self.scene.RemoveNode(node)
+            self._remove(node)
         study.segmentation = sc.add_abnormal_segmentation(
             self.scene, self.app.segmentations_logic, seg, study.volumes, f"{study.name} predicted abnormal"
         )
-        study.reconstruction = {}
-        if recon is not None:
-            for node, key in zip(
-                sc.add_reconstruction(self.scene, recon, study.volumes, study.name), MODALITIES
-            ):
-                self._set_window(node, study.windows[key])
-                study.reconstruction[key] = node
+        study.reconstruction = {
+            key: self._add_volume(
+                volume, f"{study.name} normal-appearing {SEQUENCE_LABELS[key]}", "reconstruction"
+            )
+            for key, volume in (recon or {}).items()
+        }
         self._restrict_segmentation()
         self._show_query()
         k = self.query_slice()
@@ -345,24 +349,15 @@ class SessionViewer:
         if key in self._references:
             self._references.move_to_end(key)
             return self._references[key]
-        image = sc.add_scalar_volume(
-            self.scene,
-            volume.image,
-            volume.affine,
-            f"{volume.case_id} {SEQUENCE_LABELS[volume.sequence]}",
-            f"reference:{volume.sequence}",
-        )
+        label = SEQUENCE_LABELS[volume.sequence]
+        image = self._add_volume(volume.image, f"{volume.case_id} {label}", f"reference:{volume.sequence}")
         image.SetAttribute(sc.CASE_ATTRIBUTE, volume.case_id)
-        self._set_window(image, window_for(volume.image))
         labels = None
         if volume.labels is not None:
-            labels = sc.add_scalar_volume(
-                self.scene, volume.labels, volume.affine, f"{volume.case_id} labels", "reference:labels", True
+            labels = self._add_volume(
+                volume.labels, f"{volume.case_id} labels", "reference:labels", labelmap=True
             )
             labels.SetAttribute(sc.CASE_ATTRIBUTE, volume.case_id)
-            labels.GetDisplayNode().SetAndObserveColorNodeID(
-                sc.label_color_table(self.scene, "classes").GetID()
-            )
         self._references[key] = (image, labels)
         return image, labels
 
@@ -379,8 +374,7 @@ class SessionViewer:
             if key in keep_set:
                 continue
             for node in self._references.pop(key):
-                if node is not None and self.scene.IsNodePresent(node):
-                    self.scene.RemoveNode(node)
+                self._remove(node)
 
     def show_reference(self, tag: str, volume: DisplayVolume, slice_index: int) -> None:
         """Show a reference case's sequence with its tumour labels in view ``tag``, at axial slice
@@ -414,10 +408,47 @@ class SessionViewer:
         composite.SetLabelVolumeID(None)
         self._render(tag)
 
-    @staticmethod
-    def _set_window(node: Any, window: tuple[float, float]) -> None:
-        display = node.GetDisplayNode()
-        if display is None:
+    def _add_volume(self, volume: ViewVolume, name: str, role: str, labelmap: bool = False) -> Any:
+        """A volume node showing ``volume``'s voxels without copying them, with its display node.
+
+        ``scene.add_scalar_volume`` copies the array twice and lets Slicer compute a histogram for the
+        window (about 0.3 s per 240 x 240 x 155 volume, on the event loop); here the worker already laid the
+        voxels out and chose the window, so adding ten result volumes keeps the page responsive. The array is
+        kept referenced as long as the node lives (VTK only borrows it).
+        """
+        import slicer
+        import vtk
+        from vtkmodules.util import numpy_support
+
+        kji = volume.kji
+        cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+        node = self.scene.AddNewNodeByClass(cls, name)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(volume.ijk_to_ras))
+        image = vtk.vtkImageData()
+        image.SetDimensions(int(kji.shape[2]), int(kji.shape[1]), int(kji.shape[0]))
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(kji.reshape(-1), deep=False))
+        node.SetAndObserveImageData(image)
+        if labelmap:
+            display = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
+            display.SetAndObserveColorNodeID(sc.label_color_table(self.scene, "classes").GetID())
+        else:
+            display = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+            display.SetAndObserveColorNodeID(_GREY)
+            display.AutoWindowLevelOff()
+            low, high = volume.window or (float(kji.min()), float(kji.max()) + 1e-3)
+            display.SetWindowLevelMinMax(low, high)
+        node.SetAndObserveDisplayNodeID(display.GetID())
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        self._arrays[node.GetID()] = kji
+        return node
+
+    def _remove(self, node: Any | None) -> None:
+        """Remove a node this viewer made, with its display nodes (and release its voxels)."""
+        if node is None or not self.scene.IsNodePresent(node):
             return
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(float(window[0]), float(window[1]))
+        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        self._arrays.pop(node.GetID(), None)
+        self.scene.RemoveNode(node)
+        for display in displays:
+            if display is not None and self.scene.IsNodePresent(display):
+                self.scene.RemoveNode(display)
