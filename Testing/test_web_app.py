@@ -361,6 +361,22 @@ def test_table_row_changes_the_large_view(page: Any) -> None:
     _wait_state(page, "s.get('fdn_view') === 'results'")
 
 
+def test_composite_abnormal_query_searches(page: Any) -> None:
+    """Mode abnormal with the abnormal code from another slice: results come, no error."""
+    last_id = max((m["id"] for m in _state(page, "fdn_messages")), default=0)
+    page.click("#fdn-mode-abnormal")
+    page.click("#fdn-composite")
+    _wait_state(page, "s.get('fdn_mode') === 'abnormal' && s.get('fdn_composite') === true")
+    page.fill("#fdn-abnormal-slice", "10")
+    _wait_state(page, "s.get('fdn_abnormal_slice') === 10")
+    page.click("#fdn-search")
+    _wait_state(page, f"s.get('fdn_hits').length === {TOP_K} && !s.get('fdn_busy')", timeout_s=60)
+    new = [m for m in _state(page, "fdn_messages") if m["id"] > last_id and m["type"] in ("error", "warning")]
+    assert not new, _messages(page)
+    page.click("#fdn-composite")
+    page.click("#fdn-mode-both")
+
+
 def test_bad_uploads_give_messages(page: Any, web_data: dict[str, Path], tmp_path: Path) -> None:
     case = web_data["data"] / "phantom_0001"
     files = {k: case / f"phantom_0001_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair")}

@@ -260,3 +260,7 @@ def test_web_command_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert settings.data == (tmp_path / "demo_out" / "cohort").resolve() and settings.threads >= 1
     explicit = resolve_settings(argparse.Namespace(model=tmp_path, db=db, data=None, device="cpu", threads=3))
     assert explicit.data is None and explicit.threads == 3 and explicit.notes == []
+    for missing in ({"db": tmp_path / "nowhere"}, {"data": tmp_path / "nowhere"}, {"model": tmp_path / "no"}):
+        named = {"model": tmp_path, "db": db, "data": None, **missing}
+        with pytest.raises(DataError, match="does not exist"):
+            resolve_settings(argparse.Namespace(**named, device="cpu", threads=1))

@@ -661,6 +661,8 @@ class FDNWebApp:
     def _on_query_slice(self, k: int | None) -> None:
         with self.state:
             self.state.fdn_query_slice = k
+            if k is not None and not self.state.fdn_composite:
+                self.state.fdn_abnormal_slice = k  # the composite query starts from the query slice
             if self.state.fdn_view != "study" and k is not None:
                 self.state.fdn_captions = {
                     **self.state.fdn_captions,
@@ -727,13 +729,14 @@ class FDNWebApp:
                 density="compact",
             )
             rank = tag.removeprefix("FDNResult")
-            kwargs: dict[str, Any] = {}
+            # Small result views: the caption wraps rather than hiding the distance.
+            kwargs: dict[str, Any] = {"style": "line-height:1.25;overflow-wrap:anywhere;"}
             if rank.isdigit():
                 kwargs["click"] = (self.open_result, f"[{int(rank)}]")
-                kwargs["style"] = "cursor:pointer;"
+                kwargs["style"] += "cursor:pointer;"
             html.Div(
                 f"{{{{ fdn_captions['{tag}'] || '' }}}}",
-                classes=f"fdn-caption fdn-caption-{tag} text-caption text-white px-2 pb-1 text-truncate",
+                classes=f"fdn-caption fdn-caption-{tag} text-caption text-white px-2 pb-1",
                 **kwargs,
             )
 

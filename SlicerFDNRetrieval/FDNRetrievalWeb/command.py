@@ -90,6 +90,9 @@ def resolve_settings(args: argparse.Namespace) -> Any:
         if data is None:
             data = demo.cohort
         notes.append(f"Using the demo database from {demo.origin}.")
+    for what, path in (("model folder", args.model), ("database", args.db), ("data folder", args.data)):
+        if path is not None and not Path(path).is_dir():  # the demo's paths are checked by locate
+            raise DataError(f"the {what} {path} does not exist (or is not a folder)")
     cores = os.cpu_count() or 1
     threads = args.threads if args.threads is not None else max(1, cores - 1)
     return WebSettings(

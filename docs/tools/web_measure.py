@@ -3,13 +3,14 @@
 Start the server first (``make web`` after ``make demo``, or ``fdn web --model M --db DB --data DIR``), then::
 
     .venv-web/bin/python docs/tools/web_measure.py --url http://127.0.0.1:8080/ \\
-        --study phantom_0040 --screenshot docs/images/web-results.png
+        --study phantom_0012 --slice 103 --screenshot docs/images/web-results.png
 
 Headless Debian Chromium through Playwright: page load (HTML and scripts, then model and database ready),
 Encode (click to segmentation shown), the round trips of a second tab to the server before and during the
-encode (``fdn_ping``), Search (click to the K result views and the table shown), and a table row (click to
-the large view). Prints JSON. ``--study``: a case title in the study list (default: the first case that
-is not in the database).
+encode (``fdn_ping``), Search (click to the results table shown, and click to every result view filled with
+its case, read from disk), and a table row (click to the large view). Prints JSON. ``--study``: a case title
+in the study list (default: the first case that is not in the database); ``--slice``: the query slice (moved
+with the query view's slider; default: the middle slice).
 """
 
 from __future__ import annotations
@@ -47,7 +48,29 @@ def _pings(page: Any) -> dict[str, float]:
     }
 
 
-def measure(url: str, study: str | None, top_k: int, screenshot: Path | None) -> dict[str, Any]:
+def _go_to_slice(page: Any, k: int) -> int:
+    """Move the query view's slider (trame-slicer's slider state) until the query slice is ``k``."""
+    key = "FDNQuery__SliderState__value"
+    for _ in range(8):
+        current = page.evaluate("() => window.trame.state.get('fdn_query_slice')")
+        if current == k:
+            break
+        value, step = page.evaluate(
+            f"() => [window.trame.state.get('{key}'), window.trame.state.get('FDNQuery__SliderState__step')]"
+        )
+        page.evaluate(f"() => window.trame.state.set('{key}', {value + (k - current) * step})")
+        page.wait_for_timeout(500)
+        if page.evaluate("() => window.trame.state.get('fdn_query_slice')") == current:
+            step = -step  # the slider runs against the slice index
+            page.evaluate(f"() => window.trame.state.set('{key}', {value + (k - current) * step})")
+            page.wait_for_timeout(500)
+    return int(page.evaluate("() => window.trame.state.get('fdn_query_slice')"))
+
+
+def measure(
+    url: str, study: str | None, top_k: int, screenshot: Path | None, query_slice: int | None = None
+) -> dict[str, Any]:
+    """Drive one study through the page; the timings (s, ms for round trips) as a dict."""
     from playwright.sync_api import sync_playwright
 
     out: dict[str, Any] = {}
@@ -82,12 +105,15 @@ def measure(url: str, study: str | None, top_k: int, screenshot: Path | None) ->
         out["encode_s"] = round(time.perf_counter() - started, 2)
         out["ping_during_encode"] = _pings(other)
         other.close()
+        if query_slice is not None:
+            out["query_slice"] = _go_to_slice(page, query_slice)
         page.fill("#fdn-top-k", str(top_k))
         _wait(page, f"s.get('fdn_top_k') === {top_k}")
         started = time.perf_counter()
         page.click("#fdn-search")
-        _wait(page, f"s.get('fdn_hits').length === {top_k} && !s.get('fdn_busy')")
         page.wait_for_selector(f"#fdn-row-{top_k}")
+        out["search_table_s"] = round(time.perf_counter() - started, 2)
+        _wait(page, f"s.get('fdn_hits').length === {top_k} && !s.get('fdn_busy')")
         out["search_round_trip_s"] = round(time.perf_counter() - started, 2)
         out["server_timings"] = page.evaluate("() => window.trame.state.get('fdn_timings')")
         page.wait_for_timeout(2500)
@@ -109,10 +135,11 @@ def main() -> None:
     )
     parser.add_argument("--url", default="http://127.0.0.1:8080/")
     parser.add_argument("--study", help="a study title of the list (default: the first not in the database)")
+    parser.add_argument("--slice", type=int, help="the query slice (default: the middle slice)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--screenshot", type=Path, help="save the results page here (PNG)")
     args = parser.parse_args()
-    print(json.dumps(measure(args.url, args.study, args.top_k, args.screenshot), indent=2))
+    print(json.dumps(measure(args.url, args.study, args.top_k, args.screenshot, args.slice), indent=2))
 
 
 if __name__ == "__main__":
