@@ -12,6 +12,7 @@ Submodules (imported on demand, so that this package imports before fdn_core is 
 - ``scene``: check and resample the study; write segmentation, reconstruction, table, layout, views.
 - ``views``: which view the query slice comes from; one result shown large beside the query.
 - ``workflow``: model + database, encoding, search (numpy/torch, no MRML).
+- ``explain``: RELAX explanation of a result (worker) and its overlay on the query view (main thread).
 - ``scenario``: the end-to-end test body shared by pytest (slicer-core) and the module's self-test.
 
 Every function takes the MRML scene (and the module logics it needs) as arguments; no Qt, and the
@@ -20,4 +21,16 @@ application object is never used here (the Slicer module passes folders such as 
 
 from __future__ import annotations
 
-__all__ = ["capture", "compat", "demo", "deps", "naming", "scenario", "scene", "tasks", "views", "workflow"]
+__all__ = [
+    "capture",
+    "compat",
+    "demo",
+    "deps",
+    "explain",
+    "naming",
+    "scenario",
+    "scene",
+    "tasks",
+    "views",
+    "workflow",
+]

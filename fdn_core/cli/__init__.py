@@ -2,8 +2,9 @@
 
 The commands of this package (phantom, inspect, index, query, eval-retrieval, eval-model, demo) are always
 there. Other installed distributions add theirs through the entry-point group ``fdn.commands``: each entry
-is a ``register(subparsers)`` callable (the training harness ``fdn-training`` adds ``train`` and
-``export``). An entry that cannot be loaded is still listed, and running it says why and how to repair it.
+is a ``register(subparsers)`` callable (the training harness ``fdn-training`` adds ``train``, ``export``
+and ``train-baseline``; the browser viewer ``fdn-retrieval-web`` adds ``web``). An entry that cannot be
+loaded is still listed, and running it says why and how to repair it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Backends:
   and kept (4 bytes per position per code type and slice), one ``embedding_bag`` call per segment.
 
 Rows live in ``segments``: consecutive (normal, abnormal) code arrays whose rows follow each other in the
-engine's row order (one array pair for today's single-file database; append-only segments later). Volumes
+engine's row order (a database's live segments, ``CodeDatabase.segments()``). Volumes
 (the rows of one case) are contiguous and never cross a segment boundary. ``tasks`` cut the rows into
 ranges of whole volumes inside one segment, about ``task_rows`` rows each; numba's threads take them one at
 a time (dynamic scheduling), and each volume's best slice is reduced by the one task that holds it.

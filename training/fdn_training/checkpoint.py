@@ -107,7 +107,8 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write the inference bundle (``save_bundle``) of a training checkpoint to ``out_dir``."""
-    from fdn_core.model.bundle import save_bundle
+    from fdn_core.model.bundle import load_bundle, save_bundle
+    from fdn_core.retrieval import save_bundle_hamming_codes
 
     checkpoint = Path(checkpoint)
     payload = load_checkpoint(checkpoint)
@@ -132,7 +133,10 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir}: already exists; choose another output folder (or --overwrite)")
-    return save_bundle(model, cfg.preprocess, out_dir, metadata, overwrite=overwrite)
+    bundle_dir = save_bundle(model, cfg.preprocess, out_dir, metadata, overwrite=overwrite)
+    # The binary codes depend on the codebooks only: fit them once here, so databases reuse them.
+    save_bundle_hamming_codes(load_bundle(bundle_dir, "cpu"))
+    return bundle_dir
 
 
 class Checkpointer:

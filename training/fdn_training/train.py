@@ -2,13 +2,13 @@
 
 One process (CPU, one GPU or Apple MPS)::
 
-    fdn train --config training/configs/demo_cpu.yaml --data COHORT --out RUN [--device auto|cuda|cpu|mps]
+    fdn train --config demo_cpu --data COHORT --out RUN [--device auto|cuda|cpu|mps]
               [--resume] [--max-steps N] [--max-minutes M] [--cache DIR]
 
 Several GPUs on one machine (DistributedDataParallel, one process per GPU, NCCL; gloo when on CPU)::
 
     torchrun --standalone --nproc_per_node=4 -m fdn_training.train \\
-        --config training/configs/fdn8x8_256.yaml --data BRATS --out RUN
+        --config training/fdn_training/configs/fdn8x8_256.yaml --data BRATS --out RUN
 
 (``torchrun --standalone --nproc_per_node=4 "$(which fdn)" train ...`` works too: the entry point reads
 WORLD_SIZE / RANK / LOCAL_RANK.) ``dataset.batch_size`` is the global batch, split evenly over the

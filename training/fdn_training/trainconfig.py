@@ -288,5 +288,5 @@ def load_train_config(source: str | Path | dict[str, Any]) -> TrainConfig:
 
 
 def shipped_configs() -> dict[str, Path]:
-    """Name -> path of every YAML config shipped in ``training/configs``."""
+    """Name -> path of every YAML config shipped in ``training/fdn_training/configs``."""
     return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
