@@ -197,7 +197,7 @@ def _progress(no_progress: bool) -> Progress | None:
 
 def _cohort(out: Path, seed: int, args: argparse.Namespace) -> tuple[Path, bool]:
     """Generate the cohort of ``seed`` (or reuse an identical complete one); returns (folder, reused)."""
-    from fdn_core.data.phantom import generate_cohort
+    from fdn_core.data.phantom import GENERATOR_VERSION, generate_cohort
 
     folder = out / f"cohort_{seed}"
     meta_path = folder / "cohort.json"
@@ -205,6 +205,7 @@ def _cohort(out: Path, seed: int, args: argparse.Namespace) -> tuple[Path, bool]
         meta = json.loads(meta_path.read_text())
         if (
             meta.get("seed") == seed
+            and meta.get("generator_version") == GENERATOR_VERSION
             and len(meta.get("cases", [])) == args.cases
             and list(meta.get("shape", [])) == list(args.shape)
         ):
