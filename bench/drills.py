@@ -785,6 +785,8 @@ MHD_MISSING_RAW = (
 
 def msd_task(drill: Drill, name: str, mutate: Callable[[Path], None] | None = None) -> Path:
     """A Decathlon task of two cohort cases (4D images, labels, dataset.json), then ``mutate(root)``."""
+    from fdn_core.labels import MSD_DATASET_LABELS, MSD_DATASET_MODALITY
+
     root = drill.new_dir(name)
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir()
@@ -800,18 +802,7 @@ def msd_task(drill: Drill, name: str, mutate: Callable[[Path], None] | None = No
         seg, _ = load_nifti(drill.cohort / cid / f"{cid}_seg.nii.gz")
         save_nifti(root / "labelsTr" / f"{cid}.nii.gz", brats_to_msd[np.asarray(seg, np.uint8)], affine)
     (root / "dataset.json").write_text(
-        json.dumps(
-            {
-                "name": "drill",
-                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                "labels": {
-                    "0": "background",
-                    "1": "edema",
-                    "2": "non-enhancing tumor",
-                    "3": "enhancing tumour",
-                },
-            }
-        ),
+        json.dumps({"name": "drill", "modality": MSD_DATASET_MODALITY, "labels": MSD_DATASET_LABELS}),
         encoding="utf-8",
     )
     if mutate is not None:

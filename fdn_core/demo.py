@@ -416,38 +416,40 @@ def run_demo(settings: DemoSettings, progress_factory: Callable[[], Progress | N
         vol_a, vol_b = load_case(files[qa.case_id]), load_case(files[qb.case_id])
         slice_a = retriever.slice_from_case(vol_a, qa.slice_index)
         slice_b = retriever.slice_from_case(vol_b, qb.slice_index)
-        made: dict[str, Any] = {}
-        for column in ("S_normal", "S_abnormal", "S_sum"):
-            dist = _best_distance(summary, column)
-            mode = _COLUMNS[column][1]
-            hits = retriever.search(slice_a, mode=mode, distance=dist, top=settings.montage_top)
-            png = report_dir / f"montage_{mode}.png"
+
+        def montage(name: str, mode: str, dist: str, title: str, composite: bool = False) -> str:
+            """Search with slice A (+ slice B's abnormal codes if ``composite``); the montage's file name."""
+            hits = retriever.search(
+                slice_a,
+                mode=mode,
+                distance=dist,
+                top=settings.montage_top,
+                abnormal_from=slice_b if composite else None,
+            )
+            png = report_dir / f"montage_{name}.png"
             render_retrieval_montage(
                 db,
                 vol_a,
                 qa.slice_index,
                 hits,
                 png,
-                title=f"{_COLUMNS[column][0]} with {dist}: query {qa.case_id} slice {qa.slice_index}",
+                title=title,
                 show_anat=mode == "normal",
+                abnormal_from=(vol_b, qb.slice_index) if composite else None,
             )
-            made[column] = (png.name, dist)
+            return png.name
+
+        made: dict[str, Any] = {}
+        for column in ("S_normal", "S_abnormal", "S_sum"):
+            dist = _best_distance(summary, column)
+            mode = _COLUMNS[column][1]
+            title = f"{_COLUMNS[column][0]} with {dist}: query {qa.case_id} slice {qa.slice_index}"
+            made[column] = (montage(mode, mode, dist, title), dist)
         dist = _best_distance(summary, "S_sum")
-        hits = retriever.search(
-            slice_a, mode="sum", distance=dist, top=settings.montage_top, abnormal_from=slice_b
+        title = (
+            f"Composite: anatomy of {qa.case_id}:{qa.slice_index} + lesion of {qb.case_id}:{qb.slice_index}"
         )
-        png = report_dir / "montage_composite.png"
-        render_retrieval_montage(
-            db,
-            vol_a,
-            qa.slice_index,
-            hits,
-            png,
-            title=f"Composite: anatomy of {qa.case_id}:{qa.slice_index} + lesion of "
-            f"{qb.case_id}:{qb.slice_index}",
-            abnormal_from=(vol_b, qb.slice_index),
-        )
-        made["composite"] = (png.name, dist, qa, qb)
+        made["composite"] = (montage("composite", "sum", dist, title, composite=True), dist, qa, qb)
         recon_cases = [vol_a, vol_b]
         recon_slices = [qa.slice_index, qb.slice_index]
         if len(q_infos) > 2:

@@ -24,6 +24,8 @@ __all__ = [
     "MODES",
     "MODE_CHOICES",
     "MSD_CHANNELS",
+    "MSD_DATASET_LABELS",
+    "MSD_DATASET_MODALITY",
     "MSD_FILE_TO_CLASS",
     "MSD_MODALITY_NAMES",
     "NUM_ABNORMAL_CLASSES",
@@ -49,6 +51,16 @@ MSD_MODALITY_NAMES: Final[dict[str, str]] = {
     "t1c": "t1ce",
     "t2": "t2",
     "t2w": "t2",
+}
+
+#: The "modality" entry of a Decathlon Task01 dataset.json (channel index -> name, in MSD_CHANNELS order).
+MSD_DATASET_MODALITY: Final[dict[str, str]] = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+#: The "labels" entry of a Decathlon Task01 dataset.json (file label -> name; see MSD_FILE_TO_CLASS).
+MSD_DATASET_LABELS: Final[dict[str, str]] = {
+    "0": "background",
+    "1": "edema",
+    "2": "non-enhancing tumor",
+    "3": "enhancing tumour",
 }
 
 # -------------------------------------------------------------------------------------- abnormal classes

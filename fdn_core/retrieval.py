@@ -13,15 +13,12 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import numpy as np
 
@@ -31,7 +28,7 @@ from fdn_core.codes.identity import image_paths_of_source, same_image_paths
 from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import SliceStack, volume_to_slices
 from fdn_core.data.provenance import case_fingerprint
-from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case
+from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case, parallel_map
 from fdn_core.errors import DataError
 from fdn_core.fileio import describe_os_error, resolve_inside
 from fdn_core.labels import DISTANCES, normalize_mode
@@ -42,9 +39,11 @@ __all__ = [
     "COMMIT_EVERY",
     "COMMIT_SECONDS",
     "HAMMING_DIR",
+    "AddOptions",
     "CaseEncoder",
     "EncodedCase",
     "EncoderFailed",
+    "IndexOptions",
     "IndexResult",
     "QuerySlice",
     "Retriever",
@@ -342,18 +341,7 @@ def _prepared_cases(
     def prepare(f: CaseFiles) -> _Prepared:
         return _prepare(bundle, db, f)
 
-    if workers <= 1:
-        yield from map(prepare, files)
-        return
-    remaining = iter(files)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque(pool.submit(prepare, f) for f in itertools.islice(remaining, workers))
-        while pending:
-            result = pending.popleft().result()
-            following = next(remaining, None)
-            if following is not None:
-                pending.append(pool.submit(prepare, following))
-            yield result
+    yield from parallel_map(prepare, files, workers)
 
 
 def _index_into(
@@ -544,31 +532,31 @@ def build_index(
     return result
 
 
+class AddOptions(TypedDict, total=False):
+    """The keyword options of ``add_cases`` (those of ``add_to_index``; same defaults)."""
+
+    progress: Progress | None
+    batch_size: int | None
+    workers: int
+    skip_bad: bool
+
+
+class IndexOptions(AddOptions, total=False):
+    """The keyword options of ``index_cohort`` (those of ``build_index``; same defaults)."""
+
+    overwrite: bool
+    fit_hamming: bool
+
+
 def index_cohort(
     bundle: InferenceBundle,
     data_dir: str | Path,
     db_path: str | Path,
     cases: Sequence[str] | None = None,
-    progress: Progress | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    fit_hamming: bool = True,
-    workers: int = 2,
-    skip_bad: bool = False,
+    **options: Unpack[IndexOptions],
 ) -> CodeDatabase:
     """``build_index`` returning just the database."""
-    return build_index(
-        bundle,
-        data_dir,
-        db_path,
-        cases=cases,
-        progress=progress,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        fit_hamming=fit_hamming,
-        workers=workers,
-        skip_bad=skip_bad,
-    ).database
+    return build_index(bundle, data_dir, db_path, cases, **options).database
 
 
 def add_to_index(
@@ -621,15 +609,10 @@ def add_cases(
     db_path: str | Path,
     data_dir: str | Path,
     cases: Sequence[str] | None = None,
-    progress: Progress | None = None,
-    batch_size: int | None = None,
-    workers: int = 2,
-    skip_bad: bool = False,
+    **options: Unpack[AddOptions],
 ) -> list[str]:
     """``add_to_index`` returning the ids added."""
-    return add_to_index(
-        bundle, db_path, data_dir, cases, progress, batch_size=batch_size, workers=workers, skip_bad=skip_bad
-    ).added
+    return add_to_index(bundle, db_path, data_dir, cases, **options).added
 
 
 def remove_case(db_path: str | Path, case_id: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fdn_core.cli.args import (
     add_batch_size,
@@ -228,12 +228,36 @@ def _report(result: IndexResult, what: str) -> None:
             print(f"  {problem}")
 
 
-def _index_run(args: argparse.Namespace, run_it: Callable[[], IndexResult]) -> IndexResult:
-    """Run an indexing function with the command line's error messages."""
+def _index_run(
+    args: argparse.Namespace, index: Callable[..., IndexResult], *paths: Path, **options: Any
+) -> IndexResult:
+    """``fdn index build`` / ``add``: check --ray, load the model, warn about training cases, then run
+    ``index(bundle, *paths, ...)`` with the options both commands share (and ``options``), with the command
+    line's error messages; reports where Ray encoded the cases."""
+    from fdn_core.data.provenance import cases_of, warn_training_overlap
     from fdn_core.errors import DataError
+    from fdn_core.progress import tqdm_progress
 
+    encoder = _ray_encoder(args)
+    bundle = _load_bundle(args)
+    warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), f"fdn index {args.action}")
+    if args.action == "build":
+        where = f"on Ray ({args.ray})" if encoder is not None else f"on {bundle.device}"
+        print(f"model {bundle.fingerprint[:12]} {where}; indexing {args.data} -> {args.db}")
     try:
-        return run_it()
+        result = index(
+            bundle,
+            *paths,
+            cases=args.cases,
+            progress=tqdm_progress(disable=args.no_progress),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            commit_every=args.commit_every,
+            commit_seconds=float(args.commit_seconds),
+            encoder=encoder,
+            **options,
+        )
     except DataError as exc:
         raise _cli_hint(exc) from exc
     except KeyboardInterrupt:
@@ -249,37 +273,21 @@ def _index_run(args: argparse.Namespace, run_it: Callable[[], IndexResult]) -> I
             "again to continue once the problem is fixed)"
         )
         raise
+    _report_ray(encoder)
+    return result
 
 
 def _build(args: argparse.Namespace) -> int:
-    from fdn_core.data.provenance import cases_of, warn_training_overlap
-    from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import build_index
 
-    encoder = _ray_encoder(args)
-    bundle = _load_bundle(args)
-    warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index build")
-    where = f"on Ray ({args.ray})" if encoder is not None else f"on {bundle.device}"
-    print(f"model {bundle.fingerprint[:12]} {where}; indexing {args.data} -> {args.db}")
     result = _index_run(
         args,
-        lambda: build_index(
-            bundle,
-            args.data,
-            args.db,
-            cases=args.cases,
-            progress=tqdm_progress(disable=args.no_progress),
-            overwrite=args.overwrite,
-            batch_size=args.batch_size,
-            fit_hamming=not args.no_hamming,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-            commit_every=args.commit_every,
-            commit_seconds=float(args.commit_seconds),
-            encoder=encoder,
-        ),
+        build_index,
+        args.data,
+        args.db,
+        overwrite=args.overwrite,
+        fit_hamming=not args.no_hamming,
     )
-    _report_ray(encoder)
     db = result.database
     info = db.info()
     if result.resumed:
@@ -293,30 +301,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from fdn_core.data.provenance import cases_of, warn_training_overlap
-    from fdn_core.progress import tqdm_progress
     from fdn_core.retrieval import add_to_index
 
-    encoder = _ray_encoder(args)
-    bundle = _load_bundle(args)
-    warn_training_overlap(bundle.metadata, cases_of(args.data, args.cases), "fdn index add")
-    result = _index_run(
-        args,
-        lambda: add_to_index(
-            bundle,
-            args.db,
-            args.data,
-            cases=args.cases,
-            progress=tqdm_progress(disable=args.no_progress),
-            batch_size=args.batch_size,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-            commit_every=args.commit_every,
-            commit_seconds=float(args.commit_seconds),
-            encoder=encoder,
-        ),
-    )
-    _report_ray(encoder)
+    result = _index_run(args, add_to_index, args.db, args.data)
     _report(result, "not added")
     if result.added:
         print(f"added {len(result.added)} case(s) to {args.db}: {', '.join(result.added)}")

@@ -322,6 +322,9 @@ def _vsums(
     return a0, a1
 
 
+# _vector_tile repeats _scalar_tile's parameters and term arithmetic on purpose: each is its own compiled
+# kernel specialised for its loop (one query, rows four at a time / 16-lane query groups); one kernel with a
+# lanes branch, or the terms behind a shared helper taking either layout, costs the hot loop speed.
 @njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
 def _vector_tile(
     c0: np.ndarray,

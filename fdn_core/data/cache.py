@@ -33,6 +33,7 @@ from fdn_core.data.preprocess import PreprocessConfig, SliceGeometry, SliceStack
 from fdn_core.data.readers import (
     CaseFiles,
     CaseProblem,
+    CaseVolume,
     canonical_shape,
     find_cases,
     load_case,
@@ -335,12 +336,12 @@ class SliceCache:
         abnormal: list[int] = []
         n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
 
-        def work(files: CaseFiles) -> tuple[Any, SliceStack | None] | tuple[DataError, None]:
+        def work(files: CaseFiles) -> tuple[CaseVolume, SliceStack] | DataError:
             try:
                 case = load_case(files)
                 return case, volume_to_slices(case, cfg)
             except DataError as exc:
-                return exc, None
+                return exc
 
         with atomic_dir(cache_dir, overwrite=True) as tmp:
             arrays = {
@@ -354,18 +355,21 @@ class SliceCache:
             message = f"building slice cache ({s}x{s})"
             if progress is not None:
                 progress.update(0, len(cases), message)
-            for i, (files, (case, stack)) in enumerate(zip(cases, parallel_map(work, cases, n_workers)), 1):
-                if stack is None:
+            for i, (files, loaded) in enumerate(zip(cases, parallel_map(work, cases, n_workers)), 1):
+                if isinstance(loaded, DataError):
                     if not skip_bad:
-                        raise case
-                    log.warning("skipping bad case: %s", case)
-                    skipped.append({"case_id": files.case_id, "message": str(case)})
+                        raise loaded
+                    log.warning("skipping bad case: %s", loaded)
+                    skipped.append({"case_id": files.case_id, "message": str(loaded)})
                 else:
+                    case, stack = loaded
                     z = stack.images.shape[0]
                     arrays["images"][row : row + z] = stack.images
                     arrays["seg"][row : row + z] = 0 if stack.seg is None else stack.seg
                     arrays["anat"][row : row + z] = 0 if stack.anat is None else stack.anat
-                    flags = [] if stack.seg is None else stack.seg.reshape(z, -1).any(axis=1).tolist()
+                    flags: list[bool] = (
+                        [] if stack.seg is None else np.asarray(stack.seg.reshape(z, -1).any(axis=1)).tolist()
+                    )
                     entry = CachedCase(
                         case_id=case.case_id,
                         layout=files.layout,

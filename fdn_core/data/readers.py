@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -68,10 +68,15 @@ from fdn_core.labels import (
     BRATS_FILE_TO_CLASS,
     MODALITIES,
     MSD_CHANNELS,
+    MSD_DATASET_LABELS,
+    MSD_DATASET_MODALITY,
     MSD_FILE_TO_CLASS,
     MSD_MODALITY_NAMES,
 )
 from fdn_core.progress import Progress
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -1665,8 +1670,10 @@ def summarize_case(case: CaseVolume) -> CaseSummary:
     )
 
 
-def parallel_map(fn: Callable[[Any], Any], items: list[Any], workers: int | None) -> Iterable[Any]:
-    """Ordered map over a thread pool (file reads and numpy release the GIL), at most workers+1 in flight."""
+def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None) -> Iterator[_R]:
+    """Ordered map over a pool of ``workers`` threads (file reads, decompression and numpy release the GIL):
+    ``fn`` runs on the next items while the caller works on the one yielded, at most workers+1 in flight.
+    The one read-ahead loop of the package (cohort scans, slice caches, indexing, retrieval evaluation)."""
     n = max(1, int(workers or 1))
     if n == 1 or len(items) < 2:
         for item in items:
@@ -1704,7 +1711,10 @@ def validate_cohort(
     if progress is not None and total:
         progress.update(0, total, "checking cases")
     for i, result in enumerate(parallel_map(load, cases, workers), 1):
-        (summaries if isinstance(result, CaseSummary) else problems).append(result)
+        if isinstance(result, CaseSummary):
+            summaries.append(result)
+        else:
+            problems.append(result)
         if progress is not None:
             progress.update(i, total, "checking cases")
     summaries.sort(key=lambda s: s.case_id)
@@ -1820,13 +1830,8 @@ def write_msd_copy(
                 "name": "BRATS",
                 "description": f"Decathlon-layout copy of {Path(brats_dir).name} written by fdn_core",
                 "tensorImageSize": "4D",
-                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                "labels": {
-                    "0": "background",
-                    "1": "edema",
-                    "2": "non-enhancing tumor",
-                    "3": "enhancing tumour",
-                },
+                "modality": dict(MSD_DATASET_MODALITY),
+                "labels": dict(MSD_DATASET_LABELS),
                 "numTraining": len(training),
                 "numTest": len(test),
                 "training": training,

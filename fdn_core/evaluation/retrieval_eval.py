@@ -53,12 +53,9 @@ the Dice compares exactly the slices the codes were computed from.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -491,23 +488,12 @@ def _load_stacks(
 ) -> Iterator[tuple[CaseFiles, SliceStack]]:
     """``(files, slices)`` in order, ``workers`` threads loading and preprocessing ahead."""
     from fdn_core.data.preprocess import volume_to_slices
-    from fdn_core.data.readers import load_case
+    from fdn_core.data.readers import load_case, parallel_map
 
     def prepare(f: CaseFiles) -> tuple[CaseFiles, SliceStack]:
         return f, volume_to_slices(load_case(f), preprocess)
 
-    if workers <= 1:
-        yield from map(prepare, files)
-        return
-    remaining = iter(files)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = deque(pool.submit(prepare, f) for f in itertools.islice(remaining, workers))
-        while pending:
-            result = pending.popleft().result()
-            following = next(remaining, None)
-            if following is not None:
-                pending.append(pool.submit(prepare, following))
-            yield result
+    yield from parallel_map(prepare, files, workers)
 
 
 def _skipped_note(reason: str, cases: list[str]) -> str:
