@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fdn_core.data.provenance import training_cohort_seeds
+from fdn_core.data.provenance import TRAIN_COHORT_SEED_KEY, training_cohort_seeds
 
 if TYPE_CHECKING:
     from fdn_core.evaluation.retrieval_eval import RetrievalEvaluation
@@ -78,7 +78,8 @@ def training_seeds(bundle: InferenceBundle, override: Sequence[int] | None) -> t
     """The training cohort's seed(s) and where they come from (empty list when unknown)."""
     recorded = training_cohort_seeds(bundle.metadata)
     if recorded:
-        return recorded, "the bundle's metadata"
+        key = TRAIN_COHORT_SEED_KEY if TRAIN_COHORT_SEED_KEY in bundle.metadata else "cohort"
+        return recorded, f"bundle metadata {key!r}"
     if override:
         return [int(s) for s in override], "--training-seed"
     known = KNOWN_TRAINING_SEEDS.get(bundle.fingerprint)
