@@ -44,7 +44,8 @@ CHECKPOINT_FORMAT = "fdn-train-checkpoint/1"
 
 def config_yaml(cfg_dict: dict[str, Any]) -> bytes:
     """A config dict as YAML bytes (keys in their order)."""
-    return yaml.safe_dump(cfg_dict, sort_keys=False).encode("utf-8")
+    text: str = yaml.safe_dump(cfg_dict, sort_keys=False)
+    return text.encode("utf-8")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
