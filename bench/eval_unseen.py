@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["KNOWN_TRAINING_SEEDS", "Target", "evaluate_targets", "main", "training_seeds"]
 
 #: Training-cohort seeds of bundles that predate ``train_cohort_seed`` in their metadata, by model
-#: fingerprint: the shipped demo model was trained on ``fdn phantom --seed 1`` (its README).
+#: fingerprint: the first shipped demo model (since replaced) was trained on ``fdn phantom --seed 1``.
 KNOWN_TRAINING_SEEDS: dict[str, tuple[int, ...]] = {
     "f4f5559c76c3f39c24fb6ccd069a4ac4636afb6ff3c42210aa3d2934d3755c76": (1,),
 }
@@ -84,7 +84,7 @@ def training_seeds(bundle: InferenceBundle, override: Sequence[int] | None) -> t
         return [int(s) for s in override], "--training-seed"
     known = KNOWN_TRAINING_SEEDS.get(bundle.fingerprint)
     if known:
-        return list(known), "the shipped demo model's README (fdn phantom --seed 1)"
+        return list(known), "the first shipped demo model's README (fdn phantom --seed 1)"
     return [], "nowhere: the bundle records no training cohort seed"
 
 
