@@ -189,6 +189,7 @@ def _wait_state(page: Any, expression: str, timeout_s: float = 60) -> None:
     page.wait_for_function(
         f"() => {{ const s = window.trame && window.trame.state; return !!s && ({expression}); }}",
         timeout=timeout_s * 1e3,
+        polling=100,  # an interval, not requestAnimationFrame: a page behind another tab gets no frames
     )
 
 
@@ -388,14 +389,18 @@ def test_bad_uploads_give_messages(page: Any, web_data: dict[str, Path], tmp_pat
         target.write_bytes(path.read_bytes() if kind != "t2" else b"this is not a NIfTI file")
     page.set_input_files("#fdn-upload input[type=file]", [str(p) for p in sorted(bad.iterdir())])
     page.wait_for_function(
-        "() => document.querySelector('#fdn-messages').innerText.includes('cannot be read')", timeout=60_000
+        "() => document.querySelector('#fdn-messages').innerText.includes('cannot be read')",
+        timeout=60_000,
+        polling=100,
     )
     text = _messages(page)
     assert "upload_t2.nii.gz" in text and "Traceback" not in text
     # a sequence missing
     page.set_input_files("#fdn-upload input[type=file]", [str(files[k]) for k in ("t1", "t1ce", "t2")])
     page.wait_for_function(
-        "() => document.querySelector('#fdn-messages').innerText.includes('Missing FLAIR')", timeout=30_000
+        "() => document.querySelector('#fdn-messages').innerText.includes('Missing FLAIR')",
+        timeout=30_000,
+        polling=100,
     )
     # a good upload opens the study
     page.set_input_files("#fdn-upload input[type=file]", [str(p) for p in files.values()])
