@@ -55,6 +55,9 @@ class TaskProgress:
     """Progress callback and cancel flag handed to the work (the interface of ``fdn_core.progress.Progress``,
     which is used instead when fdn_core is installed)."""
 
+    # A copy of fdn_core.progress.Progress on purpose: this module runs the first-use install of fdn_core
+    # in Slicer, so it must work before fdn_core can be imported (standard library only).
+
     def __init__(self, callback: Callable[[int, int, str], None] | None = None) -> None:
         self.callback = callback
         self.cancel = threading.Event()
