@@ -513,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     floors: dict[tuple[int, str], float] = {}
     ram: dict[int, dict[str, float]] = {}
     t0 = time.perf_counter()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp)
         first = [] if args.no_first_call else _first_call(folder)
