@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
-import pickle
 import re
 import socket
 from collections import Counter
@@ -117,6 +117,30 @@ def _known(digests: np.ndarray, sha: str) -> bool:
     return at < digests.shape[0] and digests[at] == key[0]
 
 
+def _files_to_json(files: CaseFiles) -> str:
+    """A case's files as JSON text for a Ray row (plain data, no pickle)."""
+    doc = dataclasses.asdict(files)
+    for key in ("image4d", "seg", "anat"):
+        doc[key] = None if doc[key] is None else str(doc[key])
+    if doc["images"] is not None:
+        doc["images"] = {k: str(v) for k, v in doc["images"].items()}
+    if doc["channel_order"] is not None:
+        doc["channel_order"] = list(doc["channel_order"])
+    return json.dumps(doc)
+
+
+def _files_from_json(text: str) -> CaseFiles:
+    """The inverse of ``_files_to_json``."""
+    doc = json.loads(text)
+    for key in ("image4d", "seg", "anat"):
+        doc[key] = None if doc[key] is None else Path(doc[key])
+    if doc["images"] is not None:
+        doc["images"] = {k: Path(v) for k, v in doc["images"].items()}
+    if doc["channel_order"] is not None:
+        doc["channel_order"] = tuple(doc["channel_order"])
+    return CaseFiles(**doc)
+
+
 def _read_case(row: dict[str, Any], *, preprocess: PreprocessConfig, digests: np.ndarray) -> dict[str, Any]:
     """Ray task: hash one case; load and preprocess it unless the database may hold it already."""
     from fdn_core.data.preprocess import volume_to_slices
@@ -124,7 +148,7 @@ def _read_case(row: dict[str, Any], *, preprocess: PreprocessConfig, digests: np
     from fdn_core.data.readers import load_case
     from fdn_core.retrieval import _case_problem, _slice_flags
 
-    f: CaseFiles = pickle.loads(row["files"])
+    f = _files_from_json(row["files"])
     s = preprocess.image_size
     out: dict[str, Any] = {
         "i": row["i"],
@@ -379,7 +403,7 @@ class RayEncoder:
         from ray.data import ActorPoolStrategy
 
         rows = [
-            {"i": i, "files": pickle.dumps(_absolute(f)), "id_known": f.case_id in db}
+            {"i": i, "files": _files_to_json(_absolute(f)), "id_known": f.case_id in db}
             for i, f in enumerate(files)
         ]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))

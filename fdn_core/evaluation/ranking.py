@@ -22,6 +22,7 @@ passed to ``evaluate_retrieval(..., methods=[...])`` and appears in every table 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -147,7 +148,7 @@ class RankingContext:
         return volume_wise_best(values, self.row_volume, self.k[q], higher_is_better, self.own_volume[q])
 
 
-class RankingMethod:
+class RankingMethod(ABC):
     """A way to rank the reference slices for each query (see the module docstring)."""
 
     #: Result key (JSON) and display label.
@@ -161,16 +162,16 @@ class RankingMethod:
     #: One line for the report's definitions.
     description: str = ""
 
-    def observe_query(self, q: int, images: np.ndarray, slice_index: int) -> None:
+    def observe_query(self, q: int, images: np.ndarray, slice_index: int) -> None:  # noqa: B027 (optional hook)
         """Called once per query ``q`` with its volume's model-input slices (Z, 4, S, S) and its slice."""
 
-    def observe_reference(self, volume: int, rows: slice, images: np.ndarray) -> None:
+    def observe_reference(self, volume: int, rows: slice, images: np.ndarray) -> None:  # noqa: B027 (optional hook)
         """Called once per reference volume with the model-input slices (n, 4, S, S) of database ``rows``."""
 
+    @abstractmethod
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
         """Per query, the rows of its volume-wise top-``ctx.k[q]`` in rank order. ``similarity`` is None for
         methods that are not ``per_similarity``; ``draw`` counts ``0..draws-1``."""
-        raise NotImplementedError
 
 
 # -------------------------------------------------------------------------------------- FDN and oracle
@@ -244,8 +245,9 @@ class _RandomVolumes(RankingMethod):
         candidates = ctx.candidate_volumes(q)
         return rng.choice(candidates, size=min(ctx.k[q], candidates.size), replace=False)
 
+    @abstractmethod
     def _row(self, ctx: RankingContext, q: int, volume: int, rng: np.random.Generator) -> int:
-        raise NotImplementedError
+        """The row of ``volume`` that stands for it in query ``q``'s ranking."""
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
         rng = self._rng(draw)
@@ -309,9 +311,9 @@ class SliceEmbeddingMethod(RankingMethod):
         self._queries: dict[int, np.ndarray] = {}
         self._refs: dict[int, np.ndarray] = {}
 
+    @abstractmethod
     def embed(self, images: np.ndarray) -> np.ndarray:
         """(n, 4, S, S) float32 model-input slices -> (n, F) features."""
-        raise NotImplementedError
 
     def observe_query(self, q: int, images: np.ndarray, slice_index: int) -> None:
         """Embed query ``q``'s slice ``slice_index`` of ``images``."""
