@@ -89,7 +89,7 @@ def test_round_trip(tmp_path: Path) -> None:
     )
     for opened in (db, CodeDatabase.open(path, expected_fingerprint=FP, expected_codebooks=books())):
         assert len(opened) == 12 and opened.cases == ["A", "B", "C"]
-        assert opened.normal_codes.dtype == np.uint16 and opened.normal_codes.shape == (12, 6)
+        assert opened.normal_codes.dtype == np.uint8 and opened.normal_codes.shape == (12, 6)  # K = 16
         np.testing.assert_array_equal(opened.normal_codes[:5], a.normal.reshape(5, 6))  # row-major
         np.testing.assert_array_equal(opened.abnormal_codes[5:8], b.abnormal.reshape(3, 6))
         np.testing.assert_array_equal(
@@ -107,7 +107,7 @@ def test_round_trip(tmp_path: Path) -> None:
     info = CodeDatabase.open(path).info()
     assert info["num_cases"] == 3 and info["num_slices"] == 12 and info["grid_shape"] == list(GRID)
     assert info["num_abnormal_slices"] == int(db.has_abnormal.sum()) and info["size_bytes"] > 0
-    assert info["created"]["fdn_version"] and info["format_version"] == 2 and info["num_segments"] == 2
+    assert info["created"]["fdn_version"] and info["format_version"] == 3 and info["num_segments"] == 2
     # Plain .npy arrays, memory-mappable without pickle, hashed in the manifest; the case table too.
     m = _manifest(path)
     seg = path / m["segments"][1]["folder"]
@@ -663,7 +663,7 @@ def test_format_1_is_read_and_converted_by_the_first_write(tmp_path: Path) -> No
     old.add_cases([case("C", 2, 3)])
     new = CodeDatabase.open(path, verify=True)
     new.verify()
-    assert new.format_version == 2 and new.cases == ["A", "B", "C"]
+    assert new.format_version == dbmod.FORMAT_VERSION and new.cases == ["A", "B", "C"]
     state = _state(new)
     for key in ("normal", "abnormal", "slices"):
         np.testing.assert_array_equal(state[key][:7], before[key])
@@ -685,7 +685,9 @@ def test_format_1_conversion_survives_a_crash(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     assert CodeDatabase.open(path).format_version == 1 and CodeDatabase.open(path).cases == ["A"]
     CodeDatabase.open(path).remove_cases(["A"])
-    assert CodeDatabase.open(path).cases == [] and CodeDatabase.open(path).format_version == 2
+    assert (
+        CodeDatabase.open(path).cases == [] and CodeDatabase.open(path).format_version == dbmod.FORMAT_VERSION
+    )
 
 
 # ------------------------------------------------------------------------------------- staged builds
@@ -965,3 +967,52 @@ def test_search_spans_segments_and_skips_removed_cases(tmp_path: Path) -> None:
                 (h.case_id, h.slice_index, h.distance) for h in want
             ]
             assert "B" not in {h.case_id for h in got} and "D" not in {h.case_id for h in got}
+
+
+def test_version_2_uint16_segments_mix_with_uint8_ones_and_compact_narrows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version-2 database (uint16 codes) is read, grows with uint8 segments (K <= 256), is searched across
+    both kinds exactly as one uint16 array, and ``compact`` rewrites it as uint8, version 3."""
+    from fdn_core.codes.search import Query, SearchEngine
+
+    assert dbmod.code_dtype(256) == np.uint8 and dbmod.code_dtype(257) == np.uint16
+    path = tmp_path / "db"
+    with monkeypatch.context() as m:  # what version 2 wrote
+        m.setattr(dbmod, "code_dtype", lambda num_codes: np.dtype(np.uint16))
+        m.setattr(dbmod, "FORMAT_VERSION", 2)
+        old = new_db(path)
+        old.add_cases([case("A", 3, 1), case("B", 2, 2)])
+    raw = json.loads((path / "manifest.json").read_text())
+    assert raw["format_version"] == 2
+    db = CodeDatabase.open(path, verify=True)
+    assert db.format_version == 2
+    db.add_cases([case("C", 4, 3)])
+    opened = CodeDatabase.open(path, verify=True)
+    assert [s.normal_codes.dtype for s in opened.segments()] == [np.uint16, np.uint8]
+    assert (
+        opened.format_version == 3 and json.loads((path / "manifest.json").read_text())["format_version"] == 3
+    )
+    assert opened.slice_codes("C", 0)[0].dtype == np.uint16
+    segmented = SearchEngine.from_database(opened)
+    wide = SearchEngine(
+        normal_codes=np.array(opened.normal_codes, dtype=np.uint16),
+        abnormal_codes=np.array(opened.abnormal_codes, dtype=np.uint16),
+        case_ids=np.array(opened.case_ids),
+        slice_indices=np.array(opened.slice_indices),
+        codebook_normal=opened.codebook_normal,
+        codebook_abnormal=opened.codebook_abnormal,
+        grid_shape=opened.grid_shape,
+    )
+    query = Query(normal=opened.normal_codes[6], abnormal=opened.abnormal_codes[1])
+    for mode in ("normal", "sum"):
+        got = segmented.search(query, mode=mode, top=20, per="slice")
+        want = wide.search(query, mode=mode, top=20, per="slice")
+        assert [(h.case_id, h.slice_index, h.distance) for h in got] == [
+            (h.case_id, h.slice_index, h.distance) for h in want
+        ]
+    before = np.array(opened.normal_codes, dtype=np.uint16)
+    opened.compact()
+    done = CodeDatabase.open(path, verify=True)
+    assert [s.normal_codes.dtype for s in done.segments()] == [np.uint8]
+    np.testing.assert_array_equal(done.normal_codes, before)

@@ -1,6 +1,6 @@
 """The code database: every indexed slice's normal and abnormal code-index grids, plus where it came from.
 
-On disk (format version 2) a database is a folder of immutable, append-only segments::
+On disk (format version 3) a database is a folder of immutable, append-only segments::
 
     manifest.json              the commit point: model fingerprint, grid shape, the codebook folder, the
                                list of live segments (with the sha256, size, dtype and shape of every file),
@@ -9,8 +9,9 @@ On disk (format version 2) a database is a folder of immutable, append-only segm
     .lock                      lock file: one writer at a time (``filelock``)
     codebooks/000001-1a2b3c4d/ codebook_normal.npy, codebook_abnormal.npy  (K, D) float32
     segments/000002-5e6f7a8b/  one segment (one add, one build batch, or a merge):
-        normal_codes.npy       (n, h*w) uint16, code-index grids flattened row-major
-        abnormal_codes.npy     (n, h*w) uint16
+        normal_codes.npy       (n, h*w) code-index grids flattened row-major: uint8 when the codebooks
+                               have at most 256 codes, else uint16 (``code_dtype``)
+        abnormal_codes.npy     (n, h*w) likewise
         slice_indices.npy      (n,) int32, axial slice index k of each row in its volume
         has_abnormal.npy       (n,) bool, slice has abnormal (tumour) voxels
         case_ids.npy           (c,) unicode, the segment's cases in row order
@@ -31,6 +32,12 @@ Writes: ``add_cases`` writes one new segment; ``remove_cases`` records tombstone
 leaves the last committed state; leftovers are swept, under the lock, by the next writer. A failed write
 removes only the folders it created. Readers take no lock: they memory-map the segments of the manifest
 they read (no copy) and retry on the current manifest if a segment vanished under them (a compaction).
+
+Why uint8 when it fits: a search reads every code of every row, and half the bytes are a sixth less time per
+query at K = 256 (bench/bench_search.py, uint8 against uint16 rows) and half the disk and page cache.
+Version 2 (the same layout, codes always uint16) is read as is; its new segments are written in the narrow
+type, merges and ``compact`` rewrite the old ones, and the search widens only the narrow segments while
+both kinds exist (``fdn_core.codes.scan``).
 
 Format version 1 (one ``vNNNNNN/`` folder holding every array, the case table inside the manifest) is still
 read; the first write converts it to segments (one-time rewrite, under the lock).
@@ -92,8 +99,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "fdn-code-database"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LEGACY_FORMAT_VERSION = 1
+#: Versions this module reads: 1 (converted on the first write), 2 (segments, uint16 codes), 3.
+READABLE_FORMAT_VERSIONS = (LEGACY_FORMAT_VERSION, 2, FORMAT_VERSION)
+
+
+def code_dtype(num_codes: int) -> np.dtype[Any]:
+    """The stored code-index type for a codebook of ``num_codes`` vectors: uint8 up to 256, else uint16."""
+    return np.dtype(np.uint8) if num_codes <= 256 else np.dtype(np.uint16)
+
+
 MANIFEST = "manifest.json"
 BUILD_MANIFEST = "build.json"
 LOCK_FILE = ".lock"
@@ -542,10 +558,10 @@ class CodeDatabase:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise DataError(f"{mpath} is not a code database manifest (format is not {FORMAT_NAME!r})")
         version = raw.get("format_version")
-        if version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION) or isinstance(version, bool):
+        if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
             raise DataError(
                 f"{mpath} has format version {version!r}; this software reads versions "
-                f"{LEGACY_FORMAT_VERSION} and {FORMAT_VERSION}. Update fdn_core, or rebuild the database "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Update fdn_core, or rebuild the database "
                 "with `fdn index build`."
             )
         return raw
@@ -713,9 +729,10 @@ class CodeDatabase:
         if n < 1 or c < 1:
             problems.append("is empty")
         if arrays["normal_codes"].shape != (n, p) or arrays["abnormal_codes"].shape != (n, p):
-            problems.append(f"code arrays are not ({n}, {p}) uint16")
-        if arrays["normal_codes"].dtype != np.uint16 or arrays["abnormal_codes"].dtype != np.uint16:
-            problems.append("code arrays are not uint16")
+            problems.append(f"code arrays are not ({n}, {p})")
+        dtypes = {arrays["normal_codes"].dtype, arrays["abnormal_codes"].dtype}
+        if len(dtypes) != 1 or not dtypes <= {np.dtype(np.uint8), np.dtype(np.uint16)}:
+            problems.append("code arrays are not both uint8 or both uint16")
         if arrays["slice_indices"].shape != (n,) or arrays["slice_indices"].dtype != np.int32:
             problems.append(f"slice_indices is not ({n},) int32")
         if arrays["has_abnormal"].shape != (n,) or arrays["has_abnormal"].dtype != np.bool_:
@@ -1165,8 +1182,9 @@ class CodeDatabase:
 
     @property
     def format_version(self) -> int:
-        """1 for a database not yet converted to segments, else 2."""
-        return LEGACY_FORMAT_VERSION if self._state.legacy else FORMAT_VERSION
+        """The committed manifest's format version: 1 for a database not yet converted to segments; a
+        version 2 manifest becomes the current version with the next write."""
+        return int(self._state.manifest["format_version"])
 
     def segments(self) -> list[Segment]:
         """Per stored segment, its memory-mapped arrays (no copy) and which rows are alive (search spans
@@ -1206,9 +1224,10 @@ class CodeDatabase:
                 arr = getattr(st.stored[0], name)
             elif not st.stored:
                 h, w = self.grid_shape
+                dtype = code_dtype(self.num_codes)
                 empty = {
-                    "normal_codes": np.zeros((0, h * w), np.uint16),
-                    "abnormal_codes": np.zeros((0, h * w), np.uint16),
+                    "normal_codes": np.zeros((0, h * w), dtype),
+                    "abnormal_codes": np.zeros((0, h * w), dtype),
                     "slice_indices": np.zeros((0,), np.int32),
                     "has_abnormal": np.zeros((0,), np.bool_),
                 }
@@ -1232,14 +1251,14 @@ class CodeDatabase:
 
     @property
     def normal_codes(self) -> np.ndarray:
-        """(N, h*w) uint16 normal code indices, one row per live slice (read-only). A memory map for a
-        single-segment database without removed cases; otherwise a concatenated copy (use ``segments()``
-        to avoid it)."""
+        """(N, h*w) normal code indices (uint8 or uint16, see ``code_dtype``), one row per live slice
+        (read-only). A memory map for a single-segment database without removed cases; otherwise a
+        concatenated copy (use ``segments()`` to avoid it)."""
         return self._view("normal_codes")
 
     @property
     def abnormal_codes(self) -> np.ndarray:
-        """(N, h*w) uint16 abnormal code indices (like ``normal_codes``)."""
+        """(N, h*w) abnormal code indices (like ``normal_codes``)."""
         return self._view("abnormal_codes")
 
     @property
@@ -1292,8 +1311,8 @@ class CodeDatabase:
         return self._state.stored[si], ci
 
     def slice_codes(self, case_id: str, slice_index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(normal, abnormal) (h*w,) uint16 codes of one stored slice, read from its segment (no copy of
-        the database)."""
+        """(normal, abnormal) (h*w,) uint16 codes of one stored slice (whatever the stored type), read from
+        its segment (no copy of the database)."""
         s, ci = self._stored_case(case_id)
         a, b = int(s.case_rows[ci]), int(s.case_rows[ci + 1])
         sl = np.asarray(s.slice_indices[a:b])
@@ -1304,7 +1323,9 @@ class CodeDatabase:
                 f"(it holds slices {int(sl.min())}..{int(sl.max())}); give a slice in that range"
             )
         row = a + int(hit[0])
-        return np.array(s.normal_codes[row]), np.array(s.abnormal_codes[row])
+        return np.array(s.normal_codes[row], dtype=np.uint16), np.array(
+            s.abnormal_codes[row], dtype=np.uint16
+        )
 
     def case_abnormal_count(self, case_id: str) -> int:
         """How many of the case's slices have abnormal (tumour) voxels."""
@@ -1452,7 +1473,7 @@ class CodeDatabase:
                     f"{where}: {name} code indices must lie in [0, {k}); found {a.min()}..{a.max()}. "
                     "Were the codes made by the model this database belongs to?"
                 )
-            grids.append(a.reshape(a.shape[0], h * w).astype(np.uint16))
+            grids.append(a.reshape(a.shape[0], h * w).astype(code_dtype(k)))
         s = grids[0].shape[0]
         if s == 0:
             raise DataError(f"{where}: has no slices")
@@ -1729,6 +1750,7 @@ class CodeDatabase:
         m = {k: v for k, v in state.manifest.items() if k != "manifest_sha256"}
         m["generation"] = state.generation + 1
         m["modified_utc"] = _now()
+        m["format_version"] = FORMAT_VERSION  # a version-2 manifest is upgraded by the first write
         return m
 
     def _new_folder(self, kind: str) -> tuple[str, Path]:
@@ -1779,8 +1801,8 @@ class CodeDatabase:
                     yield from _chunked(arr, a, b)
 
         files = [
-            _write_npy(tmp / "normal_codes.npy", np.dtype(np.uint16), (n, h * w), rows("normal")),
-            _write_npy(tmp / "abnormal_codes.npy", np.dtype(np.uint16), (n, h * w), rows("abnormal")),
+            _write_npy(tmp / "normal_codes.npy", code_dtype(self.num_codes), (n, h * w), rows("normal")),
+            _write_npy(tmp / "abnormal_codes.npy", code_dtype(self.num_codes), (n, h * w), rows("abnormal")),
             _write_npy(tmp / "slice_indices.npy", np.dtype(np.int32), (n,), rows("slices")),
             _write_npy(tmp / "has_abnormal.npy", np.dtype(np.bool_), (n,), rows("flags")),
         ]
