@@ -936,6 +936,21 @@ def test_sha256_of_manifest_helper_matches_canonical_json() -> None:
     assert dbmod._manifest_hash(body) == hashlib.sha256(b'{"a":[1,2],"b":1}').hexdigest()
 
 
+def _one_array_engine(opened: CodeDatabase, dtype: Any = None) -> Any:
+    """A search engine over copies of the database's live rows as single arrays (``dtype``: the codes')."""
+    from fdn_core.codes.search import SearchEngine
+
+    return SearchEngine(
+        normal_codes=np.array(opened.normal_codes, dtype=dtype),
+        abnormal_codes=np.array(opened.abnormal_codes, dtype=dtype),
+        case_ids=np.array(opened.case_ids),
+        slice_indices=np.array(opened.slice_indices),
+        codebook_normal=opened.codebook_normal,
+        codebook_abnormal=opened.codebook_abnormal,
+        grid_shape=opened.grid_shape,
+    )
+
+
 def test_search_spans_segments_and_skips_removed_cases(tmp_path: Path) -> None:
     """The engine scans the live rows of every segment in place and ranks exactly as over one array."""
     from fdn_core.codes.search import Query, SearchEngine
@@ -949,15 +964,7 @@ def test_search_spans_segments_and_skips_removed_cases(tmp_path: Path) -> None:
     opened = CodeDatabase.open(path)
     assert len(opened.segments()) == 2  # A, (B removed), E | C
     segmented = SearchEngine.from_database(opened)
-    flat = SearchEngine(
-        normal_codes=np.array(opened.normal_codes),
-        abnormal_codes=np.array(opened.abnormal_codes),
-        case_ids=np.array(opened.case_ids),
-        slice_indices=np.array(opened.slice_indices),
-        codebook_normal=opened.codebook_normal,
-        codebook_abnormal=opened.codebook_abnormal,
-        grid_shape=opened.grid_shape,
-    )
+    flat = _one_array_engine(opened)
     query = Query(normal=opened.normal_codes[4], abnormal=opened.abnormal_codes[0])
     for mode in ("normal", "sum"):
         for per in ("slice", "volume"):
@@ -995,15 +1002,7 @@ def test_version_2_uint16_segments_mix_with_uint8_ones_and_compact_narrows_them(
     )
     assert opened.slice_codes("C", 0)[0].dtype == np.uint16
     segmented = SearchEngine.from_database(opened)
-    wide = SearchEngine(
-        normal_codes=np.array(opened.normal_codes, dtype=np.uint16),
-        abnormal_codes=np.array(opened.abnormal_codes, dtype=np.uint16),
-        case_ids=np.array(opened.case_ids),
-        slice_indices=np.array(opened.slice_indices),
-        codebook_normal=opened.codebook_normal,
-        codebook_abnormal=opened.codebook_abnormal,
-        grid_shape=opened.grid_shape,
-    )
+    wide = _one_array_engine(opened, np.uint16)
     query = Query(normal=opened.normal_codes[6], abnormal=opened.abnormal_codes[1])
     for mode in ("normal", "sum"):
         got = segmented.search(query, mode=mode, top=20, per="slice")
