@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,18 @@ def test_core_tests_never_import_vtk_or_slicer() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_model_flag_takes_a_folder_or_a_shipped_models_name(tmp_path: Path, monkeypatch: Any) -> None:
+    import argparse
+
+    from fdn_core.cli.args import model_folder
+    from fdn_core.resources import shipped_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert model_folder("demo") == shipped_model_dir("demo")
+    (tmp_path / "demo").mkdir()  # a folder of that name here wins
+    assert model_folder("demo") == Path("demo")
+    assert model_folder("runs/x/bundle") == Path("runs/x/bundle")  # a path is a path, even if missing
+    with pytest.raises(argparse.ArgumentTypeError, match=r"neither a folder nor a shipped model.*demo"):
+        model_folder("nosuch")

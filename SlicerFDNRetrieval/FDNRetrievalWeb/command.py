@@ -36,7 +36,11 @@ def register(sub: Any) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, help="model bundle folder (default: the shipped demo model)")
+    from fdn_core.cli.args import model_folder
+
+    parser.add_argument(
+        "--model", type=model_folder, help="model bundle folder or shipped model name (default: demo)"
+    )
     parser.add_argument("--db", type=Path, help="code database folder (default: a demo database, see below)")
     parser.add_argument(
         "--data",

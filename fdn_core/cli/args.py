@@ -13,6 +13,7 @@ __all__ = [
     "add_device",
     "add_model",
     "add_no_progress",
+    "model_folder",
     "positive_int",
 ]
 
@@ -28,10 +29,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def model_folder(text: str) -> Path:
+    """An argparse type: a bundle folder, or the name of a model shipped with fdn_core (``demo``) when no
+    such folder exists here."""
+    from fdn_core.resources import MODELS_DIR, shipped_model_dir
+
+    path = Path(text)
+    if path.exists() or text in ("", ".") or "/" in text or "\\" in text:
+        return path
+    shipped = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "bundle.json").is_file())
+    if text in shipped:
+        return shipped_model_dir(text)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a folder nor a shipped model; give a bundle folder (bundle.json + "
+        f"model.safetensors) or one of the shipped models: {', '.join(shipped)}"
+    )
+
+
 def add_model(parser: argparse.ArgumentParser, required: bool = True, **kwargs: Any) -> None:
-    """``--model``: an inference bundle folder."""
+    """``--model``: an inference bundle folder, or a shipped model's name."""
     help_text = kwargs.pop("help", "inference bundle folder (bundle.json + model.safetensors)")
-    parser.add_argument("--model", required=required, type=Path, help=help_text, **kwargs)
+    help_text += "; or the name of a shipped model (demo: the FDN shipped with fdn_core)"
+    parser.add_argument("--model", required=required, type=model_folder, help=help_text, **kwargs)
 
 
 def add_db(
