@@ -21,7 +21,9 @@ for ``sum``; the faster of the 1-thread and ``--threads`` floors). Engine RAM be
 ``memory_bytes()`` after every distance was searched (angular norms included), and tracemalloc's count of
 what a second engine's build and searches left allocated (``held``, K x K tables aside) and their peak
 (``peak``, transient buffers of one batch), per slice.
-Also: uint8 against uint16 storage at K = 256, the first-query time of a fresh process (compiled-kernel
+Also: uint8 against uint16 storage at K = 256 (what the database stores for K <= 256: the shipped model's
+codebook size), single (one code type and ``sum``; ``--threads`` and 1 thread) and batched, with the
+single-query targets checked for it as well; the first-query time of a fresh process (compiled-kernel
 cache warm and cold), and the float64 brute-force check of the kernel's top 10.
 
 Run: ``python bench/bench_search.py`` (about 10 minutes on 2 cores; ``--sizes 1000000`` for 1M only).
@@ -84,6 +86,13 @@ class Results:
             if r["n"] == n and r["method"] == method and r["key"] == key and r["t"] is not None:
                 return float(np.median(r["t"][:, col]))
         return None
+
+    def find(self, n: int, method: str, workload: str, col: int = 0) -> float:
+        """Median of the row (n, method, workload), NaN when it was not run."""
+        for r in self.rows:
+            if r["n"] == n and r["method"] == method and r["workload"] == workload and r["t"] is not None:
+                return float(np.median(r["t"][:, col]))
+        return float("nan")
 
     def print_table(self, floors: dict[tuple[int, str], float]) -> None:
         header = ["N", "method", "workload", "wall ms", "wall p95", "CPU ms", "CPU p95"]
@@ -419,6 +428,15 @@ def _uint8(args: argparse.Namespace, res: Results, folder: Path) -> None:
         )
         name = np.dtype(dtype).name
         res.add(n, f"kernel, K=256 {name}", "single, normal", t, "", "")
+        ts = np.concatenate([_timeit(lambda q=q, e=e: e.search(q, mode="sum"), 1) for q in qs[: args.single]])
+        res.add(n, f"kernel, K=256 {name}", "single, sum", ts, "", "")
+        e1 = _engine(db, books, None, grid, threads=1)
+        for mode in ("normal", "sum"):
+            e1.search(qs[0], mode=mode)
+            t1 = np.concatenate(
+                [_timeit(lambda q=q, m=mode, e1=e1: e1.search(q, mode=m), 1) for q in qs[: args.single]]
+            )
+            res.add(n, f"kernel, K=256 {name}", f"single, {mode}, 1 thread", t1, "", "")
         tb = _timeit(
             lambda e=e, qs=qs: e.search_many(qs, mode="normal", block=args.batch), args.batch_repeats, len(qs)
         )
@@ -565,6 +583,19 @@ def main(argv: list[str] | None = None) -> int:
             ram[n]["held"] <= 16,
         ),
     ]
+    if args.uint8_rows:
+        # The same single-query targets at K = 256 as the database stores it (uint8: the shipped model's
+        # codebook size), for --threads threads and for one thread.
+        m8, n8 = "kernel, K=256 uint8", args.uint8_rows
+        for label, suffix in ((f"{args.threads} threads", ""), ("1 thread", ", 1 thread")):
+            one = res.find(n8, m8, f"single, normal{suffix}")
+            one_cpu = res.find(n8, m8, f"single, normal{suffix}", 1)
+            both = res.find(n8, m8, f"single, sum{suffix}")
+            targets += [
+                (f"K=256 uint8, {label}: single query <= 25 ms wall at N={n8:,}", one, one <= 25),
+                (f"K=256 uint8, {label}: single query <= 30 ms CPU at N={n8:,}", one_cpu, one_cpu <= 30),
+                (f"K=256 uint8, {label}: sum <= 45 ms wall at N={n8:,}", both, both <= 45),
+            ]
     print("\nTargets:")
     for text, value, ok in targets:
         print(f"- {text}: {value:.2f} -> {'met' if ok else 'MISSED'}")
