@@ -1,4 +1,4 @@
-"""Benchmark of the code database's storage (fdn_core.codes.database, format 2: append-only segments).
+"""Benchmark of the code database's storage (fdn_core.codes.database, format 3: append-only segments).
 
 For each size (default 1M and 10M slices) a database of synthetic codes (8x8 grids, K = 512 codes of
 D = 64, studies of 155 slices) is written through the database API (``add_cases`` in batches of
