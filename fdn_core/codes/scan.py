@@ -149,15 +149,9 @@ class ScanLayout:
             raise DataError(f"segments differ in code positions per row: {sorted(p)}")
         self.p = p.pop()
         dtypes = {a.dtype for name in arrays for a in arrays[name]}
-        if len(dtypes) > 1:  # mixed uint8 / uint16 segments: widen the narrow ones (new segments of an
-            # older uint16 database are small; its large segments stay memory-mapped)
+        if len(dtypes) > 1:  # mixed uint8 / uint16 segments: one dtype; _copy copies only the uint8 ones
             for name in arrays:
-                arrays[name] = [
-                    a
-                    if a.dtype == np.uint16
-                    else self._copy(a, np.uint16, "uint8 segments beside uint16 ones")
-                    for a in arrays[name]
-                ]
+                arrays[name] = [self._copy(a, np.uint16, "segments of mixed dtypes") for a in arrays[name]]
         self.codes = arrays
         self.dtype = arrays["normal"][0].dtype
         rows = np.asarray([a.shape[0] for a in arrays["normal"]], dtype=np.int64)
