@@ -560,3 +560,65 @@ def test_volumes_and_segments_inputs(setup: dict) -> None:
     assert eng.search(eng.query_from_rows(40), top=6) == setup["engine"].search(
         eng.query_from_rows(40), top=6
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bounded_scan_equals_one_exact_pass(
+    dtype: type, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single volume-wise queries bounded by uint8 tables give the one exact pass's hits (Euclidean and
+    Hamming, every mode, top 1/5/12, exclusions, duplicate rows, an outlier code whose entries are clipped,
+    three segments) while scanning only a few volumes exactly; angular and partial exclusions scan all."""
+    pytest.importorskip("numba")
+    import fdn_core.codes.scan as scan
+
+    monkeypatch.setattr(scan, "_WORK_PER_THREAD", 1)
+    rng = np.random.default_rng(11)
+    k, n_vol, rows = 40, 90, 6
+    books = [rng.normal(size=(k, D)) for _ in range(2)]
+    books[0][7] *= 1e3  # its table entries lie far above the 95th percentile: clipped to the top level
+    n = n_vol * rows
+    few = [rng.integers(0, k, (25, P)) for _ in range(2)]  # many duplicate rows: ties between volumes
+    pick = rng.integers(0, 25, n)
+    codes = [few[t][pick].astype(dtype) for t in range(2)]
+    codes[0][::17, 0] = 7
+    ids = np.repeat([f"v{i:03d}" for i in range(n_vol)], rows)
+    cut = [0, 30 * rows, 31 * rows, n]
+    args: dict = {
+        "segments": [(codes[0][a:b], codes[1][a:b]) for a, b in itertools.pairwise(cut)],
+        "case_ids": ids,
+        "slice_indices": np.tile(np.arange(rows), n_vol),
+        "codebook_normal": books[0],
+        "codebook_abnormal": books[1],
+        "grid_shape": GRID,
+        "hamming_bits": tuple(rng.random((k, B)) < 0.5 for _ in range(2)),
+        "threads": threads,
+        "backend": "numba",
+        "task_rows": 40,
+    }
+    bounded, full = SearchEngine(**args), SearchEngine(**args, prune=False)
+    scanned: list[int] = []
+    real_scan = scan._NumbaBackend._scan
+
+    def spy(self, req, addrs, tasks, rows_, out_val, out_row):  # type: ignore[no-untyped-def]
+        scanned.append(int(tasks.shape[0]))
+        return real_scan(self, req, addrs, tasks, rows_, out_val, out_row)
+
+    monkeypatch.setattr(scan._NumbaBackend, "_scan", spy)
+    for distance, mode, top in itertools.product(("euclidean", "hamming"), MODES, (1, 5, 12)):
+        for r in rng.integers(0, n, 3):
+            q = bounded.query_from_rows(int(r))
+            scanned.clear()
+            got = bounded.search(q, distance=distance, mode=mode, top=top)
+            assert got == full.search(q, distance=distance, mode=mode, top=top), (distance, mode, top)
+            assert sum(scanned) < n_vol, (distance, mode, top, scanned)
+    # exclusions that are not whole volumes, and angular distances: one exact pass over every volume
+    q = Query(normal=codes[0][3], abnormal=codes[1][3], exclude_cases=("v001", "v050"))
+    for distance in DISTANCES:
+        scanned.clear()
+        assert bounded.search(q, distance=distance) == full.search(q, distance=distance)
+        assert (sum(scanned) < n_vol) == (distance != "angular")
+    req = bounded._request({"normal": codes[0][:1].astype(np.int64)}, [[]], "euclidean", "normal", 1, 10)
+    req.prune, req.excluded = 10, np.array([[2, 4, 0]], np.int64)
+    assert not bounded._backend._prunable(req)

@@ -21,6 +21,11 @@ Two inner loops:
 Both add the positions of a row one after the other in float32 and apply the same operations afterwards,
 so a query gets bit-identical distances alone or in a batch.
 
+A third kernel, ``bound_kernel``, serves single volume-wise queries with Hamming or Euclidean distances: it
+sums uint8 tables (the float32 entries floored onto 256 levels: 32 KiB per code type at K = 512 instead of
+128 KiB, so they stay in L1) into a lower bound of each volume's best distance; ``scan.py`` then scans
+exactly, with ``scan_kernel``, only the volumes whose bound can still reach the top.
+
 Code segments are passed as raw addresses (``addrs``, one per code type and segment) turned back into
 arrays inside the kernel (``_codes_view``), so any number of memory-mapped segments is scanned in one call
 without copying them and without one compilation per segment count. The caller keeps the arrays alive.
@@ -36,7 +41,7 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["TILE", "scan_kernel", "sum_codes"]
+__all__ = ["TILE", "bound_kernel", "scan_kernel", "sum_codes"]
 
 #: Rows per tile: distances of a tile (TILE x lanes float32) stay in L1/L2 between compute and reduction.
 TILE = 256
@@ -463,6 +468,99 @@ def scan_kernel(
                                 pos -= 1
                             out_val[task, b, pos] = d
                             out_row[task, b, pos] = row0 + i
+
+
+@njit(inline="always")  # type: ignore[untyped-decorator]
+def _qsums4(codes: np.ndarray, qlut: np.ndarray, r: int, k: int) -> tuple[Any, Any, Any, Any]:
+    """Integer sums of a uint8 table over rows r..r+3 (four independent addition chains)."""
+    s0 = np.uint32(0)
+    s1 = np.uint32(0)
+    s2 = np.uint32(0)
+    s3 = np.uint32(0)
+    for j in range(codes.shape[1]):
+        base = np.uint64(j * k)
+        s0 += np.uint32(qlut[base + np.uint64(codes[r, j])])
+        s1 += np.uint32(qlut[base + np.uint64(codes[r + 1, j])])
+        s2 += np.uint32(qlut[base + np.uint64(codes[r + 2, j])])
+        s3 += np.uint32(qlut[base + np.uint64(codes[r + 3, j])])
+    return s0, s1, s2, s3
+
+
+@njit(inline="always")  # type: ignore[untyped-decorator]
+def _qsum1(codes: np.ndarray, qlut: np.ndarray, r: int, k: int) -> Any:
+    """Integer sum of a uint8 table over row r."""
+    s0 = np.uint32(0)
+    for j in range(codes.shape[1]):
+        s0 += np.uint32(qlut[np.uint64(j * k) + np.uint64(codes[r, j])])
+    return s0
+
+
+@njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]
+def bound_kernel(
+    addrs: np.ndarray,
+    seg_rows: np.ndarray,
+    proto: np.ndarray,
+    positions: int,
+    tasks: np.ndarray,
+    vol_stop: np.ndarray,
+    qluts: np.ndarray,
+    k: int,
+    terms: np.ndarray,
+    excluded: np.ndarray,
+    out_val: np.ndarray,
+) -> None:
+    """Each volume's smallest lower bound of one query's distance into ``out_val`` (V,) float64 (+inf when
+    every row is excluded). qluts (T, P*K) uint8 with entry ``[j*K + code]``; terms (T, 255*P + 1) float64:
+    a lower bound of code type t's weighted term for each integer table sum; other arguments as in
+    ``scan_kernel``."""
+    n_types = qluts.shape[0]
+    for task in prange(tasks.shape[0]):
+        seg = tasks[task, 0]
+        first = tasks[task, 1]
+        stop = tasks[task, 2]
+        v = tasks[task, 3]
+        seg_first = tasks[task, 4]
+        c0 = _codes_view(addrs[0, seg], seg_rows[seg], positions, proto)
+        c1 = _codes_view(addrs[n_types - 1, seg], seg_rows[seg], positions, proto)
+        lut0 = qluts[0]
+        lut1 = qluts[n_types - 1]
+        # one code type: the bound grows with the integer sum, so each volume keeps its smallest sum
+        # and converts it once; two: each row's bound is the sum of both terms
+        qbest = np.uint32(0xFFFFFFFF)
+        best = np.inf
+        r = first
+        while r < stop:
+            local = seg_first + (r - first)
+            if r + 4 <= vol_stop[v]:  # four rows at a time while they stay inside the volume, else one
+                _prefetch_rows(c0, local + PREFETCH_ROWS, 4)
+                a0, a1, a2, a3 = _qsums4(c0, lut0, local, k)
+                if n_types == 1:
+                    qbest = min(qbest, min(min(a0, a1), min(a2, a3)))
+                else:
+                    _prefetch_rows(c1, local + PREFETCH_ROWS, 4)
+                    b0, b1, b2, b3 = _qsums4(c1, lut1, local, k)
+                    m0 = min(terms[0, a0] + terms[1, b0], terms[0, a1] + terms[1, b1])
+                    m1 = min(terms[0, a2] + terms[1, b2], terms[0, a3] + terms[1, b3])
+                    best = min(best, min(m0, m1))
+                r += 4
+            else:
+                a0 = _qsum1(c0, lut0, local, k)
+                if n_types == 1:
+                    qbest = min(qbest, a0)
+                else:
+                    best = min(best, terms[0, a0] + terms[1, _qsum1(c1, lut1, local, k)])
+                r += 1
+            if r >= vol_stop[v]:
+                if n_types == 1:
+                    best = terms[0, qbest]
+                vstart = vol_stop[v - 1] if v > 0 else 0
+                for e in range(excluded.shape[0]):  # whole volumes (checked by the caller)
+                    if excluded[e, 0] < vol_stop[v] and vstart < excluded[e, 1]:
+                        best = np.inf
+                out_val[v] = best
+                best = np.inf
+                qbest = np.uint32(0xFFFFFFFF)
+                v += 1
 
 
 @njit(parallel=True, cache=True, nogil=True)  # type: ignore[untyped-decorator]

@@ -111,6 +111,9 @@ class ScanRequest:
     excluded: np.ndarray  # (E, 3) int64
     select: int
     top: int = 0
+    #: > 0 (one query, ``SELECT_VOLUME``): only the ``prune`` nearest volumes are needed; a backend may
+    #: leave the others at +inf (row -1). The numba backend then scans bounds first (``_pruned``).
+    prune: int = 0
 
 
 class ScanLayout:
@@ -220,6 +223,15 @@ class ScanLayout:
             v = w
         return np.asarray(tasks, dtype=np.int64).reshape(-1, 5)
 
+    def volume_tasks(self, volumes: np.ndarray) -> np.ndarray:
+        """Tasks (as ``tasks``) scanning only ``volumes``, one task per volume, in volume order."""
+        v = np.sort(np.asarray(volumes, dtype=np.int64))
+        seg = np.searchsorted(self.seg_start, self.vol_start[v], side="right") - 1
+        first = self.vol_start[v]
+        return np.stack([seg, first, self.vol_stop[v], v, first - self.seg_start[seg]], axis=1).astype(
+            np.int64
+        )
+
     def rows_codes(self, code_type: str, rows: np.ndarray) -> np.ndarray:
         """(R, P) codes of global ``rows`` (int64) of one code type, gathered across segments."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -266,42 +278,162 @@ class _NumbaBackend:
             finally:
                 self._numba.set_num_threads(previous)
 
-    def run(self, req: ScanRequest) -> tuple[np.ndarray, np.ndarray]:
-        lay = self._layout
-        out_val, out_row = _outputs(req, lay, lay.tasks.shape[0])
-        t_index = [0 if t == "normal" else 1 for t in req.types]
-        addrs = np.ascontiguousarray(lay.addrs[t_index])
-        # A small scan runs on one thread: waking the others costs more than it saves on a busy machine.
-        work = lay.n * len(req.types) * (1 if req.lanes == 1 else 5 * req.lanes // 16)
-        threads = max(1, min(self.threads, work // _WORK_PER_THREAD))
+    def _threads(self, rows: int, req: ScanRequest) -> int:
+        """Threads for a scan of ``rows`` rows: a small scan runs on one thread (waking the others costs
+        more than it saves on a busy machine)."""
+        work = rows * len(req.types) * (1 if req.lanes == 1 else 5 * req.lanes // 16)
+        return max(1, min(self.threads, work // _WORK_PER_THREAD))
+
+    def _call(self, kernel: Any, threads: int, *args: Any) -> None:
         with _KERNEL_LOCK:
             previous = self._numba.get_num_threads()
             self._numba.set_num_threads(threads)
             try:
                 with self._numba.parallel_chunksize(1):
-                    self._kernels.scan_kernel(
-                        addrs,
-                        lay.seg_rows,
-                        self._proto,
-                        lay.p,
-                        lay.tasks,
-                        lay.vol_stop,
-                        req.luts,
-                        lay.k,
-                        req.lanes,
-                        req.n_queries,
-                        req.kind,
-                        req.inv_q,
-                        req.inv_r,
-                        req.weight,
-                        req.excluded,
-                        req.select,
-                        out_val,
-                        out_row,
-                    )
+                    kernel(*args)
             finally:
                 self._numba.set_num_threads(previous)
+
+    def run(self, req: ScanRequest) -> tuple[np.ndarray, np.ndarray]:
+        lay = self._layout
+        out_val, out_row = _outputs(req, lay, lay.tasks.shape[0])
+        addrs = np.ascontiguousarray(lay.addrs[[0 if t == "normal" else 1 for t in req.types]])
+        bounds = _quantised_tables(req, lay.p, lay.k) if self._prunable(req) else None
+        if bounds is not None:
+            self._pruned(req, addrs, bounds, out_val, out_row)
+        else:
+            self._scan(req, addrs, lay.tasks, lay.n, out_val, out_row)
         return out_val, out_row
+
+    def _scan(
+        self,
+        req: ScanRequest,
+        addrs: np.ndarray,
+        tasks: np.ndarray,
+        rows: int,
+        out_val: np.ndarray,
+        out_row: np.ndarray,
+    ) -> None:
+        lay = self._layout
+        self._call(
+            self._kernels.scan_kernel,
+            self._threads(rows, req),
+            addrs,
+            lay.seg_rows,
+            self._proto,
+            lay.p,
+            tasks,
+            lay.vol_stop,
+            req.luts,
+            lay.k,
+            req.lanes,
+            req.n_queries,
+            req.kind,
+            req.inv_q,
+            req.inv_r,
+            req.weight,
+            req.excluded,
+            req.select,
+            out_val,
+            out_row,
+        )
+
+    def _prunable(self, req: ScanRequest) -> bool:
+        """Bounds pay for one volume-wise query with non-negative terms (Hamming, Euclidean) and weights,
+        excluded ranges made of whole volumes, and more volumes than wanted."""
+        lay = self._layout
+        if not (
+            req.prune > 0
+            and req.lanes == 1
+            and req.select == SELECT_VOLUME
+            and req.kind in (KIND_HAMMING, KIND_EUCLIDEAN)
+            and lay.vol_start.size > 4 * req.prune
+            and bool(np.all(req.weight > 0))
+        ):
+            return False
+        for first, stop, _ in req.excluded:  # the bound kernel excludes whole volumes
+            v = int(np.searchsorted(lay.vol_start, first))
+            w = int(np.searchsorted(lay.vol_stop, stop))
+            if v >= lay.vol_start.size or lay.vol_start[v] != first or w >= lay.vol_stop.size:
+                return False
+            if lay.vol_stop[w] != stop:
+                return False
+        return True
+
+    def _pruned(
+        self,
+        req: ScanRequest,
+        addrs: np.ndarray,
+        bounds: tuple[np.ndarray, np.ndarray],
+        out_val: np.ndarray,
+        out_row: np.ndarray,
+    ) -> None:
+        """Volume-wise search of one query in three steps, with the same results as the full scan for the
+        ``prune`` nearest volumes: (1) ``bound_kernel`` gives each volume a lower bound of its best
+        distance; (2) the ``prune`` volumes with the smallest bounds are scanned exactly, and the largest
+        of their distances caps the ``prune``-th best distance; (3) every other volume whose bound does not
+        exceed that cap is scanned exactly. The rest stay +inf."""
+        lay = self._layout
+        qluts, terms = bounds
+        lower = np.full(lay.vol_start.size, np.inf)
+        self._call(
+            self._kernels.bound_kernel,
+            self._threads(lay.n, req),
+            addrs,
+            lay.seg_rows,
+            self._proto,
+            lay.p,
+            lay.tasks,
+            lay.vol_stop,
+            qluts,
+            lay.k,
+            terms,
+            req.excluded,
+            lower,
+        )
+        finite = np.flatnonzero(np.isfinite(lower))
+        if finite.size <= req.prune:
+            first = finite
+        else:
+            first = finite[np.argpartition(lower[finite], req.prune - 1)[: req.prune]]
+        tasks = lay.volume_tasks(first)
+        self._scan(req, addrs, tasks, int((tasks[:, 2] - tasks[:, 1]).sum()), out_val, out_row)
+        if finite.size <= req.prune:
+            return
+        cap = float(out_val[first, 0, 0].max())
+        # The exact distances are float32 sums of non-negative terms: within 1e-5 of the real value.
+        rest = np.flatnonzero(lower * (1.0 - 1e-5) <= cap)
+        rest = rest[~np.isin(rest, first)]
+        if rest.size:
+            tasks = lay.volume_tasks(rest)
+            self._scan(req, addrs, tasks, int((tasks[:, 2] - tasks[:, 1]).sum()), out_val, out_row)
+
+
+def _quantised_tables(req: ScanRequest, p: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(qluts (T, P*K) uint8, terms (T, 255*P + 1) float64) for ``bound_kernel``. Per code type, each
+    position's table entries minus their minimum are floored onto 256 levels of one step, so that
+    ``offset + step * sum_j qlut[j, code_j]`` never exceeds the row's table sum; ``terms[t, Q]`` is the
+    weighted distance term of that bound. Entries above the 95th percentile are clipped to the top level
+    (a weaker bound, still a bound; rows holding such codes are far anyway): the levels go to the small
+    entries that near rows are made of. None when an entry is negative or not finite (the bound needs
+    non-negative terms)."""
+    t_count = req.luts.shape[0]
+    qluts = np.empty((t_count, p * k), np.uint8)
+    terms = np.empty((t_count, 255 * p + 1))
+    for t in range(t_count):
+        table = req.luts[t].astype(np.float64).reshape(p, k)
+        if not np.isfinite(table).all() or table.min() < 0:
+            return None
+        low = table.min(axis=1, keepdims=True)
+        rel = table - low
+        top = float(np.quantile(rel, 0.95))
+        step = top / 255.0 if top > 0 else 1.0
+        q = np.floor(rel / step)
+        q -= q * step > rel  # one level lower where the division rounded up
+        qluts[t] = np.clip(q, 0, 255).astype(np.uint8).reshape(-1)
+        sums = float(low.sum()) + step * np.arange(255 * p + 1)
+        terms[t] = float(req.weight[t]) * (np.sqrt(sums) if req.kind == KIND_EUCLIDEAN else sums)
+    return qluts, terms
 
 
 def _outputs(req: ScanRequest, lay: ScanLayout, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:

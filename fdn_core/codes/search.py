@@ -28,7 +28,9 @@ modes, a block of queries per pass with 16 queries per vector instruction, each 
 chunk's top slices reduced on the fly) reading the database's arrays in place, or a torch
 ``embedding_bag`` fallback when numba is missing. ``threads`` sets the kernel's thread count (default: all
 of numba's threads); ``backend`` picks the path (``"auto"``; ``"torch-offsets"`` is the former per-row
-index path, kept for benchmarks). bench/bench_search.py compares them.
+index path, kept for benchmarks). bench/bench_search.py compares them. A single volume-wise query with
+Hamming or Euclidean distances first bounds every volume from uint8 tables and then scans exactly only the
+volumes that can reach the top (``prune=False``: one exact pass over everything; same hits either way).
 Rows may come in several code segments (``segments``: consecutive (normal, abnormal) arrays, e.g. memory
 maps of append-only files) scanned in one call. Volumes are given per volume (``cases`` and
 ``case_starts``) or derived from per-row ``case_ids``; the engine keeps no per-row strings, and its RAM
@@ -172,6 +174,7 @@ class SearchEngine:
         threads: int | None = None,
         backend: str = "auto",
         task_rows: int = 8192,
+        prune: bool = True,
     ) -> None:
         books = (
             check_codebook(codebook_normal, "normal codebook"),
@@ -218,6 +221,7 @@ class SearchEngine:
         self._inv_done: set[str] = set()
         self._lock = threading.Lock()
         self._backend = make_backend(backend, layout, threads)
+        self._prune = bool(prune)
         log.info(
             "search engine: %d slices in %d segment(s), %d volumes; scan: %s",
             n,
@@ -648,6 +652,8 @@ class SearchEngine:
             chunk = parsed[s : s + step]
             qcodes = {t: np.stack([c[0][t] for c in chunk]) for t in types}
             req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top)
+            if select == SELECT_VOLUME and len(chunk) == 1 and self._prune:
+                req.prune = top
             val, row = self._backend.run(req)
             for b, (codes, _) in enumerate(chunk):
                 if select == SELECT_VOLUME:
