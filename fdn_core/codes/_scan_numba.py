@@ -204,6 +204,24 @@ def _codes_view(address: int, rows: int, positions: int, proto: np.ndarray) -> n
 
 
 @njit(inline="always")  # type: ignore[untyped-decorator]
+def _task(
+    tasks: np.ndarray,
+    task: int,
+    addrs: np.ndarray,
+    seg_rows: np.ndarray,
+    positions: int,
+    proto: np.ndarray,
+    n_types: int,
+) -> tuple[int, int, int, int, np.ndarray, np.ndarray]:
+    """One task's first and stop rows, first volume, first row within its segment, and the segment's code
+    arrays of the first and last code type scanned."""
+    seg = tasks[task, 0]
+    c0 = _codes_view(addrs[0, seg], seg_rows[seg], positions, proto)
+    c1 = _codes_view(addrs[n_types - 1, seg], seg_rows[seg], positions, proto)
+    return tasks[task, 1], tasks[task, 2], tasks[task, 3], tasks[task, 4], c0, c1
+
+
+@njit(inline="always")  # type: ignore[untyped-decorator]
 def _term(s: np.float32, kind: int, inv_q: np.float32, inv_r: np.float32) -> np.float32:
     """One code type's distance from its table sum: 0 Hamming (the sum), 1 Euclidean (its square root),
     2 angular (1 - cosine, the sum being the dot product)."""
@@ -419,13 +437,7 @@ def scan_kernel(
     n_tasks = tasks.shape[0]
     top = out_val.shape[2]
     for task in prange(n_tasks):
-        seg = tasks[task, 0]
-        first = tasks[task, 1]
-        stop = tasks[task, 2]
-        v = tasks[task, 3]
-        seg_first = tasks[task, 4]
-        c0 = _codes_view(addrs[0, seg], seg_rows[seg], positions, proto)
-        c1 = _codes_view(addrs[n_types - 1, seg], seg_rows[seg], positions, proto)
+        first, stop, v, seg_first, c0, c1 = _task(tasks, task, addrs, seg_rows, positions, proto, n_types)
         dist = np.empty(TILE * lanes, np.float32)
         for row0 in range(first, stop, TILE):
             m = min(TILE, stop - row0)
@@ -515,13 +527,7 @@ def bound_kernel(
     ``scan_kernel``."""
     n_types = qluts.shape[0]
     for task in prange(tasks.shape[0]):
-        seg = tasks[task, 0]
-        first = tasks[task, 1]
-        stop = tasks[task, 2]
-        v = tasks[task, 3]
-        seg_first = tasks[task, 4]
-        c0 = _codes_view(addrs[0, seg], seg_rows[seg], positions, proto)
-        c1 = _codes_view(addrs[n_types - 1, seg], seg_rows[seg], positions, proto)
+        first, stop, v, seg_first, c0, c1 = _task(tasks, task, addrs, seg_rows, positions, proto, n_types)
         lut0 = qluts[0]
         lut1 = qluts[n_types - 1]
         # one code type: the bound grows with the integer sum, so each volume keeps its smallest sum
