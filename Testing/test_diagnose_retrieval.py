@@ -88,7 +88,7 @@ def test_table_has_every_ranking_and_the_ground_truth_bounds(diagnosed: dict[str
     expected = {"euclidean", "angular", "hamming", "continuous_l2", "continuous_cosine", "model_seg_grid",
                 "model_seg_grid_dice", "gt_grid", "gt_grid_dice", "gt_full", "random", "level_prior",
                 "pooled_pixels", "oracle", "code_dice", "code_dice_modelseg", "code_dice_classmean",
-                "gt_grid_pooled_dice"}  # fmt: skip
+                "gt_grid_pooled_dice", "code_dice_expected", "code_dice_expected_pos"}  # fmt: skip
     assert set(ratios) == expected
     md = (out / "diagnose_retrieval.md").read_text()
     for key in expected:
@@ -121,6 +121,18 @@ def test_table_has_every_ranking_and_the_ground_truth_bounds(diagnosed: dict[str
     assert ratios["code_dice_modelseg"]["S_normal"] == pytest.approx(ratios["code_dice"]["S_normal"])
     assert "(= D_D)" in md
     assert sum(line.startswith("targets D_D code Dice") for line in entry["reading"]) == 3
+    # The expected-overlap rows D_X: codes + tables learned on the training cohort, anatomy caveat, their
+    # targets and steps in the reading, and how many cell pairs the table entries got.
+    for key in ("code_dice_expected", "code_dice_expected_pos"):
+        assert "expected-overlap tables learned on the training cohort" in entry["labels"][key]
+    assert "BraTS does not" in entry["labels"]["code_dice_expected"]
+    assert sum(line.startswith("targets D_X expected-overlap") for line in entry["reading"]) == 2
+    assert any(line.startswith("expected overlap (D_X vs D_D per-class") for line in entry["reading"])
+    pairs = entry["code_dice"]["tables"]["pairs"]
+    assert set(pairs) == {"normal", "abnormal", "normal_position", "abnormal_position"}
+    for st in pairs.values():
+        assert st["median_pairs"] >= 0 and 0.0 <= st["never_observed"] <= 1.0
+    assert "D_X tables (exact means over all pairs" in md and "-> D_X " in md
     assert any(line.startswith("per-code profiles (D_D on codes") for line in entry["reading"])
     prof = entry["code_dice"]["profiles"]
     assert prof["num_cases"] == 2 and prof["seed"] == 4321 and prof["num_slices"] == 80
@@ -158,6 +170,21 @@ def test_profile_cache_holds_the_learned_profiles(
         assert not cached[name][
             (cached["counts_normal" if name == "normal" else "counts_abnormal"] == 0)
         ].any()
+    # The training cells are kept for D_X: their codes give the counts, their class pixel counts the means.
+    assert cached.has_cells and cached["cells_normal"].shape == (80, h * w)
+    levels = int(cached["cell_levels"])
+    for t, lab in (("normal", "cells_anat"), ("abnormal", "cells_seg")):
+        codes, pix = cached[f"cells_{t}"], cached[lab]
+        assert np.bincount(codes.reshape(-1), minlength=k).tolist() == cached[f"counts_{t}"].tolist()
+        assert pix.sum(axis=1).max() <= levels
+        profile, _ = script.code_profiles(codes, pix / levels, k)
+        assert profile == pytest.approx(cached[t])
+    # A cache without the cells serves D_D but not D_X (it is relearned then).
+    bare = script.CodeProfiles({n: cached[n] for n in script.CodeProfiles.ARRAYS}, cached.meta)
+    path = diagnosed["out"] / "bare.npz"
+    bare.save(path)
+    assert script.CodeProfiles.load(path, {}) is not None
+    assert script.CodeProfiles.load(path, {}, need_cells=True) is None
 
 
 def test_bad_input_is_a_clear_error(
@@ -247,3 +274,75 @@ def test_code_dice_on_hand_made_profiles(script: ModuleType) -> None:
     assert not np.allclose(per_class, d)  # the two weigh the classes differently
     with pytest.raises(Exception, match="code indices"):
         script.code_dice_distance(grids, grids + 5, profile)
+
+
+def _brute_overlap(codes: np.ndarray, frac: np.ndarray, a: int, b: int) -> float | None:
+    """Mean of min(f(x), f(y)) over the pairs of distinct cells x, y with codes a and b (None: no pair)."""
+    pairs = [(x, y) for x in np.flatnonzero(codes == a) for y in np.flatnonzero(codes == b) if x != y]
+    return float(np.mean([min(frac[x], frac[y]) for x, y in pairs])) if pairs else None
+
+
+def test_expected_overlap_tables_on_hand_made_cells(script: ModuleType) -> None:
+    rng = np.random.default_rng(7)
+    levels, k = 4, 5
+    codes = rng.integers(0, 3, 30)
+    codes[0] = 3  # code 3 on one cell only: no pair of distinct cells for (3, 3); code 4 never seen
+    counts = rng.integers(0, levels + 1, (30, 2))
+    tables, means, pairs = script.overlap_tables(codes, counts, k, levels)
+    frac = counts / levels
+    for c in range(2):
+        m = [frac[codes == a, c].mean() if (codes == a).any() else 0.0 for a in range(k)]
+        assert means[:, c] == pytest.approx(m)
+        for a in range(k):
+            for b in range(k):
+                want = _brute_overlap(codes, frac[:, c], a, b)
+                assert tables[c, a, b] == pytest.approx(min(m[a], m[b]) if want is None else want)
+    n = np.bincount(codes, minlength=k)
+    assert pairs.tolist() == (np.outer(n, n) - np.diag(n)).tolist() and pairs[3, 3] == 0
+    assert tables == pytest.approx(tables.transpose(0, 2, 1))
+    assert (tables <= np.minimum(means.T[:, :, None], means.T[:, None, :]) + 1e-12).all()  # E[min] <= min E
+    # D_X and its paired form against the formula; per position the same with one table per position.
+    grids = rng.integers(0, k, (6, 3))
+    d = script.expected_dice_distance(grids, grids, tables, means)
+    for i in range(6):
+        for j in range(6):
+            vals = []
+            for c in range(2):
+                total = means[grids[i], c].sum() + means[grids[j], c].sum()
+                if total > 0:
+                    vals.append(1.0 - 2.0 * tables[c, grids[i], grids[j]].sum() / total)
+            assert d[i, j] == pytest.approx(np.mean(vals) if vals else 0.0)
+    ia, ib = np.array([0, 2, 5]), np.array([1, 2, 3])
+    assert script.expected_dice_pairs(grids[ia], grids[ib], tables, means) == pytest.approx(d[ia, ib])
+    pos_codes = rng.integers(0, k - 1, (20, 3))
+    pos_counts = rng.integers(0, levels + 1, (20, 2, 3))
+    shared = script.overlap_tables(pos_codes.reshape(-1), pos_counts.transpose(0, 2, 1).reshape(-1, 2), k, 4)
+    tp, mp, pp = script.position_overlap_tables(pos_codes, pos_counts, k, levels, shared[:2])
+    assert (
+        pp[1].tolist() == script.overlap_tables(pos_codes[:, 1], pos_counts[:, :, 1], k, levels)[2].tolist()
+    )
+    for p in range(3):
+        for a in range(k):
+            want = _brute_overlap(pos_codes[:, p], pos_counts[:, 1, p] / levels, a, 2)
+            assert tp[p, 1, a, 2] == pytest.approx(shared[0][1, a, 2] if want is None else want)
+    dp = script.expected_dice_distance(grids, grids, tp, mp)
+    assert script.expected_dice_pairs(grids[ia], grids[ib], tp, mp) == pytest.approx(dp[ia, ib])
+
+
+def test_expected_dice_of_a_grid_with_itself(script: ModuleType) -> None:
+    """One class, one code per grid: code 0's two cells are one empty, one full (mean 0.5, but they never
+    overlap), code 1's are all half full (every pair overlaps by 0.5). D_D sees the same mean profile 0.5 for
+    both and puts each grid at 0 from itself; D_X knows that two code-0 cells overlap by nothing in
+    expectation, two code-1 cells fully."""
+    codes = np.array([0, 0, 1, 1, 1])
+    counts = np.array([[0], [4], [2], [2], [2]])
+    tables, means, pairs = script.overlap_tables(codes, counts, 2, 4)
+    assert means[:, 0] == pytest.approx([0.5, 0.5])
+    assert tables[0] == pytest.approx(np.array([[0.0, 0.25], [0.25, 0.5]])) and pairs.tolist() == [
+        [2, 6],
+        [6, 6],
+    ]
+    grids = np.array([[0, 0, 0], [1, 1, 1]])
+    d = script.expected_dice_distance(grids, grids, tables, means)
+    assert d == pytest.approx(np.array([[1.0, 0.5], [0.5, 0.0]]))
+    assert script.code_dice_distance(grids, grids, means, per_class=True) == pytest.approx(0.0)

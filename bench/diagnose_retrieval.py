@@ -34,6 +34,14 @@ normalised by each term over its median on random pairs of reference rows):
   median on random pairs. A label-free variant learns the abnormal profile from the model's own predicted
   segmentation of the training cohort (its normal profile is the same anatomy one: no label-free anatomy).
   ``--profile-cache FILE`` keeps the learned profiles for the next run.
+- ``Expected-overlap code Dice D_X`` (with ``--train-data``; codes plus tables learned on the training cohort,
+  the normal ones from its anatomy labels): ``min(mean f(a), mean f(b))`` is not the expected overlap of two
+  cells with codes a and b, so per class c the table ``T_c[a, b] = E[min(f_c(x), f_c(y))]`` over every pair of
+  distinct training cells x, y carrying a and b (exact over all pairs, ``overlap_tables``) and the masses
+  ``m_c(a)`` give ``1 - 2 sum_j T_c[a_j, b_j] / (sum_j m_c(a_j) + sum_j m_c(b_j))``, averaged over the classes
+  with a non-zero denominator. A second row uses one table per code position (``position_overlap_tables``;
+  entries with no pair there: the shared table). The training cells are kept in the profile cache
+  (``--no-dx``, ``--no-dx-position`` drop the rows).
 
 Prints and writes one table per cohort (ratio to the oracle of S_normal, S_abnormal, S_sum, S_sum_normalized
 for every ranking) and an automatic reading of the steps, to ``<out>/diagnose_retrieval.{md,json}``; the full
@@ -72,17 +80,23 @@ __all__ = [
     "CodeDice",
     "CodeProfiles",
     "ContinuousFeatures",
+    "ExpectedDice",
     "FDNPass",
     "GroundTruthLabels",
     "MaskFractions",
+    "OverlapTables",
     "class_fractions",
     "code_dice_distance",
     "code_dice_pairs",
     "code_profiles",
     "diagnosis_lines",
+    "expected_dice_distance",
+    "expected_dice_pairs",
     "label_l2",
     "learn_code_profiles",
     "main",
+    "overlap_tables",
+    "position_overlap_tables",
     "soft_dice_distance",
 ]
 
@@ -94,6 +108,9 @@ GT_NOTE = "ground truth: a diagnostic, not a method"
 #: Where the code Dice rows' profiles come from, for their labels.
 DD_NOTE = "codes + per-code profiles learned on the training cohort"
 ANATOMY_NOTE = "normal profile from anatomy labels: phantoms have them, BraTS does not"
+#: The same for the expected-overlap rows D_X.
+DX_NOTE = "codes + expected-overlap tables learned on the training cohort"
+DX_ANATOMY_NOTE = "normal tables from anatomy labels: phantoms have them, BraTS does not"
 #: Targets of the reading (ratios to the oracle).
 TARGETS = {"S_abnormal": 0.76, "S_normal": 0.90, "S_sum": 0.85}
 
@@ -570,13 +587,22 @@ class CodeProfiles:
     ``counts_normal`` / ``counts_abnormal`` (K,) cells per code, and where they came from (``meta``)."""
 
     ARRAYS = ("normal", "abnormal", "abnormal_model", "counts_normal", "counts_abnormal")
+    #: The training cells themselves, for the expected-overlap tables of D_X: per slice and code position the
+    #: normal / abnormal code (n, P) and the class pixel counts of the cell (n, C, P; fraction x
+    #: ``cell_levels``, the pixels per cell), anatomy 1-6 and tumour 1-3. Optional (older caches lack them).
+    CELL_ARRAYS = ("cells_normal", "cells_abnormal", "cells_anat", "cells_seg", "cell_levels")
 
     def __init__(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-        self.arrays = {k: np.asarray(arrays[k]) for k in self.ARRAYS}
+        self.arrays = {k: np.asarray(arrays[k]) for k in (*self.ARRAYS, *self.CELL_ARRAYS) if k in arrays}
         self.meta = dict(meta)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
+
+    @property
+    def has_cells(self) -> bool:
+        """Whether the training cells (for D_X's tables) are kept."""
+        return all(k in self.arrays for k in self.CELL_ARRAYS)
 
     def save(self, path: Path) -> None:
         """Write the profiles and their provenance to ``path`` (.npz; the meta as JSON inside)."""
@@ -591,17 +617,19 @@ class CodeProfiles:
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path, expect: Mapping[str, Any]) -> CodeProfiles | None:
-        """The profiles saved at ``path`` if its meta matches ``expect`` (model, cases), else None."""
+    def load(cls, path: Path, expect: Mapping[str, Any], need_cells: bool = False) -> CodeProfiles | None:
+        """The profiles saved at ``path`` if its meta matches ``expect`` (model, cases) and, with
+        ``need_cells``, it keeps the training cells; else None."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in cls.ARRAYS}
+                arrays = {k: data[k] for k in (*cls.ARRAYS, *cls.CELL_ARRAYS) if k in data.files}
         except (OSError, KeyError, ValueError):
             return None
-        if any(meta.get(k) != v for k, v in expect.items()):
+        if any(meta.get(k) != v for k, v in expect.items()) or any(k not in arrays for k in cls.ARRAYS):
             return None
-        return cls(arrays, meta)
+        profiles = cls(arrays, meta)
+        return None if need_cells and not profiles.has_cells else profiles
 
     def summary(self) -> str:
         """One line: cohort, cells, codes seen, learning time."""
@@ -626,18 +654,28 @@ def _cohort_seed(folder: Path) -> int | None:
     return int(seed) if isinstance(seed, int) else None
 
 
+def _cell_levels(size: tuple[int, ...], grid: tuple[int, int]) -> int:
+    """Pixels per code cell when the label size divides into the grid (fractions are then exact multiples of
+    1 / levels); else 4096 (the fractions are rounded to that many levels)."""
+    if len(size) == 2 and size[0] % grid[0] == 0 and size[1] % grid[1] == 0:
+        return int((size[0] // grid[0]) * (size[1] // grid[1]))
+    return 4096
+
+
 def learn_code_profiles(
     bundle: InferenceBundle,
     train_data: Path,
     workers: int = 1,
     progress: Progress | None = None,
     cache: Path | None = None,
+    need_cells: bool = False,
 ) -> CodeProfiles:
     """Encode every slice of the training cohort ``train_data`` as the database does (``volume_to_slices``
     with the bundle's preprocessing, ``InferenceBundle.encode_slices``), pool its ground-truth anatomy and
     tumour labels and the model's predicted tumour to the code grid (``class_fractions``) and average them
-    per code (``code_profiles``). ``cache``: reuse the profiles saved there for the same model and cases, and
-    save them there after learning."""
+    per code (``code_profiles``); keeps the training cells (codes and class pixel counts, ``CodeProfiles
+    .CELL_ARRAYS``) for D_X's expected-overlap tables. ``cache``: reuse the profiles saved there for the same
+    model and cases (``need_cells``: only if it keeps the cells too), and save them there after learning."""
     from fdn_core.data.preprocess import volume_to_slices
     from fdn_core.data.readers import find_cases, load_case, parallel_map
     from fdn_core.errors import ConfigError, DataError
@@ -655,7 +693,7 @@ def learn_code_profiles(
         "cases": sorted(c.case_id for c in cases),
     }
     if cache is not None and cache.is_file():
-        cached = CodeProfiles.load(cache, expect)
+        cached = CodeProfiles.load(cache, expect, need_cells=need_cells)
         if cached is not None:
             cached.meta["cached"] = str(cache)
             return cached
@@ -666,6 +704,8 @@ def learn_code_profiles(
     sums = {t: np.zeros((k, len(c))) for t, c in groups.items()}
     counts = {t: np.zeros(k, dtype=np.int64) for t in ("normal", "abnormal")}
     slices = 0
+    cells: dict[str, list[np.ndarray]] = {k: [] for k in CodeProfiles.CELL_ARRAYS[:-1]}
+    levels = 0
 
     def prepare(f: CaseFiles) -> tuple[str, Any]:
         return f.case_id, volume_to_slices(load_case(f), bundle.preprocess)
@@ -684,6 +724,11 @@ def learn_code_profiles(
             sums[t] += s
             if t in counts:
                 counts[t] += c
+                if not levels:
+                    levels = _cell_levels(maps[t].shape[1:], grid)
+                cells[f"cells_{t}"].append(codes.astype(np.int16))
+                pix = np.rint(frac * levels).astype(np.uint16)
+                cells["cells_anat" if t == "normal" else "cells_seg"].append(pix)
         if progress is not None:
             progress.update(i + 1, len(cases), "Learning code profiles on the training cohort")
     trained = set(bundle.metadata.get("train_cases") or [])
@@ -693,6 +738,8 @@ def learn_code_profiles(
         "abnormal_model": _profile_means(sums["abnormal_model"], counts["abnormal"]),
         "counts_normal": counts["normal"],
         "counts_abnormal": counts["abnormal"],
+        **{name: np.concatenate(parts) for name, parts in cells.items()},
+        "cell_levels": np.asarray(levels, dtype=np.int64),
     }
     meta = {
         **expect,
@@ -706,6 +753,197 @@ def learn_code_profiles(
     if cache is not None:
         profiles.save(cache)
     return profiles
+
+
+# ---------------------------------------------------------------------------- expected-overlap tables
+
+
+def overlap_tables(
+    codes: np.ndarray, counts: np.ndarray, num_codes: int, levels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expected-overlap tables of one code type from training cells: ``codes`` (M,) the cells' codes,
+    ``counts`` (M, C) their class pixel counts (fraction x ``levels``, integers 0..levels). Returns
+    (``tables`` (C, K, K): ``T_c[a, b]``, the mean of ``min(f_c(x), f_c(y))`` over every pair of distinct
+    cells x, y carrying codes a and b, exact over all pairs (``min(x, y) = sum_l [x >= l][y >= l]`` on integer
+    counts, so one product of the per-code survival counts), symmetric; entries with no pair (a code never
+    seen, or a = b seen once) fall back to ``min(m_c(a), m_c(b))``, D_D's per-class overlap;
+    ``means`` (K, C): ``m_c(a)``, the mean fraction of the cells carrying a (0 if none);
+    ``pairs`` (K, K) int64: how many cell pairs each entry averages)."""
+    from fdn_core.errors import DataError
+
+    idx = np.asarray(codes, dtype=np.int64).reshape(-1)
+    cnt = np.asarray(counts, dtype=np.int64).reshape(idx.size, -1)
+    k, lv = int(num_codes), int(levels)
+    if idx.size and (idx.min() < 0 or idx.max() >= k):
+        raise DataError(f"overlap tables: code indices outside 0..{k - 1}")
+    if cnt.size and (cnt.min() < 0 or cnt.max() > lv):
+        raise DataError(f"overlap tables: cell counts outside 0..{lv}")
+    n = np.bincount(idx, minlength=k).astype(np.int64)
+    pairs = n[:, None] * n[None, :] - np.diag(n)
+    seen = np.flatnonzero(n)
+    tables = np.empty((cnt.shape[1], k, k), dtype=np.float64)
+    means = np.zeros((k, cnt.shape[1]), dtype=np.float64)
+    for c in range(cnt.shape[1]):
+        hist = np.bincount(idx * (lv + 1) + cnt[:, c], minlength=k * (lv + 1)).reshape(k, lv + 1)
+        surv = np.cumsum(hist[seen, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)  # cells >= l, l = 1..L
+        mass = surv.sum(axis=1)  # the summed counts of each seen code's cells
+        means[seen, c] = mass / n[seen] / lv
+        m = means[:, c]
+        table = np.minimum(m[:, None], m[None, :])
+        inter = surv @ surv.T
+        inter[np.diag_indices(seen.size)] -= mass  # drop each cell paired with itself
+        sub = pairs[np.ix_(seen, seen)]
+        table[np.ix_(seen, seen)] = np.where(
+            sub > 0, inter / np.maximum(sub, 1) / lv, table[np.ix_(seen, seen)]
+        )
+        tables[c] = table
+    return tables, means, pairs
+
+
+def position_overlap_tables(
+    codes: np.ndarray,
+    counts: np.ndarray,
+    num_codes: int,
+    levels: int,
+    fallback: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Position-dependent ``overlap_tables``: ``codes`` (n, P) and ``counts`` (n, C, P) of n training grids;
+    one table per code position j from the cells at j only. Returns (``tables`` (P, C, K, K) float32,
+    ``means`` (P, K, C), ``pairs`` (P, K, K)); entries with no pair at j fall back to the
+    position-independent ``fallback`` (tables (C, K, K), means (K, C)), as do the means of codes unseen
+    at j."""
+    q = np.asarray(codes, dtype=np.int64)
+    cnt = np.asarray(counts)
+    t_all, m_all = fallback
+    num_pos, num_cls = q.shape[1], cnt.shape[1]
+    tables = np.empty((num_pos, num_cls, num_codes, num_codes), dtype=np.float32)
+    means = np.empty((num_pos, num_codes, num_cls), dtype=np.float64)
+    pairs = np.empty((num_pos, num_codes, num_codes), dtype=np.int64)
+    for j in range(num_pos):
+        t_j, m_j, p_j = overlap_tables(q[:, j], cnt[:, :, j], num_codes, levels)
+        tables[j] = np.where(p_j[None] > 0, t_j, t_all)
+        seen = np.bincount(q[:, j], minlength=num_codes)[:, None] > 0
+        means[j] = np.where(seen, m_j, m_all)
+        pairs[j] = p_j
+    return tables, means, pairs
+
+
+def _lookup_index(tables: np.ndarray, num_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P', C, K, K) tables and, per code position, the table index (all 0 for one shared table)."""
+    from fdn_core.errors import DataError
+
+    tab = np.asarray(tables)
+    tab = tab[None] if tab.ndim == 3 else tab
+    if tab.shape[0] not in (1, num_pos):
+        raise DataError(f"D_X: {tab.shape[0]} position tables for grids of {num_pos} positions")
+    return tab, (np.arange(num_pos) if tab.shape[0] > 1 else np.zeros(num_pos, dtype=np.int64))
+
+
+def expected_dice_distance(
+    queries: np.ndarray, refs: np.ndarray, tables: np.ndarray, means: np.ndarray
+) -> np.ndarray:
+    """(Nq, N) expected-overlap code Dice D_X between query grids (Nq, P) and reference grids (N, P) of one
+    code type: per class c, ``1 - 2 sum_j T_c[a_j, b_j] / (sum_j m_c(a_j) + sum_j m_c(b_j))``, averaged over
+    the classes whose denominator is > 0, 0 where none is (D_D per class's conventions). ``tables`` (C, K, K)
+    or per position (P, C, K, K), ``means`` (K, C) or (P, K, C) (``overlap_tables``,
+    ``position_overlap_tables``): per position a lookup of the query code's table row."""
+    from fdn_core.errors import DataError
+
+    q = np.asarray(queries, dtype=np.int64)
+    r = np.asarray(refs, dtype=np.int64)
+    if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
+        raise DataError(f"D_X: query grids {q.shape} and reference grids {r.shape} do not match")
+    tab, pos = _lookup_index(tables, q.shape[1])
+    mu = np.asarray(means, dtype=np.float64)
+    mu = mu[None] if mu.ndim == 2 else mu
+    k = tab.shape[-1]
+    for a in (q, r):
+        if a.size and (a.min() < 0 or a.max() >= k):
+            raise DataError(f"D_X: code indices outside 0..{k - 1}")
+    dice, total = [], []
+    for c in range(tab.shape[1]):
+        inter = np.zeros((q.shape[0], r.shape[0]), dtype=np.float64)
+        for j in range(q.shape[1]):
+            inter += tab[pos[j], c][q[:, j]][:, r[:, j]]
+        tot = mu[pos[None, :], q, c].sum(axis=1)[:, None] + mu[pos[None, :], r, c].sum(axis=1)[None, :]
+        dice.append(_dice_from(inter, tot))
+        total.append(tot)
+    return _class_mean(np.stack(dice), np.stack(total))
+
+
+def expected_dice_pairs(a: np.ndarray, b: np.ndarray, tables: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """(M,) D_X between grids ``a[m]`` and ``b[m]`` (M, P) each (``expected_dice_distance``, paired)."""
+    ia, ib = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    tab, pos = _lookup_index(tables, ia.shape[1])
+    mu = np.asarray(means, dtype=np.float64)
+    mu = mu[None] if mu.ndim == 2 else mu
+    dice, total = [], []
+    for c in range(tab.shape[1]):
+        inter = tab[pos[None, :], c, ia, ib].astype(np.float64).sum(axis=1)
+        tot = mu[pos[None, :], ia, c].sum(axis=1) + mu[pos[None, :], ib, c].sum(axis=1)
+        dice.append(_dice_from(inter, tot))
+        total.append(tot)
+    return _class_mean(np.stack(dice), np.stack(total))
+
+
+class OverlapTables:
+    """D_X's expected-overlap tables of both code types, learned from the training cells kept in
+    ``CodeProfiles`` (normal codes: anatomy classes 1-6; abnormal codes: tumour classes 1-3): ``shared``
+    (position-independent) and, with ``positions``, ``position`` (one table per code position), each
+    ``{"normal": (tables, means), "abnormal": ...}``; ``stats`` the cell pairs behind the entries."""
+
+    def __init__(self, profiles: CodeProfiles, positions: bool = True) -> None:
+        from fdn_core.errors import DataError
+
+        if not profiles.has_cells:
+            raise DataError(
+                "D_X tables need the training cells (relearn the code profiles, or drop the cache)"
+            )
+        t0 = time.perf_counter()
+        k = int(profiles["normal"].shape[0])
+        levels = int(profiles["cell_levels"])
+        self.shared: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.position: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.stats: dict[str, dict[str, float]] = {}
+        for t, lab in (("normal", "cells_anat"), ("abnormal", "cells_seg")):
+            codes, counts = profiles[f"cells_{t}"], profiles[lab]
+            num_cls = counts.shape[1]
+            flat = counts.transpose(0, 2, 1).reshape(-1, num_cls)
+            tables, means, pairs = overlap_tables(codes.reshape(-1), flat, k, levels)
+            self.shared[t] = (tables, means)
+            self.stats[f"{t}"] = _pair_stats(pairs)
+            if positions:
+                tp, mp, pp = position_overlap_tables(codes, counts, k, levels, (tables, means))
+                self.position[t] = (tp, mp)
+                self.stats[f"{t}_position"] = _pair_stats(pp)
+        self.levels = levels
+        self.seconds = time.perf_counter() - t0
+
+    def summary(self) -> str:
+        """One line: pairs per table entry (median, share never observed) and the build time."""
+        parts = []
+        for name, st in self.stats.items():
+            t, _, pos = name.partition("_")
+            parts.append(
+                f"{t}{' per position' if pos else ''}: median {st['median_pairs']:.0f} cell pairs per entry, "
+                f"{100 * st['never_observed']:.1f}% of {st['entries']:.0f} entries never observed"
+            )
+        return (
+            f"D_X tables (exact means over all pairs of distinct training cells; entries with none: D_D's "
+            f"min of mean profiles{', per position: the shared table' if self.position else ''}): "
+            + "; ".join(parts)
+            + f"; built in {self.seconds:.1f} s"
+        )
+
+
+def _pair_stats(pairs: np.ndarray) -> dict[str, float]:
+    p = np.asarray(pairs)
+    return {
+        "entries": float(p.size),
+        "median_pairs": float(np.median(p)),
+        "never_observed": float(np.mean(p == 0)),
+        "min_observed_pairs": float(p[p > 0].min()) if (p > 0).any() else 0.0,
+    }
 
 
 class CodeDice(_TwoTermMethod):
@@ -743,23 +981,87 @@ class CodeDice(_TwoTermMethod):
                 raise DataError(f"{self.key}: database has {ref.shape[0]} rows, {ctx.num_rows} expected")
             q = np.stack([np.asarray(c[i]).reshape(-1) for c in ctx.query_codes]).astype(np.int64)
             self._ref[t] = ref
-            out[t] = code_dice_distance(q, ref, self.profiles[t], self.per_class)
+            out[t] = self.distance(t, q, ref)
         self.seconds += time.perf_counter() - t0
         return out
+
+    def distance(self, t: str, q: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """(Nq, N) distances of term ``t`` between query grids ``q`` and reference grids ``ref``."""
+        return code_dice_distance(q, ref, self.profiles[t], self.per_class)
+
+    def pairs(self, t: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(M,) distances of term ``t`` between grids ``a[m]`` and ``b[m]``."""
+        return code_dice_pairs(a, b, self.profiles[t], self.per_class)
 
     def pair_distances(self, t: str, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Distances of term ``t`` between reference rows ``i`` and ``j``."""
         t0 = time.perf_counter()
-        d = code_dice_pairs(self._ref[t][i], self._ref[t][j], self.profiles[t], self.per_class)
+        d = self.pairs(t, self._ref[t][i], self._ref[t][j])
         self.seconds += time.perf_counter() - t0
         return d
 
 
-def code_dice_methods(profiles: CodeProfiles, db: CodeDatabase) -> list[CodeDice]:
+class ExpectedDice(CodeDice):
+    """Expected-overlap code Dice D_X on the database's code grids (normal term: normal codes with the
+    anatomy tables, abnormal term: abnormal codes with the tumour tables); see ``expected_dice_distance``."""
+
+    def __init__(
+        self,
+        key: str,
+        label: str,
+        description: str,
+        db: CodeDatabase,
+        tables: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        super().__init__(key, label, description, db, tables["normal"][1], tables["abnormal"][1])
+        self.tables = dict(tables)
+
+    def distance(self, t: str, q: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """(Nq, N) D_X of term ``t``."""
+        return expected_dice_distance(q, ref, *self.tables[t])
+
+    def pairs(self, t: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(M,) D_X of term ``t``, paired."""
+        return expected_dice_pairs(a, b, *self.tables[t])
+
+
+def code_dice_methods(
+    profiles: CodeProfiles, db: CodeDatabase, tables: OverlapTables | None = None
+) -> list[CodeDice]:
     """The code Dice rows: profiles from the training cohort's ground truth, and the label-free variant
-    (abnormal profile from the model's predicted segmentation of the training cohort)."""
+    (abnormal profile from the model's predicted segmentation of the training cohort); with ``tables`` the
+    expected-overlap rows D_X (shared tables, and per position when they were built)."""
     src = f"{profiles.meta['train_data']} (seed {profiles.meta.get('seed')})"
+    dx: list[CodeDice] = []
+    if tables is not None:
+        dx.append(
+            ExpectedDice(
+                "code_dice_expected",
+                f"D_X expected-overlap code Dice ({DX_NOTE}: GT lesion / anatomy fractions; "
+                f"{DX_ANATOMY_NOTE})",
+                "per-class code Dice with expected overlaps: T_c[a, b] = E[min(f_c, f_c')] over pairs of "
+                "training cells carrying codes a and b (all pairs of distinct cells of "
+                f"{src}, any position), "
+                "masses m_c(a) = mean f_c of the cells carrying a; abnormal codes with tumour classes 1-3, "
+                f"normal codes with anatomy labels 1-6 ({DX_ANATOMY_NOTE})",
+                db,
+                tables.shared,
+            )
+        )
+        if tables.position:
+            dx.append(
+                ExpectedDice(
+                    "code_dice_expected_pos",
+                    f"D_X expected-overlap code Dice, per position ({DX_NOTE}, one per code position: GT "
+                    "lesion / anatomy fractions; anatomy labels)",
+                    "D_X with one table per code position j (pairs of training cells at j only; entries "
+                    "with no pair at j: the shared table)",
+                    db,
+                    tables.position,
+                )
+            )
     return [
+        *dx,
         CodeDice(
             "code_dice",
             f"D_D code Dice ({DD_NOTE}: GT lesion / anatomy fractions; {ANATOMY_NOTE})",
@@ -876,6 +1178,8 @@ def diagnosis_lines(summary: Mapping[str, Any], labels: Mapping[str, str]) -> li
         parts.append(f"best FDN code distance {_f(best(fdn, col)[1])}")
         if "code_dice" in r:
             parts.append(f"D_D code Dice {_f(r['code_dice'][col])}")
+        if "code_dice_expected" in r:
+            parts.append(f"D_X {_f(r['code_dice_expected'][col])}")
         lines.append(f"chain {col}: " + " -> ".join(parts))
     if "code_dice" in r:
         lines.append(
@@ -899,7 +1203,27 @@ def diagnosis_lines(summary: Mapping[str, Any], labels: Mapping[str, str]) -> li
                 "gt_grid_dice",
             )
         )
-    for key in ("code_dice", "code_dice_classmean", "code_dice_modelseg"):
+    if "code_dice_expected" in r:
+        lines.append(
+            step(
+                "expected overlap (D_X vs D_D per-class: E[min] tables instead of the min of mean profiles)",
+                "code_dice_expected",
+                "code_dice_classmean",
+            )
+        )
+        lines.append(
+            step("expected-overlap tables (D_X vs GT 8x8 soft Dice)", "code_dice_expected", "gt_grid_dice")
+        )
+    if "code_dice_expected_pos" in r:
+        lines.append(
+            step(
+                "per-position tables (D_X per position vs D_X)",
+                "code_dice_expected_pos",
+                "code_dice_expected",
+            )
+        )
+    for key in ("code_dice", "code_dice_classmean", "code_dice_modelseg", "code_dice_expected",
+                "code_dice_expected_pos"):  # fmt: skip
         if key in r:
             lines.append(target_line(r, key, labels, best(fdn, "S_abnormal")[1], best(fdn, "S_normal")[1]))
     return lines
@@ -1074,9 +1398,10 @@ def diagnose_cohort(
     out: Path,
     args: argparse.Namespace,
     profiles: CodeProfiles | None = None,
+    tables: OverlapTables | None = None,
 ) -> dict[str, Any]:
     """Evaluate one cohort with the diagnostic rankings (and the code Dice rows when ``profiles`` are
-    given); returns its report entry (with the markdown)."""
+    given, D_X's with ``tables``); returns its report entry (with the markdown)."""
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import CaseFiles, find_cases
     from fdn_core.errors import ConfigError
@@ -1138,7 +1463,7 @@ def diagnose_cohort(
                 metric="pooled_dice",
             )
         )
-    dd_methods = code_dice_methods(profiles, db) if profiles is not None else []
+    dd_methods = code_dice_methods(profiles, db, tables) if profiles is not None else []
     methods.extend(dd_methods)
     print(f"== leave-one-out evaluation of {cohort} with the diagnostic rankings", flush=True)
     result = evaluate_retrieval(
@@ -1190,10 +1515,13 @@ def diagnose_cohort(
             f"- D_D ranking ({s['num_queries']} queries x {s['num_reference_slices']} slices, both terms and "
             f"the median scales): {timing}"
         )
+        if tables is not None:
+            md.append(f"- {tables.summary()}")
         code_dice = {
             "profiles": {k: v for k, v in profiles.meta.items() if k != "cases"},
             "source": profile_source,
             "ranking_seconds": {m.key: m.seconds for m in dd_methods},
+            **({"tables": {"pairs": tables.stats, "seconds": tables.seconds}} if tables is not None else {}),
         }
     md.append("")
     return {
@@ -1247,18 +1575,27 @@ def run(args: argparse.Namespace) -> int:
         "",
     ]
     report: dict[str, Any] = {"model": str(args.model), "fingerprint": bundle.fingerprint, "cohorts": {}}
-    profiles = None
+    profiles, tables = None, None
     if args.train_data is not None:
         print(f"== learning the code profiles on the training cohort {args.train_data}", flush=True)
         profiles = learn_code_profiles(
-            bundle, Path(args.train_data), args.workers, _progress(args.no_progress), args.profile_cache
+            bundle,
+            Path(args.train_data),
+            args.workers,
+            _progress(args.no_progress),
+            args.profile_cache,
+            need_cells=not args.no_dx,
         )
         print(f"   {profiles.summary()}", flush=True)
         md[-1:-1] = [f"- D_D rows: {profiles.summary()}"]
+        if not args.no_dx:
+            tables = OverlapTables(profiles, positions=not args.no_dx_position)
+            print(f"   {tables.summary()}", flush=True)
+            md[-1:-1] = [f"- D_X rows: {tables.summary()}"]
     else:
         print("   no --train-data: no code Dice (D_D) rows", flush=True)
     for cohort in dict.fromkeys(Path(c) for c in args.cohort):
-        entry = diagnose_cohort(bundle, cohort, out, args, profiles)
+        entry = diagnose_cohort(bundle, cohort, out, args, profiles, tables)
         print("\n" + entry["markdown"], flush=True)
         md.append(entry.pop("markdown"))
         report["cohorts"][cohort.name] = entry
@@ -1296,6 +1633,15 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="a .npz file keeping the learned code profiles (reused for the same model and training cases)",
+    )
+    parser.add_argument(
+        "--no-dx",
+        action="store_true",
+        help="no expected-overlap code Dice (D_X) rows (they need the training cells: a cache without them "
+        "is relearned)",
+    )
+    parser.add_argument(
+        "--no-dx-position", action="store_true", help="no per-position D_X row (only the shared tables)"
     )
     add_device(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
