@@ -574,6 +574,7 @@ def test_bounded_scan_equals_one_exact_pass(
     import fdn_core.codes.scan as scan
 
     monkeypatch.setattr(scan, "_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(scan, "_PRUNE_MIN_WORK", 1)  # bound even this small database
     rng = np.random.default_rng(11)
     k, n_vol, rows = 40, 90, 6
     books = [rng.normal(size=(k, D)) for _ in range(2)]
@@ -621,4 +622,8 @@ def test_bounded_scan_equals_one_exact_pass(
         assert (sum(scanned) < n_vol) == (distance != "angular")
     req = bounded._request({"normal": codes[0][:1].astype(np.int64)}, [[]], "euclidean", "normal", 1, 10)
     req.prune, req.excluded = 10, np.array([[2, 4, 0]], np.int64)
+    assert not bounded._backend._prunable(req)
+    req.excluded = np.array([[6, 12, 0]], np.int64)  # volume v001: whole
+    assert bounded._backend._prunable(req)
+    monkeypatch.setattr(scan, "_PRUNE_MIN_WORK", n + 1)  # a small database: one exact pass
     assert not bounded._backend._prunable(req)

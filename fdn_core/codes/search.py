@@ -29,8 +29,9 @@ chunk's top slices reduced on the fly) reading the database's arrays in place, o
 ``embedding_bag`` fallback when numba is missing. ``threads`` sets the kernel's thread count (default: all
 of numba's threads); ``backend`` picks the path (``"auto"``; ``"torch-offsets"`` is the former per-row
 index path, kept for benchmarks). bench/bench_search.py compares them. A single volume-wise query with
-Hamming or Euclidean distances first bounds every volume from uint8 tables and then scans exactly only the
-volumes that can reach the top (``prune=False``: one exact pass over everything; same hits either way).
+Hamming or Euclidean distances on a large database first bounds every volume from uint8 tables and then
+scans exactly only the volumes that can reach the top (``prune=False``: one exact pass over everything;
+same hits either way).
 Rows may come in several code segments (``segments``: consecutive (normal, abnormal) arrays, e.g. memory
 maps of append-only files) scanned in one call. Volumes are given per volume (``cases`` and
 ``case_starts``) or derived from per-row ``case_ids``; the engine keeps no per-row strings, and its RAM
