@@ -68,6 +68,10 @@ import numpy as np
 from fdn_core.evaluation.ranking import MethodKind, RankingContext, RankingMethod, Similarity
 from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_unseen import _check_fingerprints, _progress, training_seeds
+
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import CaseFiles
@@ -1295,12 +1299,6 @@ def table_lines(result: RetrievalEvaluation) -> list[str]:
 # ----------------------------------------------------------------------------------------------- run
 
 
-def _progress(no_progress: bool) -> Progress | None:
-    from fdn_core.progress import tqdm_progress
-
-    return None if no_progress else tqdm_progress()
-
-
 def _database(bundle: InferenceBundle, cohort: Path, out: Path, args: argparse.Namespace) -> Path:
     """A complete database of ``cohort`` built with this model: ``--db``, the cohort's sibling
     ``db_<seed>`` (eval_unseen's layout) or one built under ``out``."""
@@ -1339,25 +1337,17 @@ def _database(bundle: InferenceBundle, cohort: Path, out: Path, args: argparse.N
 
 
 def _check_unseen(bundle: InferenceBundle, cohort: Path) -> str:
-    """Refuse the training cohort (by the seed in ``cohort.json`` or by case fingerprints); say what was
-    checked."""
-    from fdn_core.data.provenance import FINGERPRINTS_KEY, cases_of, training_cohort_seeds, training_overlap
+    """Refuse the training cohort (by the seed in ``cohort.json`` or by case fingerprints, as eval_unseen
+    does); say what was checked."""
     from fdn_core.errors import ConfigError
 
-    seeds = training_cohort_seeds(bundle.metadata)
-    meta = cohort / "cohort.json"
-    seed = json.loads(meta.read_text()).get("seed") if meta.is_file() else None
+    seeds, _ = training_seeds(bundle, None)
+    seed = _cohort_seed(cohort)
     if seed is not None and seed in seeds:
         raise ConfigError(f"{cohort} is phantom seed {seed}, the model's training cohort: not unseen data")
     said = [f"phantom seed {seed}" if seed is not None else "no cohort.json seed"]
     said.append(f"training seed(s) {seeds}" if seeds else "training seed unknown")
-    if bundle.metadata.get(FINGERPRINTS_KEY):
-        overlap = training_overlap(bundle.metadata, cases_of(cohort))
-        if overlap:
-            raise ConfigError(
-                f"{cohort}: {len(overlap)} case(s) are training cases ({', '.join(overlap[:10])})"
-            )
-        said.append("no training case (fingerprints compared)")
+    said.append(_check_fingerprints(bundle, cohort, seed))
     return "; ".join(said)
 
 

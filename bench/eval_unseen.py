@@ -251,7 +251,7 @@ def _database(bundle: InferenceBundle, cohort: Path, out: Path, seed: int, reuse
     return db_path
 
 
-def _check_fingerprints(bundle: Any, cohort: Path, seed: int) -> str:
+def _check_fingerprints(bundle: Any, cohort: Path, seed: int | None) -> str:
     """Refuse a cohort holding a training case (by image fingerprint); say how the check was done."""
     from fdn_core.data.provenance import FINGERPRINTS_KEY, cases_of, training_overlap
     from fdn_core.errors import ConfigError
@@ -260,8 +260,9 @@ def _check_fingerprints(bundle: Any, cohort: Path, seed: int) -> str:
         return "no training-case fingerprints in the bundle: case content not compared"
     overlap = training_overlap(bundle.metadata, cases_of(cohort))
     if overlap:
+        where = f"cohort seed {seed}" if seed is not None else str(cohort)
         raise ConfigError(
-            f"cohort seed {seed}: {len(overlap)} case(s) have the same image files as training cases "
+            f"{where}: {len(overlap)} case(s) have the same image files as training cases "
             f"({', '.join(overlap[:10])}); choose another seed"
         )
     return "no case's image files match a training case's (fingerprints compared)"

@@ -401,19 +401,26 @@ class _NumbaBackend:
         )
         finite = np.flatnonzero(np.isfinite(lower))
         if finite.size <= req.prune:
-            first = finite
-        else:
-            first = finite[np.argpartition(lower[finite], req.prune - 1)[: req.prune]]
-        tasks = lay.volume_tasks(first)
-        self._scan(req, addrs, tasks, int((tasks[:, 2] - tasks[:, 1]).sum()), out_val, out_row)
-        if finite.size <= req.prune:
+            self._scan_volumes(req, addrs, finite, out_val, out_row)
             return
+        first = finite[np.argpartition(lower[finite], req.prune - 1)[: req.prune]]
+        self._scan_volumes(req, addrs, first, out_val, out_row)
         cap = float(out_val[first, 0, 0].max())
         # The exact distances are float32 sums of non-negative terms: within 1e-5 of the real value.
         rest = np.flatnonzero(lower * (1.0 - 1e-5) <= cap)
-        rest = rest[~np.isin(rest, first)]
-        if rest.size:
-            tasks = lay.volume_tasks(rest)
+        self._scan_volumes(req, addrs, rest[~np.isin(rest, first)], out_val, out_row)
+
+    def _scan_volumes(
+        self,
+        req: ScanRequest,
+        addrs: np.ndarray,
+        volumes: np.ndarray,
+        out_val: np.ndarray,
+        out_row: np.ndarray,
+    ) -> None:
+        """Scan only ``volumes`` exactly (nothing when there are none)."""
+        if volumes.size:
+            tasks = self._layout.volume_tasks(volumes)
             self._scan(req, addrs, tasks, int((tasks[:, 2] - tasks[:, 1]).sum()), out_val, out_row)
 
 

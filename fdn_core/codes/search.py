@@ -546,6 +546,7 @@ class SearchEngine:
         mode: str,
         select: int,
         top: int = 0,
+        prune: int = 0,
     ) -> ScanRequest:
         """The scan of a block of B queries (``qcodes[t]`` (B, P)): lookup tables, norms and weights."""
         types = _MODE_TYPES[mode]
@@ -587,6 +588,7 @@ class SearchEngine:
             excluded=np.asarray(ex, dtype=np.int64).reshape(-1, 3),
             select=select,
             top=top,
+            prune=prune,
         )
 
     def _excluded_volumes(self, query: Query) -> list[int]:
@@ -652,9 +654,8 @@ class SearchEngine:
         for s in range(0, len(parsed), step):
             chunk = parsed[s : s + step]
             qcodes = {t: np.stack([c[0][t] for c in chunk]) for t in types}
-            req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top)
-            if select == SELECT_VOLUME and len(chunk) == 1 and self._prune:
-                req.prune = top
+            prune = top if select == SELECT_VOLUME and len(chunk) == 1 and self._prune else 0
+            req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top, prune)
             val, row = self._backend.run(req)
             for b, (codes, _) in enumerate(chunk):
                 if select == SELECT_VOLUME:
