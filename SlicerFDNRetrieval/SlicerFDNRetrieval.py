@@ -134,7 +134,7 @@ class SlicerFDNRetrievalParameterNode:
     querySlice: Annotated[int, Minimum(0)] = 0
     followView: bool = True
     mode: Annotated[str, Choice(["both", "normal", "abnormal"])] = "both"
-    distance: Annotated[str, Choice(["euclidean", "angular", "hamming"])] = "euclidean"
+    distance: Annotated[str, Choice(["euclidean", "angular", "hamming", "learned"])] = "euclidean"
     topK: Annotated[int, WithinRange(1, 20)] = 10
     volumeWise: bool = True
     useCompositeQuery: bool = False
@@ -1091,13 +1091,15 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
 
             raise DataError("Encode a study first.")
         encoded, database = self.encoded, self._database()
+        assert self._resources is not None
+        bundle = self._resources.bundle
         settings = replace(settings, exclude_case=self.indexedCase)
         self._searchSettings = settings
 
         def work(progress: Any) -> Any:
             progress.update(0, 1, "Searching")
             if self._engine is None:
-                self._engine = workflow.make_search_engine(database)
+                self._engine = workflow.make_search_engine(database, bundle)
             hits = workflow.search_study(self._engine, encoded, settings)
             progress.update(1, 1, "Searching")
             return hits

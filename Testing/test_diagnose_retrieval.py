@@ -346,3 +346,22 @@ def test_expected_dice_of_a_grid_with_itself(script: ModuleType) -> None:
     d = script.expected_dice_distance(grids, grids, tables, means)
     assert d == pytest.approx(np.array([[1.0, 0.5], [0.5, 0.0]]))
     assert script.code_dice_distance(grids, grids, means, per_class=True) == pytest.approx(0.0)
+
+
+def test_reading_compares_the_learned_distance(script: ModuleType) -> None:
+    """With D_L in the table the reading sets it against the best of the paper's distances and, on
+    S_abnormal, the model's own segmentation ranked by soft Dice (elsewhere the GT masks)."""
+    values = {"euclidean": 0.5, "angular": 0.6, "hamming": 0.55, "learned": 0.7,
+              "model_seg_grid_dice": 0.72, "gt_grid_dice": 0.8, "oracle": 1.0}  # fmt: skip
+    summary = {m: {c: {"ratio_to_oracle": v} for c in script.COLUMNS} for m, v in values.items()}
+    labels = {"euclidean": "D_E", "angular": "D_A", "hamming": "D_H", "learned": "D_L"}
+    lines = [line for line in script.diagnosis_lines(summary, labels) if "learned distance" in line]
+    assert len(lines) == len(script.COLUMNS)
+    abnormal = next(line for line in lines if line.startswith("S_abnormal"))
+    assert "D_L 0.700 (vs best paper distance D_A +0.100; vs the model's 8x8 segmentation" in abnormal
+    assert abnormal.endswith("-0.020)")
+    normal = next(line for line in lines if line.startswith("S_normal:"))
+    assert "GT masks at 8x8 by soft Dice [GT] -0.100" in normal
+    # without D_L there is no such line
+    del summary["learned"]
+    assert not any("learned distance" in line for line in script.diagnosis_lines(summary, labels))

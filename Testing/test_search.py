@@ -26,8 +26,13 @@ def brute_force_distances(
     distance: str,
     mode: str,
     scales: tuple[float, float] = (1.0, 1.0),
+    learned: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Reference: de-quantise each grid into its flattened latent (float64) and compare whole vectors."""
+    """Reference: de-quantise each grid into its flattened latent (float64) and compare whole vectors
+    (the learned distance: the cosine of the grids embedded with ``learned`` instead of the codebooks)."""
+    if distance == "learned":
+        assert learned is not None
+        books, distance = learned, "angular"
 
     def term(q: np.ndarray, db: np.ndarray, book: np.ndarray, bit: np.ndarray) -> np.ndarray:
         if distance == "hamming":
@@ -93,6 +98,8 @@ def setup() -> dict:
     normal[20] = normal[21]
     slice_indices = np.concatenate([np.arange(s) + 2 for s in sizes]).astype(np.int32)
     bits = (rng.random((K, B)) < 0.5, rng.random((K, B)) < 0.5)
+    learned = tuple(rng.normal(size=(K, 5)) for _ in range(2))
+    learned[0][3] = 0.0  # row 5's normal grid embeds to zero: cosine taken as 0, as for D_A
     engine = SearchEngine(
         normal_codes=normal,
         abnormal_codes=abnormal,
@@ -102,12 +109,14 @@ def setup() -> dict:
         codebook_abnormal=books[1],
         grid_shape=GRID,
         hamming_bits=bits,
+        learned_embeddings=learned,
         normalization_pairs=512,
     )
     return {
         "engine": engine,
         "books": tuple(books),
         "bits": bits,
+        "learned": learned,
         "normal": normal,
         "abnormal": abnormal,
         "case_ids": case_ids,
@@ -124,7 +133,7 @@ def _brute(s: dict, qn, qa, distance: str, mode: str) -> np.ndarray:
         else (1, 1)
     )
     return brute_force_distances(
-        qn, qa, s["normal"], s["abnormal"], s["books"], s["bits"], distance, mode, scales
+        qn, qa, s["normal"], s["abnormal"], s["books"], s["bits"], distance, mode, scales, s["learned"]
     )
 
 
@@ -234,6 +243,7 @@ def test_normalisation_scale_is_median_of_pairs(setup: dict) -> None:
                     setup["bits"],
                     distance,
                     "normal",
+                    learned=setup["learned"],
                 )
                 for i in range(len(normal) - 1)
             ]
@@ -361,6 +371,7 @@ def _variant(setup: dict, **kw: object) -> SearchEngine:
         "codebook_abnormal": setup["books"][1],
         "grid_shape": GRID,
         "hamming_bits": setup["bits"],
+        "learned_embeddings": setup["learned"],
         "normalization_pairs": 512,
     }
     args.update(kw)
@@ -594,6 +605,7 @@ def test_bounded_scan_equals_one_exact_pass(
         "codebook_abnormal": books[1],
         "grid_shape": GRID,
         "hamming_bits": tuple(rng.random((k, B)) < 0.5 for _ in range(2)),
+        "learned_embeddings": tuple(rng.normal(size=(k, 3)) for _ in range(2)),
         "threads": threads,
         "backend": "numba",
         "task_rows": 40,
@@ -619,7 +631,7 @@ def test_bounded_scan_equals_one_exact_pass(
     for distance in DISTANCES:
         scanned.clear()
         assert bounded.search(q, distance=distance) == full.search(q, distance=distance)
-        assert (sum(scanned) < n_vol) == (distance != "angular")
+        assert (sum(scanned) < n_vol) == (distance not in ("angular", "learned"))
     req = bounded._request({"normal": codes[0][:1].astype(np.int64)}, [[]], "euclidean", "normal", 1, 10)
     req.prune, req.excluded = 10, np.array([[2, 4, 0]], np.int64)
     assert not bounded._backend._prunable(req)
@@ -627,3 +639,22 @@ def test_bounded_scan_equals_one_exact_pass(
     assert bounded._backend._prunable(req)
     monkeypatch.setattr(scan, "_PRUNE_MIN_WORK", n + 1)  # a small database: one exact pass
     assert not bounded._backend._prunable(req)
+
+
+def test_learned_distance_needs_an_embedding_of_the_codebook_size(setup: dict) -> None:
+    """Without a retrieval embedding the learned distance says how to get one; one of another size (another
+    model) is refused; the cosine norms of angular and learned are kept apart."""
+    q = Query(normal=setup["normal"][0], abnormal=setup["abnormal"][0])
+    plain = _variant(setup, learned_embeddings=None)
+    assert not plain.has_learned and setup["engine"].has_learned
+    with pytest.raises(ConfigError, match="train-embedding"):
+        plain.search(q, distance="learned")
+    with pytest.raises(DataError, match="another model"):
+        _variant(setup, learned_embeddings=(np.ones((K - 1, 2)), np.ones((K - 1, 2))))
+    eng = _variant(setup)
+    a = eng.distances(q, "angular", "sum")
+    held = eng.memory_bytes()["rows"]
+    b = eng.distances(q, "learned", "sum")
+    assert not np.allclose(a, b)
+    assert eng.memory_bytes()["rows"] == held  # one cosine distance's norms at a time
+    assert np.array_equal(eng.distances(q, "angular", "sum"), a)

@@ -65,8 +65,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fdn_core.data.preprocess import class_fractions
 from fdn_core.evaluation.ranking import MethodKind, RankingContext, RankingMethod, Similarity
-from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES
+from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, PAPER_DISTANCES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -120,21 +121,6 @@ TARGETS = {"S_abnormal": 0.76, "S_normal": 0.90, "S_sum": 0.85}
 
 
 # ------------------------------------------------------------------------------------------ label maps
-
-
-def class_fractions(labels: np.ndarray, classes: Sequence[int], grid: tuple[int, int]) -> np.ndarray:
-    """(n, C*h*w) float64: per class of ``classes``, the fraction of each cell of the ``grid`` that label
-    slices ``labels`` (n, S, S) give that class (average pooling of the one-hot maps)."""
-    import torch
-    from torch.nn.functional import adaptive_avg_pool2d
-
-    lab = torch.from_numpy(np.ascontiguousarray(labels))
-    out = np.empty((lab.shape[0], len(classes) * grid[0] * grid[1]), dtype=np.float64)
-    for lo in range(0, lab.shape[0], 256):
-        chunk = lab[lo : lo + 256]
-        onehot = torch.stack([(chunk == c) for c in classes], dim=1).double()
-        out[lo : lo + chunk.shape[0]] = adaptive_avg_pool2d(onehot, grid).reshape(chunk.shape[0], -1).numpy()
-    return out
 
 
 def label_l2(query: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -1157,7 +1143,7 @@ def diagnosis_lines(summary: Mapping[str, Any], labels: Mapping[str, str]) -> li
             "quantisation, angular (D_A on codes vs cosine on continuous z_e)", "angular", "continuous_cosine"
         ),
     ]
-    fdn = [k for k in ("euclidean", "angular", "hamming") if k in r]
+    fdn = [k for k in PAPER_DISTANCES if k in r]  # the paper's distances (D_L has its own line)
     cont = [k for k in ("continuous_l2", "continuous_cosine") if k in r]
     for col in COLUMNS:
         fname, fval = best(fdn, col)
@@ -1170,6 +1156,20 @@ def diagnosis_lines(summary: Mapping[str, Any], labels: Mapping[str, str]) -> li
             f"it {_diff(fval, sval)}); GT masks at 8x8 {_f(gval)} (best FDN vs it {_diff(fval, gval)})"
         )
         lines.append(text)
+    if "learned" in r:
+        for col in COLUMNS:
+            fname, fval = best(fdn, col)
+            lval = r["learned"].get(col)
+            # S_abnormal: against the model's own segmentation; the other columns' anatomy term is GT
+            ref, what = (
+                ("model_seg_grid_dice", "the model's 8x8 segmentation by soft Dice")
+                if col == "S_abnormal"
+                else ("gt_grid_dice", "GT masks at 8x8 by soft Dice [GT]")
+            )
+            lines.append(
+                f"{col}: learned distance D_L {_f(lval)} (vs best paper distance {fname} "
+                f"{_diff(lval, fval)}; vs {what} {_diff(lval, r.get(ref, {}).get(col))})"
+            )
     chain = [
         ("Oracle", "oracle"),
         ("GT 8x8 soft Dice", "gt_grid_dice"),

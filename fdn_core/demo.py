@@ -57,7 +57,8 @@ class DemoSettings:
     workers: int | None = None
     top: int = 10
     montage_top: int = 5
-    distances: tuple[str, ...] = ("euclidean", "angular", "hamming")
+    #: FDN distances to evaluate; None: the paper's three and the learned one when the model has it.
+    distances: tuple[str, ...] | None = None
     #: Trained baselines ranked beside the FDN: shipped names or bundle folders; None = the shipped ones.
     embeddings: tuple[str, ...] | None = None
     #: RELAX explanations: queries whose maps give the mass shares, and masks per map (0 queries: none).
@@ -130,7 +131,12 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
-_FDN_NAMES = {"euclidean": "D_E (Euclidean)", "angular": "D_A (angular)", "hamming": "D_H (Hamming)"}
+_FDN_NAMES = {
+    "euclidean": "D_E (Euclidean)",
+    "angular": "D_A (angular)",
+    "hamming": "D_H (Hamming)",
+    "learned": "D_L (learned embedding)",
+}
 
 
 def _results_tables(result: Any) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ __all__ = [
     "CLASS_TO_MSD_FILE",
     "CODE_TYPES",
     "DISTANCES",
+    "DISTANCE_LABELS",
     "MODALITIES",
     "MODES",
     "MODE_CHOICES",
@@ -29,6 +30,7 @@ __all__ = [
     "MSD_FILE_TO_CLASS",
     "MSD_MODALITY_NAMES",
     "NUM_ABNORMAL_CLASSES",
+    "PAPER_DISTANCES",
     "CodeType",
     "Distance",
     "Mode",
@@ -121,13 +123,23 @@ ANATOMY_COLORS: Final[dict[int, tuple[float, float, float]]] = {
 
 # ------------------------------------------------------------------------------------- codes and search
 CodeType = Literal["normal", "abnormal"]
-Distance = Literal["euclidean", "angular", "hamming"]
+Distance = Literal["euclidean", "angular", "hamming", "learned"]
 Mode = Literal["normal", "abnormal", "sum", "sum_normalized"]
 
 #: The two code types of a slice.
 CODE_TYPES: Final[tuple[CodeType, ...]] = ("normal", "abnormal")
-#: Distances between code grids (paper section 3.2): D_E, D_A, D_H.
-DISTANCES: Final[tuple[Distance, ...]] = ("euclidean", "angular", "hamming")
+#: The paper's distances between code grids (section 3.2): D_E, D_A, D_H.
+PAPER_DISTANCES: Final[tuple[Distance, ...]] = ("euclidean", "angular", "hamming")
+#: Every distance the search offers: the paper's and D_L, the cosine of a retrieval embedding of the codes
+#: learned for Dice (needs a model bundle that has one; ``fdn_core.codes.search``).
+DISTANCES: Final[tuple[Distance, ...]] = (*PAPER_DISTANCES, "learned")
+#: Short names of the distances in tables and reports.
+DISTANCE_LABELS: Final[dict[str, str]] = {
+    "euclidean": "D_E",
+    "angular": "D_A",
+    "hamming": "D_H",
+    "learned": "D_L",
+}
 #: The search engine's modes: S_normal, S_abnormal, S_sum, and S_sum with each distance normalised.
 MODES: Final[tuple[Mode, ...]] = ("normal", "abnormal", "sum", "sum_normalized")
 #: Mode names as users write them (CLI choices); ``normalize_mode`` maps every alias to a ``MODES`` entry.

@@ -31,7 +31,7 @@ from fdn_core.data.provenance import case_fingerprint
 from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case, parallel_map
 from fdn_core.errors import DataError
 from fdn_core.fileio import describe_os_error, resolve_inside
-from fdn_core.labels import DISTANCES, normalize_mode
+from fdn_core.labels import DISTANCES, PAPER_DISTANCES, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
 from fdn_core.progress import Cancelled, Progress
 
@@ -681,7 +681,7 @@ class Retriever:
         self.bundle = bundle
         self.hamming = hamming
         bits = None if hamming is None else (hamming[0].bits, hamming[1].bits)
-        self.engine = SearchEngine.from_database(db, hamming_bits=bits)
+        self.engine = SearchEngine.from_database(db, hamming_bits=bits, learned_embeddings=self._learned())
         self._by_paths: dict[tuple[tuple[str, str], ...], str] | None = None
 
     @classmethod
@@ -703,7 +703,19 @@ class Retriever:
             usage = None if self.bundle is None else self.bundle.code_usage()
             self.hamming = fit_hamming_codes(self.db, progress, usage=usage)
             bits = (self.hamming[0].bits, self.hamming[1].bits)
-            self.engine = SearchEngine.from_database(self.db, hamming_bits=bits)
+            self.engine = SearchEngine.from_database(
+                self.db, hamming_bits=bits, learned_embeddings=self._learned()
+            )
+
+    @property
+    def distances(self) -> tuple[str, ...]:
+        """The distances this retriever offers: the paper's, and the learned one when the bundle has a
+        retrieval embedding."""
+        return DISTANCES if self.engine.has_learned else PAPER_DISTANCES
+
+    def _learned(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The bundle's retrieval embedding (the learned distance), if it has one."""
+        return None if self.bundle is None else self.bundle.retrieval_embedding
 
     def slice_from_database(self, case_id: str, slice_index: int) -> QuerySlice:
         """The stored codes of one database slice."""

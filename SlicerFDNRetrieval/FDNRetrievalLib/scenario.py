@@ -362,12 +362,12 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
         _check(got == expected, f"voxel {ijk} is canonical axial slice {expected}, got {got}")
 
     # 6. search: volume-wise, slice-wise, composite, every distance
-    engine = wf.make_search_engine(resources.database)
+    engine = wf.make_search_engine(resources.database, resources.bundle)
     area = (encoded.seg > 0).sum(axis=(0, 1))
     q = int(np.argmax(area)) if area.any() else z // 2
     n_other = len(files) - 1
     results = {}
-    for distance in ("euclidean", "angular", "hamming"):
+    for distance in ("euclidean", "angular", "hamming", *(("learned",) if engine.has_learned else ())):
         for volume_wise in (True, False):
             settings = wf.SearchSettings(
                 query_slice=q,

@@ -319,12 +319,14 @@ def _check_slice(index: int, num_slices: int, what: str) -> int:
     return int(index)
 
 
-def make_search_engine(database: CodeDatabase) -> SearchEngine:
+def make_search_engine(database: CodeDatabase, bundle: InferenceBundle | None = None) -> SearchEngine:
     """A search engine over ``database``; Hamming distance is available when the database folder holds
-    binarised codebooks (``fdn index build`` stores them under ``hamming/``)."""
+    binarised codebooks (``fdn index build`` stores them under ``hamming/``), the learned distance when
+    ``bundle`` has a retrieval embedding (``fdn train-embedding``)."""
     codes = load_hamming_codes(database)
     bits = None if codes is None else (codes[0].bits, codes[1].bits)
-    return SearchEngine.from_database(database, hamming_bits=bits)
+    learned = None if bundle is None else bundle.retrieval_embedding
+    return SearchEngine.from_database(database, hamming_bits=bits, learned_embeddings=learned)
 
 
 def find_indexed_case(database: CodeDatabase, encoded: EncodedStudy) -> str | None:

@@ -51,7 +51,7 @@ POLL_S = 0.1
 #: Result views made ahead of the first search (the default top-K), so that search does not wait for them.
 PREPARED_RESULTS = 10
 _MESSAGE_LIMIT = 5
-_DISTANCES = ("euclidean", "angular", "hamming")
+_DISTANCES = ("euclidean", "angular", "hamming", "learned")
 
 
 @dataclass
@@ -138,7 +138,7 @@ class FDNWebApp:
                 "fdn_normal_opacity": 0.0,
                 "fdn_mode": "both",
                 "fdn_distance": "euclidean",
-                "fdn_distances": list(_DISTANCES),
+                "fdn_distances": [d for d in _DISTANCES if d != "learned"],
                 "fdn_top_k": 10,
                 "fdn_volume_wise": True,
                 "fdn_composite": False,
@@ -275,7 +275,7 @@ class FDNWebApp:
             # search loads (on a new machine: compiles) the search kernel: both now, not at the first click.
             size = resources.bundle.preprocess.image_size
             resources.bundle.reconstruct(np.zeros((1, len(MODALITIES), size, size), np.float32), batch_size=1)
-            engine = wf.make_search_engine(resources.database)
+            engine = wf.make_search_engine(resources.database, resources.bundle)
             first = np.asarray(resources.database.normal_codes[0])
             engine.search(
                 Query(normal=first, abnormal=np.asarray(resources.database.abnormal_codes[0])), top=1
@@ -294,6 +294,8 @@ class FDNWebApp:
                 + (f", from {settings.origin}" if settings.origin else "")
             )
             self.state.fdn_studies = self.catalogue.items()
+            # the learned distance only when the model has a retrieval embedding
+            self.state.fdn_distances = [d for d in _DISTANCES if d != "learned" or self.engine.has_learned]
             for problem in self.catalogue.problems[:3]:
                 self._message("warning", problem)
             if self.resources.bundle.device.type == "cpu":

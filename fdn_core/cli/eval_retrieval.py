@@ -49,7 +49,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--out", required=True, type=Path, help="folder for retrieval_eval.json / .md")
     parser.add_argument("--top", type=int, default=10, help="k of the volume-wise top-k (paper: 10)")
     parser.add_argument(
-        "--distances", nargs="+", choices=DISTANCES, default=list(DISTANCES), help="distances to evaluate"
+        "--distances",
+        nargs="+",
+        choices=DISTANCES,
+        default=None,
+        help="distances to evaluate (default: euclidean, angular, hamming, and learned when the model has a "
+        "retrieval embedding)",
     )
     parser.add_argument(
         "--baselines",
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         args.data,
         queries=args.queries,
         top=args.top,
-        distances=list(dict.fromkeys(args.distances)),
+        distances=None if args.distances is None else list(dict.fromkeys(args.distances)),
         progress=tqdm_progress(disable=args.no_progress),
         batch_size=args.batch_size,
         leave_one_out=args.leave_one_out,

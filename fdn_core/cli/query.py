@@ -50,7 +50,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "distance divided by its typical size; 'both' in the Slicer panel) (default: sum)",
     )
     parser.add_argument(
-        "--distance", default="euclidean", choices=DISTANCES, help="distance (default: euclidean)"
+        "--distance",
+        default="euclidean",
+        choices=DISTANCES,
+        help="distance between code grids: the paper's euclidean (default), angular, hamming, or learned "
+        "(the cosine of a code embedding trained so that it ranks like the Dice of label maps; needs a "
+        "model with a retrieval embedding, as the demo model has: `fdn train-embedding`)",
     )
     parser.add_argument("--top", type=int, default=10, help="number of results (default 10)")
     parser.add_argument(

@@ -14,6 +14,11 @@ for one code type, with ``e`` that type's codebook (K x D) and ``b`` its binaris
   the cosine is undefined; it is taken as 0 (``D_A = 1``).
 - Hamming ``D_H(a, r) = sum_p hamming(b[a_p], b[r_p])``, the Hamming distance of the flattened binarised
   latents: a per-position sum of the K x K Hamming table (``tables.hamming_table``).
+- Learned ``D_L(a, r)``: ``D_A`` with a retrieval embedding ``u`` (K x M per code type) in place of the
+  codebook. Not in the paper: ``u`` is learned after the FDN, on a labelled training cohort, so that the
+  cosine of two embedded grids ranks slices as the Dice of their label maps does (``fdn train-embedding``);
+  the paper's distances are L2-like while its evaluation scores Dice (bench/diagnose_retrieval.py). The
+  engine gets ``u`` from the model bundle (``learned_embeddings``); without it the distance is unavailable.
 
 Modes: ``normal`` (S_normal), ``abnormal`` (S_abnormal), ``sum`` (S_sum = D_normal + D_abnormal, eq. 17)
 and ``sum_normalized`` (D_normal / s_normal + D_abnormal / s_abnormal, where s_t is the median of that
@@ -35,8 +40,8 @@ same hits either way).
 Rows may come in several code segments (``segments``: consecutive (normal, abnormal) arrays, e.g. memory
 maps of append-only files) scanned in one call. Volumes are given per volume (``cases`` and
 ``case_starts``) or derived from per-row ``case_ids``; the engine keeps no per-row strings, and its RAM
-beyond the database is the angular norms (4 bytes per slice per code type, built on the first angular
-search) plus per-volume arrays (``memory_bytes``).
+beyond the database is the cosine norms (4 bytes per slice per code type, built on the first angular or
+learned search; one distance's at a time) plus per-volume arrays (``memory_bytes``).
 Sums are float32; the distances reported in hits are recomputed in float64 from the tables, so they match
 a float64 brute force to ~1e-12, and the ranking matches it except between candidates closer than float32
 rounding (~1e-6 relative). Ties are broken by row order. Top-k uses ``np.argpartition``. An engine is a
@@ -83,7 +88,14 @@ _MODE_TYPES = {
     "sum": ("normal", "abnormal"),
     "sum_normalized": ("normal", "abnormal"),
 }
-_KIND = {"hamming": KIND_HAMMING, "euclidean": KIND_EUCLIDEAN, "angular": KIND_ANGULAR}
+_KIND = {
+    "hamming": KIND_HAMMING,
+    "euclidean": KIND_EUCLIDEAN,
+    "angular": KIND_ANGULAR,
+    "learned": KIND_ANGULAR,
+}
+#: Distances that are cosines (per-row norms from the diagonal of their dot table).
+_COSINE = ("angular", "learned")
 #: Slice-wise searches up to this many results keep each task's top rows in the kernel; larger ones take
 #: every distance (N x block float32) and select afterwards.
 _TOP_IN_KERNEL = 256
@@ -123,6 +135,7 @@ class _CodeType:
     """Per code type (normal or abnormal) tables of the engine."""
 
     codebook: np.ndarray  # (K, D) float64
+    learned: np.ndarray | None = None  # (K, M) float64 retrieval embedding of the codes (distance "learned")
     tables64: dict[str, np.ndarray] = field(default_factory=dict)
     tables32: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -167,6 +180,7 @@ class SearchEngine:
         grid_shape: tuple[int, int] | None = None,
         hamming_bits: tuple[np.ndarray, np.ndarray] | None = None,
         hamming_tables: tuple[np.ndarray, np.ndarray] | None = None,
+        learned_embeddings: tuple[np.ndarray, np.ndarray] | None = None,
         normalization_pairs: int = 4096,
         seed: int = 0,
         segments: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
@@ -206,6 +220,15 @@ class SearchEngine:
         self._volume_of = {c: i for i, c in enumerate(names)}
         self._slices = self._slice_arrays(slice_indices, layout)
         self._types = {"normal": _CodeType(books[0]), "abnormal": _CodeType(books[1])}
+        if learned_embeddings is not None:
+            for t, emb in zip(CODE_TYPES, learned_embeddings, strict=True):
+                vec = check_codebook(emb, f"{t} retrieval embedding")
+                if vec.shape[0] != k:
+                    raise DataError(
+                        f"the {t} retrieval embedding has {vec.shape[0]} rows for {k} codes: it belongs to "
+                        "another model"
+                    )
+                self._types[t].learned = vec
         if hamming_bits is not None and hamming_tables is not None:
             raise ConfigError("give either hamming_bits or hamming_tables, not both")
         if hamming_bits is not None:
@@ -218,8 +241,8 @@ class SearchEngine:
         self._pairs = int(normalization_pairs)
         self._seed = int(seed)
         self._scales: dict[tuple[str, str], float] = {}
-        self._inv_norm: np.ndarray | None = None  # (2, N) float32 1/|z_r| (0 for all-zero latents)
-        self._inv_done: set[str] = set()
+        # (cosine distance, (2, N) float32 1/|z_r| (0 for all-zero latents), code types filled in)
+        self._norms: tuple[str, np.ndarray, set[str]] | None = None
         self._lock = threading.Lock()
         self._backend = make_backend(backend, layout, threads)
         self._prune = bool(prune)
@@ -330,6 +353,11 @@ class SearchEngine:
         return self._grid
 
     @property
+    def has_learned(self) -> bool:
+        """Whether the learned distance is available (the engine was given retrieval embeddings)."""
+        return self._types["normal"].learned is not None
+
+    @property
     def has_hamming(self) -> bool:
         """Whether Hamming tables were given."""
         return "hamming" in self._types["normal"].tables64
@@ -345,13 +373,14 @@ class SearchEngine:
         return self._backend.threads
 
     def memory_bytes(self) -> dict[str, int]:
-        """RAM the engine holds beyond the database arrays. ``rows`` grows with N: the angular norms (4 bytes
-        per slice per code type, once an angular search ran), copies of code arrays that were not
-        C-contiguous uint8/uint16, and the ``torch-offsets`` path's indices; ``volumes`` grows with the
-        number of cases (boundaries and names); ``tables`` is fixed (K x K tables built so far)."""
+        """RAM the engine holds beyond the database arrays. ``rows`` grows with N: the cosine norms (4 bytes
+        per slice per code type, once an angular or learned search ran; one distance's), copies of code
+        arrays that were not C-contiguous uint8/uint16, and the ``torch-offsets`` path's indices;
+        ``volumes`` grows with the number of cases (boundaries and names); ``tables`` is fixed (K x K tables
+        built so far)."""
         rows = self._layout.copied_bytes + self._backend.row_bytes()
-        if self._inv_norm is not None:
-            rows += self._inv_norm.nbytes
+        if self._norms is not None:
+            rows += self._norms[1].nbytes
         lay = self._layout
         volumes = lay.vol_start.nbytes + lay.vol_stop.nbytes + lay.tasks.nbytes
         volumes += sum(len(c.encode()) + 57 + 8 for c in self._names)  # str objects + list slots (CPython)
@@ -435,10 +464,20 @@ class SearchEngine:
                     "Hamming distance needs binarised codebooks: build the engine with hamming_bits "
                     "(from fdn_core.codes.binarize) or hamming_tables"
                 )
+            if distance == "learned" and ct.learned is None:
+                raise ConfigError(
+                    "the learned distance needs the model's retrieval embedding: open the search with a "
+                    "model bundle that has one (`fdn train-embedding`), or choose euclidean, angular or "
+                    "hamming"
+                )
             with self._lock:
                 if distance not in ct.tables64:
-                    maker = squared_euclidean_table if distance == "euclidean" else dot_table
-                    ct.tables64[distance] = maker(ct.codebook)
+                    if distance == "euclidean":
+                        ct.tables64[distance] = squared_euclidean_table(ct.codebook)
+                    else:
+                        vectors = ct.learned if distance == "learned" else ct.codebook
+                        assert vectors is not None
+                        ct.tables64[distance] = dot_table(vectors)
         return ct.tables64[distance]
 
     def _table32(self, t: str, distance: str) -> np.ndarray:
@@ -449,12 +488,20 @@ class SearchEngine:
                 ct.tables32.setdefault(distance, tab)
         return ct.tables32[distance]
 
-    def _inv_norms(self, types: tuple[str, ...]) -> np.ndarray:
-        """(len(types), N) float32 1/|z_r| of the given code types (a view of the engine's (2, N) array)."""
+    def _inv_norms(self, types: tuple[str, ...], distance: str = "angular") -> np.ndarray:
+        """(len(types), N) float32 1/|z_r| of the given code types under cosine ``distance`` (a view of the
+        engine's (2, N) array for that distance)."""
+        # One cosine distance's norms at a time (4 bytes per slice per code type): switching between angular
+        # and learned recomputes them (one plain scan, about one query's time) instead of holding both, so
+        # the engine stays within its RAM target (bench/bench_search.py).
+        with self._lock:
+            if self._norms is None or self._norms[0] != distance:
+                self._norms = (distance, np.zeros((2, self._n), np.float32), set())
+            _, inv, done = self._norms
         for t in types:
-            if t in self._inv_done:
+            if t in done:
                 continue
-            sq = np.diagonal(self._table32(t, "angular"))
+            sq = np.diagonal(self._table32(t, distance))
             lut = np.ascontiguousarray(np.broadcast_to(sq, (self._p, self._k)).reshape(1, -1))
             req = ScanRequest(
                 types=(t,),
@@ -471,17 +518,13 @@ class SearchEngine:
             norms = self._backend.run(req)[0][:, 0, 0]
             np.sqrt(np.maximum(norms, 0, out=norms), out=norms)
             with self._lock:
-                if self._inv_norm is None:
-                    self._inv_norm = np.zeros((2, self._n), np.float32)
-                if t not in self._inv_done:
-                    row = self._inv_norm[CODE_TYPES.index(t)]
-                    np.divide(np.float32(1.0), norms, out=row, where=norms > 0)
-                    self._inv_done.add(t)
-        assert self._inv_norm is not None
+                if t not in done:
+                    np.divide(np.float32(1.0), norms, out=inv[CODE_TYPES.index(t)], where=norms > 0)
+                    done.add(t)
         if len(types) == 2:
-            return self._inv_norm
+            return inv
         i = CODE_TYPES.index(types[0])
-        return self._inv_norm[i : i + 1]
+        return inv[i : i + 1]
 
     # ------------------------------------------------------------------ exact (float64) distances
     def _exact_term(self, t: str, distance: str, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -563,8 +606,8 @@ class SearchEngine:
                 luts[ti] = table[q[0]].reshape(-1)
             else:
                 luts[ti].reshape(p, k, lanes)[:, :, :b] = table[q].transpose(1, 2, 0)
-            if distance == "angular":
-                qn = np.sqrt(np.diagonal(self._table64(t, "angular"))[q].sum(axis=1))
+            if distance in _COSINE:
+                qn = np.sqrt(np.diagonal(self._table64(t, distance))[q].sum(axis=1))
                 inv = np.zeros_like(qn)
                 np.divide(1.0, qn, out=inv, where=qn > 0)
                 inv_q[ti, :b] = inv
@@ -583,7 +626,11 @@ class SearchEngine:
             n_queries=b,
             kind=_KIND[distance],
             inv_q=inv_q,
-            inv_r=self._inv_norms(types) if distance == "angular" else np.zeros((len(types), 0), np.float32),
+            inv_r=(
+                self._inv_norms(types, distance)
+                if distance in _COSINE
+                else np.zeros((len(types), 0), np.float32)
+            ),
             weight=weight,
             excluded=np.asarray(ex, dtype=np.int64).reshape(-1, 3),
             select=select,

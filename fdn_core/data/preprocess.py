@@ -17,6 +17,7 @@ module rely on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +34,7 @@ __all__ = [
     "PreprocessConfig",
     "SliceGeometry",
     "SliceStack",
+    "class_fractions",
     "slices_to_volume",
     "volume_to_slices",
     "zscore_volume",
@@ -239,3 +241,17 @@ def slices_to_volume(
     if back.ndim == 3:
         return np.ascontiguousarray(np.transpose(back, (1, 2, 0)))
     return np.ascontiguousarray(np.transpose(back, (1, 2, 3, 0)))
+
+
+def class_fractions(labels: np.ndarray, classes: Sequence[int], grid: tuple[int, int]) -> np.ndarray:
+    """(n, C*h*w) float64: per class of ``classes``, the fraction of each cell of the ``grid`` that label
+    slices ``labels`` (n, S, S) give that class (average pooling of the one-hot maps)."""
+    lab = torch.from_numpy(np.ascontiguousarray(labels))
+    out = np.empty((lab.shape[0], len(classes) * grid[0] * grid[1]), dtype=np.float64)
+    for lo in range(0, lab.shape[0], 256):
+        chunk = lab[lo : lo + 256]
+        onehot = torch.stack([(chunk == c) for c in classes], dim=1).double()
+        out[lo : lo + chunk.shape[0]] = (
+            F.adaptive_avg_pool2d(onehot, grid).reshape(chunk.shape[0], -1).numpy()
+        )
+    return out

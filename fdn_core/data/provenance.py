@@ -49,13 +49,17 @@ _CHUNK = 1 << 20
 
 def training_cohort_seeds(metadata: Mapping[str, Any]) -> list[int]:
     """The phantom seed(s) of a bundle's training cohort: ``train_cohort_seed``, or the seed in the copy of
-    ``cohort.json`` that FDN bundles exported before that key record under ``cohort``; [] when unknown."""
+    ``cohort.json`` that FDN bundles exported before that key record under ``cohort``, and the seed of the
+    cohort its retrieval embedding learned from (``retrieval_embedding.train_cohort_seed``); [] when
+    unknown."""
     recorded = metadata.get(TRAIN_COHORT_SEED_KEY)
     if recorded is None and isinstance(metadata.get("cohort"), Mapping):
         recorded = metadata["cohort"].get("seed")
-    if recorded is None:
-        return []
-    return [int(s) for s in (recorded if isinstance(recorded, list) else [recorded])]
+    seeds = [] if recorded is None else (recorded if isinstance(recorded, list) else [recorded])
+    embedding = metadata.get("retrieval_embedding")
+    if isinstance(embedding, Mapping) and embedding.get(TRAIN_COHORT_SEED_KEY) is not None:
+        seeds.append(embedding[TRAIN_COHORT_SEED_KEY])
+    return list(dict.fromkeys(int(s) for s in seeds))
 
 
 class ProvenanceWarning(UserWarning):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 
 from fdn_core.errors import ConfigError, DataError
+from fdn_core.labels import DISTANCE_LABELS
 
 if TYPE_CHECKING:
     from fdn_core.retrieval import Retriever
@@ -178,11 +179,11 @@ class RankingMethod(ABC):
 
 
 class FDNDistance(RankingMethod):
-    """The FDN's code search with one distance (D_E, D_A, D_H): the search engine's volume-wise top-k."""
+    """The FDN's code search with one distance (D_E, D_A, D_H, D_L): the search engine's volume-wise top-k."""
 
     kind: MethodKind = "fdn"
     per_similarity = True
-    _LABELS: ClassVar[dict[str, str]] = {"euclidean": "D_E", "angular": "D_A", "hamming": "D_H"}
+    _LABELS: ClassVar[dict[str, str]] = DISTANCE_LABELS
 
     def __init__(self, retriever: Retriever, distance: str) -> None:
         if distance not in self._LABELS:

@@ -76,7 +76,7 @@ from fdn_core.evaluation.ranking import (
     volume_wise_best,
 )
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
-from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES
+from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES, PAPER_DISTANCES
 
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
@@ -507,7 +507,7 @@ def evaluate_retrieval(
     data_dir: str | Path | None = None,
     queries: Sequence[str] | None = None,
     top: int = 10,
-    distances: Sequence[str] = DISTANCES,
+    distances: Sequence[str] | None = None,
     progress: Progress | None = None,
     batch_size: int | None = None,
     *,
@@ -525,7 +525,8 @@ def evaluate_retrieval(
     ``leave_one_out``: every database volume with a tumour is a query against all the other volumes (then
     ``data_dir`` is optional). Cases are looked up in ``data_dir`` first and otherwise at the source paths the
     database recorded. ``baselines`` (``BASELINES``) are evaluated beside the FDN ``distances`` on the same
-    queries and references, the random ones over ``draws`` draws seeded by ``seed``; ``methods`` adds other
+    queries and references, the random ones over ``draws`` draws seeded by ``seed``; ``distances`` default to
+    the paper's three and the learned one when the bundle has a retrieval embedding; ``methods`` adds other
     ranking methods (``fdn_core.evaluation.ranking``). ``workers`` threads load volumes ahead.
     ``level_tolerance``: the "level" relevance's largest relative axial distance (``RELEVANCES``).
     """
@@ -535,9 +536,16 @@ def evaluate_retrieval(
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise DataError(f"top must be a positive integer, got {top!r}")
+    if distances is None:
+        distances = DISTANCES if bundle.retrieval_embedding is not None else PAPER_DISTANCES
     unknown = [d for d in distances if d not in DISTANCES]
     if unknown or not distances:
         raise DataError(f"distances {list(distances)}: choose among {list(DISTANCES)}")
+    if "learned" in distances and bundle.retrieval_embedding is None:
+        raise DataError(
+            f"{bundle.path}: the learned distance needs the bundle's retrieval embedding, which it does not "
+            "have; add one with `fdn train-embedding` or leave the learned distance out"
+        )
     if leave_one_out and queries is not None:
         raise ConfigError("leave-one-out uses every database volume as a query: do not also give queries")
     if not isinstance(db, CodeDatabase):

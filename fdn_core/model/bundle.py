@@ -37,13 +37,14 @@ from fdn_core.config import config_from_dict, config_to_dict
 from fdn_core.data.preprocess import PreprocessConfig
 from fdn_core.device import autocast_for, select_device
 from fdn_core.errors import ConfigError, DataError, IntegrityError
-from fdn_core.fileio import atomic_dir, recover_dir, resolve_inside, sha256_file
+from fdn_core.fileio import atomic_dir, atomic_write_bytes, recover_dir, resolve_inside, sha256_file
 from fdn_core.model.fdn import FDN, FDNConfig
 from fdn_core.progress import Progress
 
 __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
+    "EMBEDDING_NAME",
     "FINGERPRINT_VERSION",
     "MANIFEST_NAME",
     "TINY_MODEL",
@@ -54,6 +55,7 @@ __all__ = [
     "load_bundle",
     "model_fingerprint",
     "save_bundle",
+    "save_retrieval_embedding",
     "save_untrained_bundle",
     "weights_fingerprint",
 ]
@@ -64,6 +66,9 @@ BUNDLE_FORMAT = "fdn-inference-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Optional: the retrieval embedding of the codes (tensors "normal" and "abnormal", (K, M) float32) behind
+#: the learned distance D_L (``fdn_core.codes.search``), written by ``fdn train-embedding``.
+EMBEDDING_NAME = "retrieval_embedding.safetensors"
 _EXCLUDED_PREFIX = "critic."
 #: Version of the fingerprint ``save_bundle`` records (see the module docstring).
 FINGERPRINT_VERSION = 2
@@ -243,6 +248,8 @@ class InferenceBundle:
         self.device = device
         self.path = path
         self.manifest = manifest
+        #: (normal, abnormal) float64 (K, M) retrieval embedding (the learned distance), or None
+        self.retrieval_embedding: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -519,15 +526,70 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
             "weights; re-export the bundle (fdn export) so that changed weights are detected",
             folder,
         )
+    embedding = _load_embedding(paths[EMBEDDING_NAME], config.num_codes) if EMBEDDING_NAME in paths else None
     dev = device if isinstance(device, torch.device) else select_device(device)
     model = model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     _freeze(model)
-    return InferenceBundle(
+    bundle = InferenceBundle(
         model, config, preprocess, fingerprint, dev, folder, manifest, doc.fingerprint_version
     )
+    bundle.retrieval_embedding = embedding
+    return bundle
+
+
+def _load_embedding(path: Path, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(normal, abnormal) float64 (K, M) retrieval embedding from ``path``, checked against K codes."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise IntegrityError(f"{path}: cannot be read as safetensors ({exc}); {_FIX}") from exc
+    if set(arrays) != {"normal", "abnormal"}:
+        raise IntegrityError(
+            f"{path}: expected tensors 'normal' and 'abnormal', got {sorted(arrays)}; {_FIX}"
+        )
+    out = []
+    for which in ("normal", "abnormal"):
+        a = arrays[which]
+        if a.ndim != 2 or a.shape[0] != num_codes or a.shape[1] < 1 or not np.isfinite(a).all():
+            raise IntegrityError(
+                f"{path}: {which} embedding has shape {a.shape}, expected finite ({num_codes}, M); {_FIX}"
+            )
+        out.append(a.astype(np.float64))
+    return out[0], out[1]
+
+
+def save_retrieval_embedding(
+    bundle_dir: str | Path, normal: np.ndarray, abnormal: np.ndarray, info: dict[str, Any]
+) -> Path:
+    """Add (or replace) the retrieval embedding of the bundle in ``bundle_dir``: the file, then its entry
+    and ``info`` (``metadata["retrieval_embedding"]``) in ``bundle.json``, each written to a temporary file
+    and renamed (a crash leaves the previous bundle; an unlisted file is ignored). The fingerprint is
+    unchanged: the embedding ranks codes, it does not make them. Returns the file's path."""
+    from safetensors.numpy import save
+
+    folder, manifest = _read_manifest(Path(bundle_dir))
+    _check_manifest(folder, manifest)
+    k = int(manifest["model"]["num_codes"])
+    arrays = {
+        w: np.ascontiguousarray(a, dtype=np.float32) for w, a in (("normal", normal), ("abnormal", abnormal))
+    }
+    for w, a in arrays.items():
+        if a.ndim != 2 or a.shape[0] != k or not np.isfinite(a).all():
+            raise DataError(f"{w} retrieval embedding has shape {a.shape}; expected finite ({k}, M)")
+    path = folder / EMBEDDING_NAME
+    data = save(arrays, metadata={"format": BUNDLE_FORMAT})
+    atomic_write_bytes(path, data)
+    manifest["files"][EMBEDDING_NAME] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest.setdefault("metadata", {})["retrieval_embedding"] = info
+    manifest["manifest_sha256"] = hashlib.sha256(_canonical_json(manifest)).hexdigest()
+    atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    return path
 
 
 def _freeze(model: nn.Module) -> None:

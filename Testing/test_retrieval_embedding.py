@@ -1,0 +1,120 @@
+"""The learned distance D_L: ``fdn train-embedding`` adds a retrieval embedding to a bundle, the search ranks
+by the cosine of the embedded code grids, and the evaluation includes it only when the bundle has one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fdn_core.cli import main
+from fdn_core.errors import DataError, IntegrityError
+from fdn_core.model.bundle import EMBEDDING_NAME, load_bundle
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, tiny_cohort: Path) -> Path:
+    """A copy of the tiny bundle with a retrieval embedding learned on the tiny cohort (few steps)."""
+    return train_embedding(tiny_bundle, tmp_path_factory.mktemp("emb") / "bundle", tiny_cohort)
+
+
+def train_embedding(bundle: Path, out: Path, cohort: Path) -> Path:
+    """``fdn train-embedding`` on a copy ``out`` of ``bundle``: 4-vectors, 40 steps of small batches (the
+    tiny cohort has 6 cases of 40 slices)."""
+    shutil.copytree(bundle, out)
+    argv = ["train-embedding", "--model", str(out), "--data", str(cohort), "--dim", "4", "--steps", "40"]
+    argv += ["--queries", "16", "--references", "64", "--threads", "1", "--workers", "1"]
+    assert main([*argv, "--device", "cpu", "--no-progress"]) == 0
+    return out
+
+
+def test_train_embedding_adds_a_verified_embedding_and_keeps_the_fingerprint(
+    embedded: Path, tiny_bundle: Path
+) -> None:
+    plain, bundle = load_bundle(tiny_bundle, device="cpu"), load_bundle(embedded, device="cpu")
+    assert plain.retrieval_embedding is None
+    assert bundle.fingerprint == plain.fingerprint  # databases built with the bundle stay valid
+    assert bundle.retrieval_embedding is not None
+    k = bundle.config.num_codes
+    assert [e.shape for e in bundle.retrieval_embedding] == [(k, 4), (k, 4)]
+    info = bundle.metadata["retrieval_embedding"]
+    for t in ("normal", "abnormal"):  # the phantoms have anatomy labels: both terms learned
+        assert info[t]["source"] == "learned" and info[t]["steps"] == 40
+        assert set(info[t]["holdout_ratio"]) == {"learned", "codebook_cosine"}
+    # seeded: the same command gives the same embedding
+    again = train_embedding(tiny_bundle, embedded.parent / "again", Path(info["train_data"]))
+    second = load_bundle(again, device="cpu").retrieval_embedding
+    assert second is not None
+    for a, b in zip(bundle.retrieval_embedding, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_embedding_is_refused(embedded: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(embedded, copy)
+    data = bytearray((copy / EMBEDDING_NAME).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / EMBEDDING_NAME).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=EMBEDDING_NAME):
+        load_bundle(copy, device="cpu")
+
+
+def test_learned_search_is_the_cosine_of_the_embedded_grids(
+    embedded: Path, tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    from fdn_core.evaluation.retrieval_eval import evaluate_retrieval
+    from fdn_core.retrieval import Retriever, index_cohort
+
+    bundle = load_bundle(embedded, device="cpu")
+    db = index_cohort(bundle, tiny_cohort, tmp_path / "db")
+    retriever = Retriever(db, bundle)
+    assert retriever.distances[-1] == "learned"
+    case = db.cases[0]
+    query = retriever.slice_from_database(case, 20)
+    hits = retriever.search(query, mode="abnormal", distance="learned", top=50, slice_wise=True)
+    assert hits and all(h.case_id != case for h in hits)
+    assert bundle.retrieval_embedding is not None
+    emb = bundle.retrieval_embedding[1]
+    codes = np.asarray(db.abnormal_codes).astype(np.int64)
+
+    def unit(grid: np.ndarray) -> np.ndarray:
+        v = emb[grid].reshape(-1)
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+
+    q = unit(query.abnormal.reshape(-1))
+    want = np.array([1.0 - unit(codes[h.row]) @ q for h in hits])
+    np.testing.assert_allclose([h.distance for h in hits], want, rtol=1e-9, atol=1e-9)
+    assert all(a <= b + 1e-6 for a, b in itertools.pairwise([h.distance for h in hits]))
+
+    # The evaluation includes D_L when the bundle has it, and refuses it when the bundle has none.
+    result = evaluate_retrieval(bundle, db, leave_one_out=True, top=2, baselines=[], workers=1)
+    assert "learned" in result.summary()
+    plain = load_bundle(tiny_bundle, device="cpu")
+    without = evaluate_retrieval(plain, db, leave_one_out=True, top=2, baselines=[], workers=1)
+    assert "learned" not in without.summary()
+    with pytest.raises(DataError, match="train-embedding"):
+        evaluate_retrieval(plain, db, leave_one_out=True, top=2, distances=["learned"], workers=1)
+    manifest = json.loads((embedded / "bundle.json").read_text())
+    assert EMBEDDING_NAME in manifest["files"]
+
+
+def test_without_anatomy_labels_the_normal_embedding_is_the_codebook(
+    tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """A BraTS-like cohort (tumour labels, no anatomy): D_L's normal term is D_A's."""
+    cohort = tmp_path / "brats"
+    shutil.copytree(tiny_cohort, cohort)
+    for anat in cohort.rglob("*_anat.nii.gz"):
+        anat.unlink()
+    out = train_embedding(tiny_bundle, tmp_path / "bundle", cohort)
+    bundle = load_bundle(out, device="cpu")
+    assert bundle.retrieval_embedding is not None
+    normal_book = bundle.codebooks()[0]
+    np.testing.assert_array_equal(bundle.retrieval_embedding[0], normal_book.astype(np.float64))
+    info = bundle.metadata["retrieval_embedding"]
+    assert info["normal"]["source"].startswith("codebook") and info["abnormal"]["source"] == "learned"
