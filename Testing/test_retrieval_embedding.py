@@ -118,3 +118,19 @@ def test_without_anatomy_labels_the_normal_embedding_is_the_codebook(
     np.testing.assert_array_equal(bundle.retrieval_embedding[0], normal_book.astype(np.float64))
     info = bundle.metadata["retrieval_embedding"]
     assert info["normal"]["source"].startswith("codebook") and info["abnormal"]["source"] == "learned"
+
+
+def test_a_read_only_bundle_is_refused_before_encoding(
+    tiny_bundle: Path, tiny_cohort: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bundle folder the user may not write to (an installed package) is refused before any encoding."""
+    import fdn_training.embedding as embedding
+
+    def collect(*_: object, **__: object) -> None:
+        raise AssertionError("encoded before checking the bundle folder")
+
+    monkeypatch.setattr(embedding.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(embedding, "collect_cells", collect)
+    argv = ["train-embedding", "--model", str(tiny_bundle), "--data", str(tiny_cohort), "--no-progress"]
+    assert main(argv) == 2
+    assert "not writable; copy it" in capsys.readouterr().err

@@ -21,6 +21,7 @@ Registered through the entry-point group ``fdn.commands`` (``training/pyproject.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +293,10 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise ConfigError(f"--data {data}: no such folder")
+    if not os.access(bundle.path, os.W_OK):  # checked before minutes of encoding, not after
+        raise ConfigError(
+            f"--model {bundle.path}: the bundle folder is not writable; copy it (cp -r) and give the copy"
+        )
     progress = tqdm_progress(disable=args.no_progress)
     t0 = time.perf_counter()
     cells = collect_cells(bundle, data, args.workers, progress)
