@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fdn_core.data.readers import find_cases, load_case, write_brats_case
-from fdn_core.labels import MODALITIES
+from fdn_core.labels import DISTANCES, MODALITIES
 from fdn_core.progress import Cancelled
 from FDNRetrievalLib import deps, naming, scenario, tasks, views
 from FDNRetrievalLib import scene as sc
@@ -335,6 +335,9 @@ def test_module_files_are_valid() -> None:
     }
     declared = {d for d in declared if d.isidentifier()}
     assert bound == declared, f"ui binds {sorted(bound)}, dataclass declares {sorted(declared)}"
+    # The panel offers every distance of the vocabulary (the module file cannot import it at class level).
+    line = next(x for x in body.splitlines() if x.strip().startswith("distance:"))
+    assert ast.literal_eval(line.split("Choice(")[1].split(")]")[0]) == list(DISTANCES)
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     # The browser viewer lives beside the module but is its own distribution, never in the extension.
     assert "FDNRetrievalWeb" not in cmake

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fdn_core.labels import MODALITIES
+from fdn_core.labels import DISTANCES, MODALITIES, PAPER_DISTANCES
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import tasks
 from FDNRetrievalLib import views as lib_views
@@ -51,7 +51,6 @@ POLL_S = 0.1
 #: Result views made ahead of the first search (the default top-K), so that search does not wait for them.
 PREPARED_RESULTS = 10
 _MESSAGE_LIMIT = 5
-_DISTANCES = ("euclidean", "angular", "hamming", "learned")
 
 
 @dataclass
@@ -138,7 +137,7 @@ class FDNWebApp:
                 "fdn_normal_opacity": 0.0,
                 "fdn_mode": "both",
                 "fdn_distance": "euclidean",
-                "fdn_distances": [d for d in _DISTANCES if d != "learned"],
+                "fdn_distances": list(PAPER_DISTANCES),
                 "fdn_top_k": 10,
                 "fdn_volume_wise": True,
                 "fdn_composite": False,
@@ -295,7 +294,7 @@ class FDNWebApp:
             )
             self.state.fdn_studies = self.catalogue.items()
             # the learned distance only when the model has a retrieval embedding
-            self.state.fdn_distances = [d for d in _DISTANCES if d != "learned" or self.engine.has_learned]
+            self.state.fdn_distances = list(DISTANCES if self.engine.has_learned else PAPER_DISTANCES)
             for problem in self.catalogue.problems[:3]:
                 self._message("warning", problem)
             if self.resources.bundle.device.type == "cpu":
