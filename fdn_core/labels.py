@@ -34,6 +34,7 @@ __all__ = [
     "CodeType",
     "Distance",
     "Mode",
+    "available_distances",
     "normalize_mode",
 ]
 
@@ -133,6 +134,13 @@ PAPER_DISTANCES: Final[tuple[Distance, ...]] = ("euclidean", "angular", "hamming
 #: Every distance the search offers: the paper's and D_L, the cosine of a retrieval embedding of the codes
 #: learned for Dice (needs a model bundle that has one; ``fdn_core.codes.search``).
 DISTANCES: Final[tuple[Distance, ...]] = (*PAPER_DISTANCES, "learned")
+
+
+def available_distances(learned: bool) -> tuple[Distance, ...]:
+    """The distances a search offers: the paper's, and the learned one when its embedding is there."""
+    return DISTANCES if learned else PAPER_DISTANCES
+
+
 #: Short names of the distances in tables and reports.
 DISTANCE_LABELS: Final[dict[str, str]] = {
     "euclidean": "D_E",

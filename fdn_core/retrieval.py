@@ -31,7 +31,7 @@ from fdn_core.data.provenance import case_fingerprint
 from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case, parallel_map
 from fdn_core.errors import DataError
 from fdn_core.fileio import describe_os_error, resolve_inside
-from fdn_core.labels import DISTANCES, PAPER_DISTANCES, normalize_mode
+from fdn_core.labels import DISTANCES, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
 from fdn_core.progress import Cancelled, Progress
 
@@ -711,7 +711,7 @@ class Retriever:
     def distances(self) -> tuple[str, ...]:
         """The distances this retriever offers: the paper's, and the learned one when the bundle has a
         retrieval embedding."""
-        return DISTANCES if self.engine.has_learned else PAPER_DISTANCES
+        return self.engine.offered_distances
 
     def _learned(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The bundle's retrieval embedding (the learned distance), if it has one."""

@@ -367,7 +367,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     q = int(np.argmax(area)) if area.any() else z // 2
     n_other = len(files) - 1
     results = {}
-    for distance in ("euclidean", "angular", "hamming", *(("learned",) if engine.has_learned else ())):
+    for distance in engine.offered_distances:
         for volume_wise in (True, False):
             settings = wf.SearchSettings(
                 query_slice=q,

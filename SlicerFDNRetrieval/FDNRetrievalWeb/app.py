@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fdn_core.labels import DISTANCES, MODALITIES, PAPER_DISTANCES
+from fdn_core.labels import MODALITIES, PAPER_DISTANCES
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import tasks
 from FDNRetrievalLib import views as lib_views
@@ -294,7 +294,7 @@ class FDNWebApp:
             )
             self.state.fdn_studies = self.catalogue.items()
             # the learned distance only when the model has a retrieval embedding
-            self.state.fdn_distances = list(DISTANCES if self.engine.has_learned else PAPER_DISTANCES)
+            self.state.fdn_distances = list(self.engine.offered_distances)
             for problem in self.catalogue.problems[:3]:
                 self._message("warning", problem)
             if self.resources.bundle.device.type == "cpu":

@@ -76,7 +76,7 @@ from fdn_core.codes.scan import (
 )
 from fdn_core.codes.tables import check_codebook, dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.labels import CODE_TYPES, DISTANCES, MODES
+from fdn_core.labels import CODE_TYPES, DISTANCES, MODES, available_distances
 
 __all__ = ["Hit", "Query", "SearchEngine"]
 
@@ -95,7 +95,7 @@ _KIND = {
     "learned": KIND_ANGULAR,
 }
 #: Distances that are cosines (per-row norms from the diagonal of their dot table).
-_COSINE = ("angular", "learned")
+_COSINE = tuple(d for d, kind in _KIND.items() if kind == KIND_ANGULAR)
 #: Slice-wise searches up to this many results keep each task's top rows in the kernel; larger ones take
 #: every distance (N x block float32) and select afterwards.
 _TOP_IN_KERNEL = 256
@@ -356,6 +356,11 @@ class SearchEngine:
     def has_learned(self) -> bool:
         """Whether the learned distance is available (the engine was given retrieval embeddings)."""
         return self._types["normal"].learned is not None
+
+    @property
+    def offered_distances(self) -> tuple[str, ...]:
+        """The distances this engine offers (the learned one only with retrieval embeddings)."""
+        return available_distances(self.has_learned)
 
     @property
     def has_hamming(self) -> bool:

@@ -76,7 +76,7 @@ from fdn_core.evaluation.ranking import (
     volume_wise_best,
 )
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
-from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES, PAPER_DISTANCES
+from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES, available_distances
 
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
@@ -537,7 +537,7 @@ def evaluate_retrieval(
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise DataError(f"top must be a positive integer, got {top!r}")
     if distances is None:
-        distances = DISTANCES if bundle.retrieval_embedding is not None else PAPER_DISTANCES
+        distances = available_distances(bundle.retrieval_embedding is not None)
     unknown = [d for d in distances if d not in DISTANCES]
     if unknown or not distances:
         raise DataError(f"distances {list(distances)}: choose among {list(DISTANCES)}")

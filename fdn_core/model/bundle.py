@@ -239,6 +239,7 @@ class InferenceBundle:
         path: Path,
         manifest: dict[str, Any],
         fingerprint_version: int = FINGERPRINT_VERSION,
+        retrieval_embedding: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.model = model
         self.fingerprint_version = fingerprint_version
@@ -249,7 +250,7 @@ class InferenceBundle:
         self.path = path
         self.manifest = manifest
         #: (normal, abnormal) float64 (K, M) retrieval embedding (the learned distance), or None
-        self.retrieval_embedding: tuple[np.ndarray, np.ndarray] | None = None
+        self.retrieval_embedding = retrieval_embedding
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -533,11 +534,9 @@ def load_bundle(path: str | Path, device: str | torch.device | None = "auto") ->
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     _freeze(model)
-    bundle = InferenceBundle(
-        model, config, preprocess, fingerprint, dev, folder, manifest, doc.fingerprint_version
+    return InferenceBundle(
+        model, config, preprocess, fingerprint, dev, folder, manifest, doc.fingerprint_version, embedding
     )
-    bundle.retrieval_embedding = embedding
-    return bundle
 
 
 def _load_embedding(path: Path, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
