@@ -137,6 +137,7 @@ class SlicerFDNRetrievalParameterNode:
     distance: Annotated[str, Choice(["euclidean", "angular", "hamming", "learned"])] = "euclidean"
     topK: Annotated[int, WithinRange(1, 20)] = 10
     volumeWise: bool = True
+    axialContext: bool = False
     useCompositeQuery: bool = False
     abnormalSlice: Annotated[int, Minimum(0)] = 0
     displaySequence: Annotated[str, Choice(["flair", "t1ce", "t2", "t1"])] = "flair"
@@ -691,6 +692,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 topK=pn.topK,
                 volumeWise=pn.volumeWise,
                 abnormalSlice=pn.abnormalSlice if pn.useCompositeQuery else None,
+                axialContext=pn.axialContext,
             )
             self._startTask("search the database", self.logic.searchTask(settings), self._onSearched)
 
@@ -1066,7 +1068,13 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def searchSettings(
-        querySlice: int, mode: str, distance: str, topK: int, volumeWise: bool, abnormalSlice: Any
+        querySlice: int,
+        mode: str,
+        distance: str,
+        topK: int,
+        volumeWise: bool,
+        abnormalSlice: Any,
+        axialContext: bool = False,
     ) -> Any:
         """The panel's search settings as the library's ``SearchSettings``."""
         from FDNRetrievalLib import workflow
@@ -1078,6 +1086,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             top_k=int(topK),
             volume_wise=bool(volumeWise),
             abnormal_slice=None if abnormalSlice is None else int(abnormalSlice),
+            axial_context=bool(axialContext),
         )
 
     def searchTask(self, settings: Any) -> Any:

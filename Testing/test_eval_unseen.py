@@ -209,3 +209,24 @@ def test_trained_baselines_joint_table_figures_and_explanations(
     )
     assert script.main(_argv(tiny_bundle, out, "--embeddings", str(seen))) == 2
     assert "training cohort of the SimSiam bundle" in capsys.readouterr().err
+
+
+def test_verdict_ties_go_to_the_method_listed_first() -> None:
+    """A distance and its axial-context variant that rank alike (S_abnormal: the context changes only the
+    normal term) are reported under the plain distance."""
+    from fdn_core.report.comparison import verdict_lines
+
+    def cell(r: float) -> dict:
+        return {"ratio_to_oracle": r}
+
+    summary = {
+        "learned": {"S_abnormal": cell(0.7), "S_normal": cell(0.9)},
+        "learned+context": {"S_abnormal": cell(0.7), "S_normal": cell(0.92)},
+        "ynet": {"S_abnormal": cell(0.3), "S_normal": cell(0.6)},
+    }
+    labels = {"learned": "D_L", "learned+context": "D_L + axial context", "ynet": "Y-Net"}
+    lines = verdict_lines({"seed 1": summary}, ["learned", "learned+context"], ["ynet"], labels)
+    assert any(line.startswith("S_abnormal: seed 1: FDN wins (D_L 0.70") for line in lines), lines
+    assert any(line.startswith("S_normal: seed 1: FDN wins (D_L + axial context 0.92") for line in lines), (
+        lines
+    )

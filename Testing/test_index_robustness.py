@@ -241,6 +241,11 @@ def test_an_external_study_named_like_a_database_case_is_not_excluded(cohort: di
     # The database case itself, given by its folder: excluded too (by its recorded files).
     q3 = retriever.slice_from_case(load_case(case_files_from_paths([cohort["data"] / refs[2]])), k)
     assert q3.database_case == refs[2]
+    # Its axial context, encoded from the volume, is the stored one: the same search with context.
+    stored = retriever.slice_from_database(refs[2], k)
+    assert q3.normal_context is not None and stored.normal_context is not None
+    np.testing.assert_array_equal(q3.normal_context, stored.normal_context)
+    assert retriever.search(q3, top=3, context=True) == retriever.search(stored, top=3, context=True)
 
 
 def test_adding_a_namesake_is_refused_and_a_renamed_copy_is_indexed_already(

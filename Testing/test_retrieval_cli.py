@@ -189,6 +189,23 @@ def test_query_database_case_excludes_its_volume_and_writes_a_montage(
     assert len(rows) == 25 and case not in {r[1] for r in rows}
     assert len({r[1] for r in rows}) < 25
 
+    # Axial context: the search the library makes with the query's neighbouring slices.
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import Retriever
+
+    rc, out, err = _run(
+        capsys, "query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--case", case,
+        "--slice", str(k), "--mode", "sum", "--distance", "angular", "--context", "--json", str(js),
+        "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "volume-wise, axial context top 10" in out and json.loads(js.read_text())["axial_context"] is True
+    retriever = Retriever.open(setup["db"], load_bundle(setup["bundle"], "cpu"))
+    want = retriever.search(
+        retriever.slice_from_database(case, k), mode="sum", distance="angular", context=True
+    )
+    assert [(r[1], r[2]) for r in _table_rows(out)] == [(h.case_id, h.slice_index) for h in want]
+
 
 def test_query_new_case_as_folder_or_files(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
     case = setup["held_out"][0]
@@ -380,7 +397,12 @@ def test_eval_retrieval_cli_table2_protocol(setup: dict, capsys: pytest.CaptureF
     assert any(setup["held_out"][1] in n and "skipped" in n for n in result["notes"])
     summary = result["summary"]
     baselines = {"random", "level_prior", "pooled_pixels"}
-    assert set(summary) == {"euclidean", "angular", "hamming", "oracle"} | baselines
+    paper = {"euclidean", "angular", "hamming"}
+    context = {f"{d}+context" for d in paper}  # each distance also with the query's axial context
+    assert set(summary) == paper | context | {"oracle"} | baselines
+    assert {result["methods"][m]["kind"] for m in context} == {"fdn"}
+    assert result["methods"]["euclidean+context"]["label"] == "D_E + axial context"
+    assert result["settings"]["axial_context"] == [[-6, 0.25], [-3, 0.5], [0, 1.0], [3, 0.5], [6, 0.25]]
     assert {m: result["methods"][m]["kind"] for m in baselines} == dict.fromkeys(baselines, "baseline")
     assert set(result["margins"]) == {"S_normal", "S_abnormal", "S_sum", "S_sum_normalized"}
     assert "FDN against the best trivial baseline" in out
@@ -436,12 +458,19 @@ def test_eval_retrieval_with_a_database_query_excludes_its_own_volume(setup: dic
     for cols in result.retrieved.values():
         for col, per_query in cols.items():
             assert len(per_query[0]) == 3 and query not in {c for c, _ in per_query[0]}, col
-    assert set(result.scores) == {"angular", "oracle", "random", "level_prior", "pooled_pixels"}
+    assert set(result.scores) == {
+        "angular",
+        "angular+context",
+        "oracle",
+        "random",
+        "level_prior",
+        "pooled_pixels",
+    }
     assert "mAP@3" in markdown_report(result)
     only_fdn = evaluate_retrieval(
         bundle, setup["db"], setup["cohort"], queries=[query], top=3, distances=["angular"], baselines=[]
     )
-    assert set(only_fdn.scores) == {"angular", "oracle"} and only_fdn.margins() == {}
+    assert set(only_fdn.scores) == {"angular", "angular+context", "oracle"} and only_fdn.margins() == {}
 
     other = load_bundle(setup["other"], "cpu")
     with pytest.raises(ModelMismatchError):
@@ -511,7 +540,8 @@ def test_eval_retrieval_warns_when_cases_overlap_training(
     out_dir = setup["work"] / "eval_overlap"
     rc, _, err = _run(
         capsys, "eval-retrieval", "--db", str(setup["db"]), "--model", str(bundle), "--out", str(out_dir),
-        "--leave-one-out", "--top", "2", "--draws", "2", "--baselines", "--device", "cpu", "--no-progress",
+        "--leave-one-out", "--top", "2", "--draws", "2", "--baselines", "--no-context", "--device", "cpu",
+        "--no-progress",
     )  # fmt: skip
     assert rc == 0, err
     assert "WARNING: fdn eval-retrieval: 2 of" in err and "BY NAME ONLY" in err
@@ -538,7 +568,7 @@ def test_other_embedding_methods_plug_into_the_same_table(setup: dict) -> None:
     bundle = load_bundle(setup["bundle"], "cpu")
     result = evaluate_retrieval(
         bundle, setup["db"], leave_one_out=True, top=2, distances=["euclidean"], baselines=["pooled_pixels"],
-        methods=[MeanIntensity()],
+        methods=[MeanIntensity()], context=False,
     )  # fmt: skip
     assert list(result.scores) == ["euclidean", "pooled_pixels", "mean_intensity", "oracle"]
     assert result.info("mean_intensity").kind == "embedding"

@@ -402,6 +402,11 @@ def _check_engine(setup: dict, eng: SearchEngine) -> None:
                 assert hits == eng.search(q, distance=distance, mode=mode, top=7, per=per)
                 for h in hits:
                     assert h.case_id == ids[h.row] and h.slice_index == setup["slice_indices"][h.row]
+        if mode != "abnormal":  # axial context: one pass of a batch of the context's grids
+            for r in (0, 21, 47):
+                d = _context_brute(setup, r, distance, mode)
+                hits = eng.search(eng.query_from_rows(r), distance=distance, mode=mode, top=5, context=True)
+                assert_same_ranking(hits, d, brute_force_ranking(d, ids, {ids[r]}, "volume"), 5)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
@@ -658,3 +663,120 @@ def test_learned_distance_needs_an_embedding_of_the_codebook_size(setup: dict) -
     assert not np.allclose(a, b)
     assert eng.memory_bytes()["rows"] == held  # one cosine distance's norms at a time
     assert np.array_equal(eng.distances(q, "angular", "sum"), a)
+
+
+def _context_brute(s: dict, row: int, distance: str, mode: str) -> np.ndarray:
+    """Reference of a search with axial context from database ``row``: the normal term summed over
+    ``AXIAL_CONTEXT`` with query and reference rows shifted within their own volumes (clamped)."""
+    from fdn_core.labels import AXIAL_CONTEXT
+
+    eng: SearchEngine = s["engine"]
+    ids = s["case_ids"]
+    n = len(ids)
+    first = {c: int(np.flatnonzero(ids == c)[0]) for c in dict.fromkeys(ids)}
+    last = {c: int(np.flatnonzero(ids == c)[-1]) for c in dict.fromkeys(ids)}
+
+    def shifted(r: int, o: int) -> int:
+        return min(max(r + o, first[ids[r]]), last[ids[r]])
+
+    normal = np.zeros(n)
+    for o, w in AXIAL_CONTEXT:
+        q = s["normal"][shifted(row, o)]
+        refs = np.asarray([shifted(r, o) for r in range(n)])
+        d = brute_force_distances(
+            q,
+            None,
+            s["normal"][refs],
+            s["abnormal"],
+            s["books"],
+            s["bits"],
+            distance,
+            "normal",
+            learned=s["learned"],
+        )
+        normal += w * d
+    if mode == "normal":
+        return normal
+    abnormal = _brute(s, None, s["abnormal"][row], distance, "abnormal")
+    if mode == "sum":
+        return normal + abnormal
+    weight = sum(w for _, w in AXIAL_CONTEXT)
+    return normal / (eng.scale(distance, "normal") * weight) + abnormal / eng.scale(distance, "abnormal")
+
+
+@pytest.mark.parametrize(
+    ("distance", "mode", "per"), list(itertools.product(DISTANCES, MODES, ("slice", "volume")))
+)
+def test_axial_context_matches_brute_force(setup: dict, distance: str, mode: str, per: str) -> None:
+    eng: SearchEngine = setup["engine"]
+    ids = setup["case_ids"]
+    for row in (0, 5, 21, 40, 47):  # first, inner and last slices of volumes (clamped context)
+        query = eng.query_from_rows(row)
+        d = (
+            _context_brute(setup, row, distance, mode)
+            if mode != "abnormal"
+            else _brute(setup, None, setup["abnormal"][row], distance, mode)
+        )
+        expected = brute_force_ranking(d, ids, {ids[row]}, per)
+        for top in (1, 4, 100):
+            hits = eng.search(query, distance=distance, mode=mode, top=top, per=per, context=True)
+            assert_same_ranking(hits, d, expected, top)
+            assert all(h.case_id != ids[row] for h in hits)
+
+
+def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
+    from fdn_core.labels import AXIAL_CONTEXT, context_slices
+
+    eng: SearchEngine = setup["engine"]
+    # row 9 is the first slice of a 4-slice volume (rows 9..12): offsets clamp to rows 9..12
+    q = eng.query_from_rows(10)
+    assert q.normal_context is not None and q.normal_context.shape == (len(AXIAL_CONTEXT), P)
+    want = [min(max(10 + o, 9), 12) for o, _ in AXIAL_CONTEXT]
+    np.testing.assert_array_equal(q.normal_context, setup["normal"][want])
+    assert context_slices(1, 4) == [w - 9 for w in want]  # the same offsets on a volume's slice indices
+    # without context the search is the one-slice search
+    plain = eng.search(q, distance="euclidean", mode="normal", top=3)
+    bare = Query(normal=q.normal, abnormal=q.abnormal, exclude_cases=q.exclude_cases)
+    assert plain == eng.search(bare, distance="euclidean", mode="normal", top=3)
+    with pytest.raises(DataError, match="neighbouring slices"):
+        eng.search(bare, distance="euclidean", mode="normal", context=True)
+    assert eng.search(bare, mode="abnormal", context=True) == eng.search(bare, mode="abnormal")
+    wrong = Query(normal=q.normal, abnormal=q.abnormal, normal_context=q.normal_context[:3])
+    with pytest.raises(DataError, match="must hold 5 code grids"):
+        eng.search(wrong, mode="normal", context=True)
+    bad = Query(normal=q.normal, abnormal=q.abnormal, normal_context=np.full((5, P), K))
+    with pytest.raises(DataError, match="must lie in"):
+        eng.search(bad, mode="normal", context=True)
+    # the batched call gives each query its own context
+    queries = [eng.query_from_rows(r) for r in (0, 21, 40)]
+    many = eng.search_many(queries, distance="angular", mode="sum", top=4, context=True)
+    assert many == [eng.search(x, distance="angular", mode="sum", top=4, context=True) for x in queries]
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_numba_pool_starts_passive_and_leaves_the_environment_as_it_was(policy: str | None) -> None:
+    """The scan's OpenMP pool is started with the passive wait policy only when the user set none, and the
+    variable is restored at once (torch's own OpenMP copy, loaded later, must not see it)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    code = (
+        "import os\n"
+        "seen = {}\n"
+        "import numba\n"
+        "real = numba.get_num_threads\n"
+        "def spy():\n"
+        "    seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
+        "    return real()\n"
+        "numba.get_num_threads = spy\n"
+        "from fdn_core.codes.scan import numba_status\n"
+        "assert numba_status()[0] is not None\n"
+        "print(seen['policy'], os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == (["PASSIVE", "None"] if policy is None else [policy, policy])

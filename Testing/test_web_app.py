@@ -380,6 +380,29 @@ def test_composite_abnormal_query_searches(page: Any) -> None:
     page.click("#fdn-mode-both")
 
 
+def test_axial_context_searches(page: Any) -> None:
+    """The axial-context box reaches the search: results come, no error, and they differ from the plain
+    search's distances (the normal term then spans the neighbouring slices)."""
+    _wait_state(page, "s.get('fdn_composite') === false && s.get('fdn_mode') === 'both'")
+    page.click("#fdn-search")
+    _wait_state(page, f"s.get('fdn_hits').length === {TOP_K} && !s.get('fdn_busy')", timeout_s=60)
+    plain = json.dumps([h["distance"] for h in _state(page, "fdn_hits")], separators=(",", ":"))
+    last_id = max((m["id"] for m in _state(page, "fdn_messages")), default=0)
+    page.click("#fdn-axial-context")
+    _wait_state(page, "s.get('fdn_axial_context') === true")
+    page.click("#fdn-search")
+    _wait_state(
+        page,
+        f"s.get('fdn_hits').length === {TOP_K} && !s.get('fdn_busy') && "
+        f"JSON.stringify(s.get('fdn_hits').map(h => h.distance)) !== '{plain}'",
+        timeout_s=60,
+    )
+    new = [m for m in _state(page, "fdn_messages") if m["id"] > last_id and m["type"] in ("error", "warning")]
+    assert not new, _messages(page)
+    page.click("#fdn-axial-context")
+    _wait_state(page, "s.get('fdn_axial_context') === false")
+
+
 def test_bad_uploads_give_messages(page: Any, web_data: dict[str, Path], tmp_path: Path) -> None:
     case = web_data["data"] / "phantom_0001"
     files = {k: case / f"phantom_0001_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair")}

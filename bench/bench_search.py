@@ -5,7 +5,8 @@ and codebooks, written to ``.npy`` files and memory-mapped as the code database 
 volume), volume-wise top-10 unless said otherwise:
 
 - ``kernel``: ``SearchEngine`` on its compiled numba scan (``--threads``), single queries for one code type
-  (normal; also angular, Hamming, slice-wise, 1 thread), the ``sum`` mode (both code types in one pass),
+  (normal; also angular, Hamming, slice-wise, axial context, 1 thread), the ``sum`` mode (both code types
+  in one pass),
   and per query in batches of ``--batch`` (``search_many``); a single volume-wise query (Euclidean,
   Hamming) bounds every volume from uint8 tables first and scans exactly only the volumes that can reach
   the top 10; ``kernel, one exact pass`` is the same engine without the bounds (``prune=False``);
@@ -316,6 +317,10 @@ def bench_size(
     res.add(
         n, "kernel", "single, normal, slice-wise", singles(eng, mode="normal", per="slice", **eu), kernel_ram
     )
+    # axial context: one pass of the context's 5 grids as a batch, every row's distance formed (no bounds)
+    for mode in ("normal", "sum"):
+        t = singles(eng, mode=mode, context=True, **eu)
+        res.add(n, "kernel", f"single, {mode}, axial context", t, kernel_ram)
     res.add(n, "kernel", "single, normal, 1 thread", singles(eng1, mode="normal", **eu), kernel_ram)
     res.add(n, "kernel", "single, sum, 1 thread", singles(eng1, mode="sum", **eu), kernel_ram)
     del eng1

@@ -1466,6 +1466,7 @@ def diagnose_cohort(
         draws=args.draws,
         workers=args.workers,
         methods=methods,
+        context=False,  # the diagnosis compares one-slice distances with their ground-truth bounds
     )
     agreement = fdn_pass.code_agreement(db, _context_of(result, db))
     result.notes.append(f"cohort: {cohort} ({provenance})")

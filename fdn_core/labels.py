@@ -15,6 +15,7 @@ __all__ = [
     "ANATOMY_CLASSES",
     "ANATOMY_COLORS",
     "ANATOMY_NAMES",
+    "AXIAL_CONTEXT",
     "BRATS_FILE_TO_CLASS",
     "CLASS_TO_BRATS_FILE",
     "CLASS_TO_MSD_FILE",
@@ -35,6 +36,7 @@ __all__ = [
     "Distance",
     "Mode",
     "available_distances",
+    "context_slices",
     "normalize_mode",
 ]
 
@@ -139,6 +141,21 @@ DISTANCES: Final[tuple[Distance, ...]] = (*PAPER_DISTANCES, "learned")
 def available_distances(learned: bool) -> tuple[Distance, ...]:
     """The distances a search offers: the paper's, and the learned one when its embedding is there."""
     return DISTANCES if learned else PAPER_DISTANCES
+
+
+#: Axial context of a search's normal term (``context=True``): (slice offset, weight) pairs. The normal
+#: distance becomes the weighted sum of the distances between the query's slice at each offset and the
+#: reference's slice at the same offset, both clamped to their volumes: anatomy around the slice pins down
+#: its level and shape, which one 8x8 grid of normal codes leaves ambiguous. Not in the paper. Chosen on
+#: the validation cohort 9201 among five slabs (+0.03 S_normal with D_L), then measured once on the
+#: evaluation cohorts (README, "Retrieval quality"); the abnormal term stays one slice (a slab there cost
+#: S_sum on 9201).
+AXIAL_CONTEXT: Final[tuple[tuple[int, float], ...]] = ((-6, 0.25), (-3, 0.5), (0, 1.0), (3, 0.5), (6, 0.25))
+
+
+def context_slices(index: int, depth: int) -> list[int]:
+    """The slices of a ``depth``-slice volume at ``AXIAL_CONTEXT``'s offsets from ``index``, clamped."""
+    return [min(max(int(index) + o, 0), int(depth) - 1) for o, _ in AXIAL_CONTEXT]
 
 
 #: Short names of the distances in tables and reports.

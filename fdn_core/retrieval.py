@@ -31,7 +31,7 @@ from fdn_core.data.provenance import case_fingerprint
 from fdn_core.data.readers import CaseFiles, CaseVolume, find_cases, load_case, parallel_map
 from fdn_core.errors import DataError
 from fdn_core.fileio import describe_os_error, resolve_inside
-from fdn_core.labels import DISTANCES, normalize_mode
+from fdn_core.labels import DISTANCES, context_slices, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
 from fdn_core.progress import Cancelled, Progress
 
@@ -656,6 +656,8 @@ class QuerySlice:
     in_database: bool
     case: CaseVolume | None = None
     database_case: str | None = None
+    #: Normal grids at ``labels.AXIAL_CONTEXT``'s offsets (for searches with axial context).
+    normal_context: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.in_database and self.database_case is None and self.case is None:
@@ -723,6 +725,7 @@ class Retriever:
             raise DataError(f"case {case_id!r} is not in the database")
         normal, abnormal = self.db.slice_codes(case_id, int(slice_index))
         h, w = self.db.grid_shape
+        around = self.engine.query_from_rows(self.engine.row_of(case_id, int(slice_index))).normal_context
         return QuerySlice(
             case_id,
             int(slice_index),
@@ -730,6 +733,7 @@ class Retriever:
             abnormal.reshape(h, w),
             in_database=True,
             database_case=case_id,
+            normal_context=None if around is None else np.asarray(around).reshape(-1, h, w),
         )
 
     def database_case_of(self, case: CaseVolume) -> str | None:
@@ -814,6 +818,13 @@ class Retriever:
             raise DataError(f"case {case.case_id}: slice {slice_index} is outside 0..{z - 1}")
         stack = volume_to_slices(case, self.bundle.preprocess)
         enc = self.bundle.encode_slices(stack.images[slice_index : slice_index + 1], batch_size=batch_size)
+        around = context_slices(slice_index, stack.images.shape[0])
+        others = sorted(set(around) - {slice_index})
+        near = {}
+        if others:  # a one-slice study has no neighbours
+            encoded = self.bundle.encode_slices(stack.images[others], batch_size=batch_size)
+            near = dict(zip(others, encoded.normal, strict=True))
+        near[slice_index] = enc.normal[0]
         own = self.database_case_of(case)
         if own is None:
             own = self._same_codes_case(case, stack, slice_index, enc)
@@ -827,6 +838,7 @@ class Retriever:
             in_database=own is not None,
             case=case,
             database_case=own,
+            normal_context=np.stack([near[k] for k in around]),
         )
 
     def search(
@@ -839,10 +851,12 @@ class Retriever:
         slice_wise: bool = False,
         abnormal_from: QuerySlice | None = None,
         exclude_cases: Sequence[str] = (),
+        context: bool = False,
     ) -> list[Hit]:
         """Ranked hits for ``query``. ``abnormal_from`` makes a composite query (the abnormal codes of another
         slice). The database case the query belongs to (``database_case``; and ``abnormal_from``'s) is never
-        returned, nor ``exclude_cases``; a same-named case of another study is."""
+        returned, nor ``exclude_cases``; a same-named case of another study is. ``context``: the normal term
+        spans the query's axial context (``SearchEngine.search_many``)."""
         if distance not in DISTANCES:
             raise DataError(f"unknown distance {distance!r}; choose one of {list(DISTANCES)}")
         if distance == "hamming":
@@ -851,11 +865,17 @@ class Retriever:
         excluded = [*([query.database_case] if query.database_case else []), *exclude_cases]
         if abnormal_from is not None and abnormal_from.database_case:
             excluded.append(abnormal_from.database_case)
-        q = Query(normal=query.normal, abnormal=abnormal, exclude_cases=tuple(dict.fromkeys(excluded)))
+        q = Query(
+            normal=query.normal,
+            abnormal=abnormal,
+            exclude_cases=tuple(dict.fromkeys(excluded)),
+            normal_context=query.normal_context,
+        )
         return self.engine.search(
             q,
             distance=distance,
             mode=normalize_mode(mode),
             top=int(top),
             per="slice" if slice_wise else "volume",
+            context=context,
         )

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import vtk
 
+from fdn_core.codes.search import Query
 from fdn_core.data.readers import (
     CaseFiles,
     find_cases,
@@ -29,7 +30,7 @@ from fdn_core.data.readers import (
     write_brats_case,
 )
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import MODALITIES
+from fdn_core.labels import AXIAL_CONTEXT, MODALITIES
 from fdn_core.model.bundle import save_untrained_bundle
 
 from . import scene as sc
@@ -391,6 +392,18 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
             engine, encoded, wf.SearchSettings(q, mode=mode, top_k=top_k, exclude_case=indexed)
         )
         _check(len(hits) == min(top_k, n_other), f"mode {mode}: {len(hits)} hits")
+    # axial context: the engine's search with the study's neighbouring slices (the abnormal term unchanged)
+    around = wf.SearchSettings(q, mode="normal", top_k=top_k, exclude_case=indexed, axial_context=True)
+    hits = wf.search_study(engine, encoded, around)
+    neighbours = encoded.normal[[min(max(q + o, 0), z - 1) for o, _ in AXIAL_CONTEXT]]
+    direct = engine.search(
+        Query(encoded.normal[q], exclude_cases=(indexed,) if indexed else (), normal_context=neighbours),
+        mode="normal",
+        top=top_k,
+        context=True,
+    )
+    _check(hits == direct, "a search with axial context must compare the study's neighbouring slices")
+    _check(len(hits) == min(top_k, n_other), f"axial context: {len(hits)} hits")
     other = (q + z // 3) % z
     composite = wf.search_study(
         engine,

@@ -22,7 +22,7 @@ from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import slices_to_volume, volume_to_slices
 from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import DISTANCES, MODALITIES, normalize_mode
+from fdn_core.labels import DISTANCES, MODALITIES, context_slices, normalize_mode
 from fdn_core.model.bundle import InferenceBundle, load_bundle
 from fdn_core.progress import Progress
 from fdn_core.retrieval import load_hamming_codes
@@ -291,6 +291,8 @@ class SearchSettings:
     "hamming". top_k: results to return (1..20). volume_wise: at most one slice (the best) per reference
     case. abnormal_slice: composite query - take the abnormal code from this slice instead of query_slice.
     exclude_case: a database case id never to return (the query study itself when it is indexed).
+    axial_context: the normal codes' distance also compares the slices around the query with those around
+    each reference slice (``fdn_core.labels.AXIAL_CONTEXT``).
     """
 
     query_slice: int
@@ -300,6 +302,7 @@ class SearchSettings:
     volume_wise: bool = True
     abnormal_slice: int | None = None
     exclude_case: str | None = None
+    axial_context: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -374,6 +377,7 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
         normal=encoded.normal[q],
         abnormal=encoded.abnormal[a],
         exclude_cases=() if settings.exclude_case is None else (settings.exclude_case,),
+        normal_context=encoded.normal[context_slices(q, encoded.num_slices)],
     )
     hits = engine.search(
         query,
@@ -381,5 +385,6 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
         mode=normalize_mode(settings.mode),
         top=int(settings.top_k),
         per="volume" if settings.volume_wise else "slice",
+        context=settings.axial_context,
     )
     return hits

@@ -140,6 +140,7 @@ class FDNWebApp:
                 "fdn_distances": list(PAPER_DISTANCES),
                 "fdn_top_k": 10,
                 "fdn_volume_wise": True,
+                "fdn_axial_context": False,
                 "fdn_composite": False,
                 "fdn_abnormal_slice": 0,
                 "fdn_hits": [],
@@ -485,6 +486,7 @@ class FDNWebApp:
             distance=str(s.fdn_distance),
             top_k=int(s.fdn_top_k),
             volume_wise=bool(s.fdn_volume_wise),
+            axial_context=bool(s.fdn_axial_context),
             abnormal_slice=abnormal,
             exclude_case=self.indexed_case,
         )
@@ -901,6 +903,13 @@ class FDNWebApp:
                 density="compact",
                 hide_details=True,
                 id="fdn-volume-wise",
+            )
+            v3.VCheckbox(
+                v_model=("fdn_axial_context",),
+                label="Axial context (match the neighbouring slices' anatomy)",
+                density="compact",
+                hide_details=True,
+                id="fdn-axial-context",
             )
             with html.Div(classes="d-flex align-center", style="gap: 8px;"):
                 v3.VCheckbox(

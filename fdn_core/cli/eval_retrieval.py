@@ -77,6 +77,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=0.05,
         help="relative axial distance within which a slice is at the query's level (relevance 'level')",
     )
+    parser.add_argument(
+        "--no-context",
+        action="store_true",
+        help="leave out the rows of each distance searched with axial context (the normal term over the "
+        "query's neighbouring slices)",
+    )
     parser.add_argument("--draws", type=positive_int, default=10, help="seeded draws of random baselines")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baselines")
     add_device(parser)
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         methods=methods,
         level_tolerance=args.level_tolerance,
+        context=not args.no_context,
     )
     overlap = warn_training_overlap(bundle.metadata, result.cases.values(), "fdn eval-retrieval")
     if overlap is not None:

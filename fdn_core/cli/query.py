@@ -67,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--slice-wise", action="store_true", help="rank slices (default: volume-wise, best slice per volume)"
     )
+    parser.add_argument(
+        "--context",
+        action="store_true",
+        help="axial context: the normal codes' distance also compares the slices 3 and 6 above and below "
+        "the query with those around each reference slice (weights 0.5 and 0.25), which pins down the "
+        "anatomical level (README, 'Retrieval quality'); the abnormal distance stays one slice",
+    )
     parser.add_argument("--montage", type=Path, default=None, help="write a PNG of the query and the results")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument(
@@ -180,8 +187,11 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         slice_wise=args.slice_wise,
         abnormal_from=abnormal_from,
+        context=args.context,
     )
     unit = "slice-wise" if args.slice_wise else "volume-wise"
+    if args.context:
+        unit += ", axial context"
     composite = f", abnormal codes from {args.abnormal_from}" if abnormal_from is not None else ""
     where = "in the database, excluded from results" if query.in_database else "not in the database"
     print(f"query {query.case_id}:{query.slice_index} ({where}){composite}")
@@ -201,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 "abnormal_from": args.abnormal_from,
                 "mode": args.mode,
                 "distance": args.distance,
-                "per": unit,
+                "per": "slice-wise" if args.slice_wise else "volume-wise",
+                "axial_context": args.context,
                 "top": args.top,
                 "database": str(db.path),
                 "model_fingerprint": bundle.fingerprint,

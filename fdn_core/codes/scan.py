@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,11 +80,30 @@ _KERNEL_LOCK = threading.Lock()
 _numba_state: dict[str, Any] = {}
 
 
+def _start_numba_threads() -> None:
+    """Start numba's thread pool with OpenMP's passive wait policy unless the user set one: its OpenMP
+    runtime reads ``OMP_WAIT_POLICY`` once, when the pool starts, and the variable is then restored, so
+    torch's own OpenMP copy keeps its default. Why: between a scan's parallel steps, idle workers spin by
+    default, about a tenth of a single query's CPU time on 2 cores (1,000,000 rows, three paired runs:
+    CPU / wall 1.71-1.88 passive against 1.90-2.02 spinning, the same wall time; 2026-11-30)."""
+    import numba
+
+    chosen = "OMP_WAIT_POLICY" in os.environ
+    if not chosen:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        numba.get_num_threads()  # launches the pool (and loads its OpenMP runtime) on first use
+    finally:
+        if not chosen:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def numba_status() -> tuple[Any, str]:
     """(the ``_scan_numba`` module or None, a one-line description). Imports numba once per process."""
     if "module" not in _numba_state:
         try:
             module = importlib.import_module("fdn_core.codes._scan_numba")
+            _start_numba_threads()
             version = importlib.metadata.version("numba")
             _numba_state["module"] = module
             _numba_state["why"] = f"numba {version}"
@@ -441,7 +461,9 @@ def _quantised_tables(req: ScanRequest, p: int, k: int) -> tuple[np.ndarray, np.
             return None
         low = table.min(axis=1, keepdims=True)
         rel = table - low
-        top = float(np.quantile(rel, 0.95))
+        # the 95th percentile of every 7th entry: any clip level keeps the bound valid, and a sample
+        # costs 0.05 ms instead of 0.3 ms per query (a twentieth of the scan's serial part)
+        top = float(np.quantile(rel.reshape(-1)[::7], 0.95))
         step = top / 255.0 if top > 0 else 1.0
         q = np.floor(rel / step)
         q -= q * step > rel  # one level lower where the division rounded up

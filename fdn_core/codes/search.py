@@ -24,7 +24,11 @@ Modes: ``normal`` (S_normal), ``abnormal`` (S_abnormal), ``sum`` (S_sum = D_norm
 and ``sum_normalized`` (D_normal / s_normal + D_abnormal / s_abnormal, where s_t is the median of that
 distance over ``normalization_pairs`` random pairs of distinct database rows, seeded, computed once per
 engine and cached; the paper notes raw S_sum weighs the two terms unevenly). A composite query simply
-takes its normal grid from one slice and its abnormal grid from another.
+takes its normal grid from one slice and its abnormal grid from another. Axial context (``context=True``;
+not in the paper): the normal term becomes ``sum_o w_o D(q_o, r + o)`` over ``labels.AXIAL_CONTEXT``, the
+query's grids ``q_o`` at slice offsets ``o`` of its own volume (``Query.normal_context``) against the rows
+``o`` away from row ``r`` in its volume (clamped at the volume's ends; a database stores every slice of a
+case in order); ``sum_normalized`` divides it by ``s_normal`` times the sum of the weights.
 
 Scan: for a query, row j of a (P, K) lookup holds the table row of the query's code at position j; a
 database row's distance term is the sum over j of lookup[j, code[n, j]]. The scan runs in
@@ -76,7 +80,7 @@ from fdn_core.codes.scan import (
 )
 from fdn_core.codes.tables import check_codebook, dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.labels import CODE_TYPES, DISTANCES, MODES, available_distances
+from fdn_core.labels import AXIAL_CONTEXT, CODE_TYPES, DISTANCES, MODES, available_distances
 
 __all__ = ["Hit", "Query", "SearchEngine"]
 
@@ -104,6 +108,8 @@ _TOP_IN_KERNEL = 256
 #: two (2 x 2 MiB) still scan at full speed on a 2-core machine whose L3 is shared, 32 of two types (8 MiB)
 #: took 1.7x longer per query than two passes of 16 (bench/bench_search.py; 2026-11).
 _PASS_QUERIES = {1: 32, 2: 16}
+#: Sum of the axial context's weights: the context normal term's typical size over one slice's.
+_CONTEXT_WEIGHT = float(sum(w for _, w in AXIAL_CONTEXT))
 
 
 @dataclass(frozen=True)
@@ -123,11 +129,14 @@ class Hit:
 @dataclass(frozen=True)
 class Query:
     """Code grids to search with ((h, w) or (h*w,) indices; either may be None if the mode does not use
-    it) and case ids whose slices must not be returned (the query's own volume)."""
+    it) and case ids whose slices must not be returned (the query's own volume). ``normal_context``: the
+    normal grids of the query's volume at ``AXIAL_CONTEXT``'s offsets from its slice (clamped to the
+    volume; ``labels.context_slices``), one per offset, for searches with ``context=True``."""
 
     normal: np.ndarray | None = None
     abnormal: np.ndarray | None = None
     exclude_cases: tuple[str, ...] = field(default=())
+    normal_context: np.ndarray | None = None
 
 
 @dataclass
@@ -150,6 +159,28 @@ def _live_segment_pairs(segments: Sequence[Any]) -> list[tuple[np.ndarray, np.nd
         for start, stop in zip(edges[::2], edges[1::2], strict=True):
             pairs.append((seg.normal_codes[start:stop], seg.abnormal_codes[start:stop]))
     return pairs
+
+
+def _shifted(values: np.ndarray, offset: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """``values[r + offset]`` for every row ``r``, clamped to the volume ``[starts[v], stops[v])`` holding
+    ``r`` (volumes tile the rows in order): one shifted copy, then the ``|offset|`` rows at each volume's
+    end (or start) that the shift carried across it read their volume's last (or first) row instead. (An
+    index array clamped row by row costs 5x more at 1,000,000 rows.)"""
+    if offset == 0:
+        return values
+    out = np.empty_like(values)
+    size = abs(offset)
+    if offset > 0:
+        out[:-size] = values[size:]
+    else:
+        out[size:] = values[:-size]
+    lengths = stops - starts
+    for j in range(1, min(size, int(lengths.max(initial=0))) + 1):
+        near = (stops - j) if offset > 0 else (starts + j - 1)
+        near = near[lengths >= j]
+        owner_lo = np.searchsorted(starts, near, side="right") - 1
+        out[near] = values[np.clip(near + offset, starts[owner_lo], stops[owner_lo] - 1)]
+    return out
 
 
 class SearchEngine:
@@ -430,11 +461,19 @@ class SearchEngine:
                 raise DataError(f"row {r!r} is not in the database (0..{self._n - 1})")
         vols = self._volume_of_rows(np.asarray(rows, dtype=np.int64))
         excl = tuple(dict.fromkeys(self._names[v] for v in vols.tolist()))
+        around = [self._context_rows(np.asarray([rows[0]], dtype=np.int64), o)[0] for o, _ in AXIAL_CONTEXT]
         return Query(
             normal=self._row_codes("normal", int(rows[0])),
             abnormal=self._row_codes("abnormal", int(rows[1])),
             exclude_cases=excl,
+            normal_context=np.stack([self._row_codes("normal", int(r)) for r in around]),
         )
+
+    def _context_rows(self, rows: np.ndarray, offset: int) -> np.ndarray:
+        """``rows + offset``, each clamped to its own volume (the neighbouring stored slice)."""
+        lay = self._layout
+        v = self._volume_of_rows(rows)
+        return np.clip(rows + offset, lay.vol_start[v], lay.vol_stop[v] - 1)
 
     def row_of(self, case_id: str, slice_index: int) -> int:
         """The database row of one case's slice."""
@@ -666,9 +705,11 @@ class SearchEngine:
         mode: str = "sum",
         top: int = 10,
         per: str = "volume",
+        context: bool = False,
     ) -> list[Hit]:
-        """Top ``top`` results for one query: per ``"volume"`` (best slice of each volume) or ``"slice"``."""
-        return self.search_many([query], distance=distance, mode=mode, top=top, per=per)[0]
+        """Top ``top`` results for one query: per ``"volume"`` (best slice of each volume) or ``"slice"``;
+        ``context``: see ``search_many``."""
+        return self.search_many([query], distance=distance, mode=mode, top=top, per=per, context=context)[0]
 
     def search_many(
         self,
@@ -679,9 +720,12 @@ class SearchEngine:
         top: int = 10,
         per: str = "volume",
         block: int = 32,
+        context: bool = False,
     ) -> list[list[Hit]]:
         """Like ``search`` for many queries; ``block`` queries share each pass over the database (with the
-        compiled scan at most 32, or 16 for the sum modes: beyond that its lookup tables leave the cache)."""
+        compiled scan at most 32, or 16 for the sum modes: beyond that its lookup tables leave the cache).
+        ``context``: the normal term spans the axial context (``_search_context``; each query needs its
+        ``normal_context``); the abnormal-only mode is unchanged."""
         self._check_names(distance, mode)
         if per not in ("volume", "slice"):
             raise ConfigError(f"per must be 'volume' or 'slice', got {per!r}")
@@ -698,6 +742,12 @@ class SearchEngine:
         results: list[list[Hit]] = []
         if self._n == 0:
             return [[] for _ in parsed]
+        if context and "normal" in types:
+            neighbours = [self._context_codes(q) for q in queries]
+            return [
+                self._search_context(codes, excl, around, distance, mode, top, per)
+                for (codes, excl), around in zip(parsed, neighbours, strict=True)
+            ]
         if per == "volume":
             select = SELECT_VOLUME
         else:
@@ -721,19 +771,101 @@ class SearchEngine:
                 results.append(self._hits(codes, rows, distance, mode))
         return results
 
-    def _hits(self, codes: dict[str, np.ndarray], rows: np.ndarray, distance: str, mode: str) -> list[Hit]:
-        """Hits for ``rows`` with distances recomputed in float64, re-sorted by (distance, row)."""
+    def _context_codes(self, query: Query) -> np.ndarray:
+        """(len(AXIAL_CONTEXT), P) normal codes of the query's axial context, checked."""
+        arr = query.normal_context
+        if arr is None:
+            raise DataError(
+                "a search with axial context needs the normal codes of the query's neighbouring slices "
+                "(Query.normal_context); queries made by SearchEngine.query_from_rows or a Retriever carry "
+                "them, or search without context"
+            )
+        a = np.asarray(arr)
+        if a.ndim < 2 or a.shape[0] != len(AXIAL_CONTEXT):
+            raise DataError(
+                f"Query.normal_context must hold {len(AXIAL_CONTEXT)} code grids (one per axial offset "
+                f"{[o for o, _ in AXIAL_CONTEXT]}), got shape {a.shape}"
+            )
+        return np.stack([self._query_codes(g, "normal context") for g in a])
+
+    def _search_context(
+        self,
+        codes: dict[str, np.ndarray],
+        excluded: list[int],
+        around: np.ndarray,
+        distance: str,
+        mode: str,
+        top: int,
+        per: str,
+    ) -> list[Hit]:
+        """One search whose normal term is ``sum_o w_o D(query slice + o, row + o)`` over ``AXIAL_CONTEXT``
+        (rows shifted within their volume, clamped at its ends): one scan gives every row's distance to
+        each offset's query grid (a batch of queries), read back at the shifted rows; the sum modes add
+        one scan of the abnormal term. Every row's distance is formed (no bounds), then selected."""
+        lay, n = self._layout, self._n
+        req = self._request({"normal": around}, [[] for _ in around], distance, "normal", SELECT_ALL)
+        each = self._backend.run(req)[0]
+        total = np.zeros(n)
+        for i, (offset, w) in enumerate(AXIAL_CONTEXT):
+            total += w * _shifted(each[:, i, 0], offset, lay.vol_start, lay.vol_stop)
+        del each
+        if mode != "normal":
+            req = self._request({"abnormal": codes["abnormal"][None]}, [[]], distance, "abnormal", SELECT_ALL)
+            abnormal = self._backend.run(req)[0][:, 0, 0]
+            if mode == "sum":
+                total += abnormal
+            else:
+                total = total / self._normal_scale(distance, True) + abnormal / self.scale(
+                    distance, "abnormal"
+                )
+        for v in excluded:
+            total[lay.vol_start[v] : lay.vol_stop[v]] = np.inf
+        if per == "slice":
+            picked = smallest(total, top)
+        else:
+            volumes = smallest(np.minimum.reduceat(total, lay.vol_start), top)
+            picked = np.asarray(
+                [
+                    lay.vol_start[v] + int(np.argmin(total[lay.vol_start[v] : lay.vol_stop[v]]))
+                    for v in volumes
+                ],
+                dtype=np.int64,
+            )
+        return self._hits(codes, picked, distance, mode, around)
+
+    def _normal_scale(self, distance: str, context: bool) -> float:
+        """``sum_normalized``'s divisor of the normal term (with context: one slice's times the weights)."""
+        return self.scale(distance, "normal") * (_CONTEXT_WEIGHT if context else 1.0)
+
+    def _hits(
+        self,
+        codes: dict[str, np.ndarray],
+        rows: np.ndarray,
+        distance: str,
+        mode: str,
+        around: np.ndarray | None = None,
+    ) -> list[Hit]:
+        """Hits for ``rows`` with distances recomputed in float64, re-sorted by (distance, row); ``around``:
+        the query's axial context (the normal term spans it)."""
         if rows.size == 0:
             return []
         terms = {t: self._exact_term(t, distance, codes[t], rows) for t in _MODE_TYPES[mode]}
+        if around is not None and "normal" in terms:
+            terms["normal"] = sum(
+                (
+                    w * self._exact_term("normal", distance, around[i], self._context_rows(rows, offset))
+                    for i, (offset, w) in enumerate(AXIAL_CONTEXT)
+                ),
+                np.zeros(rows.size),
+            )
         if mode in ("normal", "abnormal"):
             total = terms[mode]
         elif mode == "sum":
             total = terms["normal"] + terms["abnormal"]
         else:
-            total = terms["normal"] / self.scale(distance, "normal") + terms["abnormal"] / self.scale(
-                distance, "abnormal"
-            )
+            total = terms["normal"] / self._normal_scale(distance, around is not None) + terms[
+                "abnormal"
+            ] / self.scale(distance, "abnormal")
         order = np.lexsort((rows, total))
         vols = self._volume_of_rows(rows)
         slices = self._slice_index(rows)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.labels import DISTANCE_LABELS
+from fdn_core.labels import AXIAL_CONTEXT, DISTANCE_LABELS
 
 if TYPE_CHECKING:
     from fdn_core.retrieval import Retriever
@@ -48,6 +48,7 @@ __all__ = [
     "RankingMethod",
     "Similarity",
     "SliceEmbeddingMethod",
+    "context_key",
     "make_baselines",
     "volume_wise_best",
 ]
@@ -127,6 +128,8 @@ class RankingContext:
     row_volume: np.ndarray
     slice_indices: np.ndarray
     scores: dict[str, np.ndarray]
+    #: Per query, the normal grids of its axial context (``labels.AXIAL_CONTEXT``), or None.
+    query_context: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def num_queries(self) -> int:
@@ -178,6 +181,11 @@ class RankingMethod(ABC):
 # -------------------------------------------------------------------------------------- FDN and oracle
 
 
+def context_key(distance: str) -> str:
+    """Result key of a distance searched with axial context (``FDNDistance(..., context=True)``)."""
+    return f"{distance}+context"
+
+
 class FDNDistance(RankingMethod):
     """The FDN's code search with one distance (D_E, D_A, D_H, D_L): the search engine's volume-wise top-k."""
 
@@ -185,25 +193,37 @@ class FDNDistance(RankingMethod):
     per_similarity = True
     _LABELS: ClassVar[dict[str, str]] = DISTANCE_LABELS
 
-    def __init__(self, retriever: Retriever, distance: str) -> None:
+    def __init__(self, retriever: Retriever, distance: str, context: bool = False) -> None:
         if distance not in self._LABELS:
             raise ConfigError(f"unknown distance {distance!r}; choose one of {list(self._LABELS)}")
         self.retriever = retriever
-        self.key = distance
-        self.label = self._LABELS[distance]
-        self.description = f"FDN code search, {distance} distance between code grids"
+        self.distance, self.context = distance, context
+        self.key = context_key(distance) if context else distance
+        self.label = self._LABELS[distance] + (" + axial context" if context else "")
+        self.description = f"FDN code search, {distance} distance between code grids" + (
+            "; the normal term over the query's axial context (slices at offsets "
+            f"{[o for o, _ in AXIAL_CONTEXT]}, weights {[w for _, w in AXIAL_CONTEXT]})"
+            if context
+            else ""
+        )
 
     def rank(self, ctx: RankingContext, similarity: Similarity | None, draw: int) -> list[np.ndarray]:
         """Volume-wise top-k of every query by the database's code distance."""
         from fdn_core.codes.search import Query
 
         assert similarity is not None
+        around = ctx.query_context or [None] * ctx.num_queries
         queries = [
-            Query(normal, abnormal, exclude_cases=(cid,))
-            for (normal, abnormal), cid in zip(ctx.query_codes, ctx.query_case_ids)
+            Query(normal, abnormal, exclude_cases=(cid,), normal_context=a if self.context else None)
+            for (normal, abnormal), cid, a in zip(ctx.query_codes, ctx.query_case_ids, around, strict=True)
         ]
         hits = self.retriever.engine.search_many(
-            queries, distance=self.key, mode=similarity.mode, top=ctx.top, per="volume"
+            queries,
+            distance=self.distance,
+            mode=similarity.mode,
+            top=ctx.top,
+            per="volume",
+            context=self.context,
         )
         return [np.asarray([h.row for h in hq], dtype=np.int64) for hq in hits]
 

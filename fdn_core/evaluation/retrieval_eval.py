@@ -72,11 +72,19 @@ from fdn_core.evaluation.ranking import (
     RankingContext,
     RankingMethod,
     Similarity,
+    context_key,
     make_baselines,
     volume_wise_best,
 )
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
-from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, DISTANCES, available_distances
+from fdn_core.labels import (
+    ABNORMAL_CLASSES,
+    ANATOMY_CLASSES,
+    AXIAL_CONTEXT,
+    DISTANCES,
+    available_distances,
+    context_slices,
+)
 
 if TYPE_CHECKING:
     from fdn_core.codes.database import CodeDatabase
@@ -481,6 +489,7 @@ class _QuerySlice:
     abnormal: np.ndarray
     seg: np.ndarray
     anat: np.ndarray | None
+    normal_context: np.ndarray | None = None
 
 
 def _load_stacks(
@@ -518,6 +527,7 @@ def evaluate_retrieval(
     methods: Sequence[RankingMethod] = (),
     workers: int = 2,
     level_tolerance: float = 0.05,
+    context: bool = True,
 ) -> RetrievalEvaluation:
     """Run the paper's retrieval evaluation (module docstring) of ``bundle``'s database ``db``.
 
@@ -529,6 +539,8 @@ def evaluate_retrieval(
     the paper's three and the learned one when the bundle has a retrieval embedding; ``methods`` adds other
     ranking methods (``fdn_core.evaluation.ranking``). ``workers`` threads load volumes ahead.
     ``level_tolerance``: the "level" relevance's largest relative axial distance (``RELEVANCES``).
+    ``context``: each distance is also evaluated with the normal term over the query's axial context
+    (``labels.AXIAL_CONTEXT``; rows keyed ``ranking.context_key(distance)``).
     """
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import CaseFiles, find_cases
@@ -558,7 +570,7 @@ def evaluate_retrieval(
     if len(db) == 0:
         raise DataError(f"{db.path} is empty; add reference cases with `fdn index add`")
     extra = [*make_baselines(baselines, db.grid_shape, draws=draws, seed=seed), *methods]
-    keys = [*distances, *(m.key for m in extra), ORACLE]
+    keys = [*distances, *(context_key(d) for d in distances if context), *(m.key for m in extra), ORACLE]
     clash = sorted({k for k in keys if keys.count(k) > 1})
     if clash or any(not k for k in keys):
         raise ConfigError(f"ranking methods need distinct, non-empty keys; repeated: {clash}")
@@ -598,6 +610,7 @@ def evaluate_retrieval(
         retriever.ensure_hamming(progress)
     all_methods: list[RankingMethod] = [
         *(FDNDistance(retriever, d) for d in distances),
+        *(FDNDistance(retriever, d, context=True) for d in (distances if context else ())),
         *extra,
         Oracle(),
     ]
@@ -624,16 +637,18 @@ def evaluate_retrieval(
             else:
                 if cid in db:
                     qs = retriever.slice_from_database(cid, k)
-                    normal, abnormal = qs.normal, qs.abnormal
+                    normal, abnormal, around = qs.normal, qs.abnormal, qs.normal_context
                 else:
                     enc = bundle.encode_slices(stack.images[k : k + 1], batch_size=batch_size)
                     normal, abnormal = enc.normal[0], enc.abnormal[0]
+                    at = context_slices(k, stack.images.shape[0])
+                    around = bundle.encode_slices(stack.images[at], batch_size=batch_size).normal
                 anat = None if stack.anat is None else stack.anat[k]
                 for m in all_methods:
                     m.observe_query(len(qslices), stack.images, k)
                 depth = int(stack.images.shape[0])
                 info = QueryInfo(cid, k, area, cid in db)
-                qslices.append(_QuerySlice(info, depth, normal, abnormal, stack.seg[k], anat))
+                qslices.append(_QuerySlice(info, depth, normal, abnormal, stack.seg[k], anat, around))
                 used_cases[cid] = files
         if progress is not None:
             progress.update(i, len(query_ids), "Loading query cases")
@@ -740,6 +755,7 @@ def evaluate_retrieval(
         row_volume=row_volume,
         slice_indices=slice_indices,
         scores=tables,
+        query_context=[q.normal_context for q in qslices],
     )
 
     # ---- every method ranks, every ranking is scored the same way
@@ -808,6 +824,7 @@ def evaluate_retrieval(
         "image_size": bundle.preprocess.image_size,
         "top": top,
         "distances": list(distances),
+        "axial_context": [list(c) for c in AXIAL_CONTEXT] if context else None,
         "baselines": [m.key for m in extra if m.kind == "baseline"],
         "other_methods": [m.key for m in extra if m.kind != "baseline"],
         "draws": draws,

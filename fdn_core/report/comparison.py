@@ -59,7 +59,9 @@ def verdict_lines(
             o = [(r, m) for m in others if (r := _ratio(summary, m, col)) is not None]
             if not f or not o:
                 continue
-            bf, bo = max(f), max(o)
+            # ties go to the method listed first (a distance before its axial-context variant)
+            bf = max(f, key=lambda t: (t[0], -list(fdn).index(t[1])))
+            bo = max(o, key=lambda t: (t[0], -list(others).index(t[1])))
             verdict = "FDN wins" if bf[0] > bo[0] else "FDN does NOT win"
             parts.append(
                 f"{name}: {verdict} ({labels.get(bf[1], bf[1])} {bf[0]:.2f} vs best other "
