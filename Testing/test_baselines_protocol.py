@@ -98,8 +98,9 @@ def test_one_protocol_for_every_method(trained: dict[str, Path], database: Path,
         bundle, database, leave_one_out=True, top=3, draws=2, methods=methods, workers=1
     )
     keys = list(result.scores)
-    assert keys == ["euclidean", "angular", "hamming", "random", "level_prior", "pooled_pixels", "simsiam",
-                    "ynet", "oracle"]  # fmt: skip
+    assert keys == ["euclidean", "angular", "hamming", "euclidean+context", "angular+context",
+                    "hamming+context", "random", "level_prior", "pooled_pixels", "simsiam", "ynet",
+                    "oracle"]  # fmt: skip
     for key in ("simsiam", "ynet"):
         assert result.info(key).kind == "embedding"
         cols = result.retrieved[key]
@@ -133,7 +134,9 @@ def test_eval_retrieval_command_with_embeddings(
     )  # fmt: skip
     assert rc == 0
     data = json.loads((out / "retrieval_eval.json").read_text())
-    assert set(data["summary"]) == {"euclidean", "angular", "hamming", "random", "simsiam", "hash", "oracle"}
+    paper = {"euclidean", "angular", "hamming"}
+    context = {f"{d}+context" for d in paper}
+    assert set(data["summary"]) == paper | context | {"random", "simsiam", "hash", "oracle"}
     assert data["settings"]["other_methods"] == ["simsiam", "hash"]
     assert data["settings"]["level_tolerance"] == 0.05
     first = data["queries"][0]["results"]["hash"]["S_abnormal"]

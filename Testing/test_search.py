@@ -747,6 +747,14 @@ def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
     bad = Query(normal=q.normal, abnormal=q.abnormal, normal_context=np.full((5, P), K))
     with pytest.raises(DataError, match="must lie in"):
         eng.search(bad, mode="normal", context=True)
+    # a case stored with gaps in its slices: neighbouring rows are not neighbouring slices
+    gapped = setup["slice_indices"].copy()
+    gapped[13:25] = np.arange(12) * 2 + 2  # case02 (rows 13-24) stores every other slice
+    other = _variant(setup, slice_indices=gapped)
+    with pytest.raises(DataError, match=r"\['case02'\] store non-consecutive axial slices"):
+        other.search(q, mode="normal", context=True)
+    plain_rows = [(h.row, h.distance) for h in eng.search(q, mode="normal")]
+    assert [(h.row, h.distance) for h in other.search(q, mode="normal")] == plain_rows
     # the batched call gives each query its own context
     queries = [eng.query_from_rows(r) for r in (0, 21, 40)]
     many = eng.search_many(queries, distance="angular", mode="sum", top=4, context=True)

@@ -250,6 +250,7 @@ class SearchEngine:
         self._names = names
         self._volume_of = {c: i for i, c in enumerate(names)}
         self._slices = self._slice_arrays(slice_indices, layout)
+        self._contiguous: list[str] | None = None  # cases with gaps in their slices (axial context)
         self._types = {"normal": _CodeType(books[0]), "abnormal": _CodeType(books[1])}
         if learned_embeddings is not None:
             for t, emb in zip(CODE_TYPES, learned_embeddings, strict=True):
@@ -803,6 +804,7 @@ class SearchEngine:
         each offset's query grid (a batch of queries), read back at the shifted rows; the sum modes add
         one scan of the abnormal term. Every row's distance is formed (no bounds), then selected."""
         lay, n = self._layout, self._n
+        self._check_contiguous_slices()
         req = self._request({"normal": around}, [[] for _ in around], distance, "normal", SELECT_ALL)
         each = self._backend.run(req)[0]
         total = np.zeros(n)
@@ -832,6 +834,22 @@ class SearchEngine:
                 dtype=np.int64,
             )
         return self._hits(codes, picked, distance, mode, around)
+
+    def _check_contiguous_slices(self) -> None:
+        """Axial context shifts rows within a volume, so each volume must store consecutive slices (as
+        ``fdn index`` does: every slice of a case); a case stored with gaps is refused by name (once)."""
+        if self._contiguous is None:
+            lay = self._layout
+            first = self._slice_index(lay.vol_start)
+            last = self._slice_index(lay.vol_stop - 1)
+            gaps = np.flatnonzero(last - first != lay.vol_stop - 1 - lay.vol_start)
+            self._contiguous = [self._names[int(v)] for v in gaps[:3]]
+        if self._contiguous:
+            raise DataError(
+                f"case(s) {self._contiguous} store non-consecutive axial slices, so neighbouring rows are "
+                "not neighbouring slices and axial context would compare the wrong anatomy; search without "
+                "context, or index every slice of those cases (fdn index add stores them all)"
+            )
 
     def _normal_scale(self, distance: str, context: bool) -> float:
         """``sum_normalized``'s divisor of the normal term (with context: one slice's times the weights)."""
