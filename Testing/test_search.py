@@ -747,12 +747,19 @@ def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
     bad = Query(normal=q.normal, abnormal=q.abnormal, normal_context=np.full((5, P), K))
     with pytest.raises(DataError, match="must lie in"):
         eng.search(bad, mode="normal", context=True)
+    elsewhere = Query(normal=q.normal, normal_context=eng.query_from_rows(30).normal_context)
+    with pytest.raises(DataError, match="offset 0 is not the query's normal grid"):
+        eng.search(elsewhere, mode="normal", context=True)
     # a case stored with gaps in its slices: neighbouring rows are not neighbouring slices
     gapped = setup["slice_indices"].copy()
     gapped[13:25] = np.arange(12) * 2 + 2  # case02 (rows 13-24) stores every other slice
     other = _variant(setup, slice_indices=gapped)
-    with pytest.raises(DataError, match=r"\['case02'\] store non-consecutive axial slices"):
+    with pytest.raises(DataError, match=r"\['case02'\] do not store consecutive axial slices"):
         other.search(q, mode="normal", context=True)
+    swapped = setup["slice_indices"].copy()
+    swapped[[40, 41]] = swapped[[41, 40]]  # case05 (rows 37-46) with two slices out of order
+    with pytest.raises(DataError, match=r"\['case05'\] do not store"):
+        _variant(setup, slice_indices=swapped).search(q, mode="normal", context=True)
     plain_rows = [(h.row, h.distance) for h in eng.search(q, mode="normal")]
     assert [(h.row, h.distance) for h in other.search(q, mode="normal")] == plain_rows
     # the batched call gives each query its own context
@@ -763,8 +770,8 @@ def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
 
 @pytest.mark.parametrize("policy", [None, "ACTIVE"])
 def test_numba_pool_starts_passive_and_leaves_the_environment_as_it_was(policy: str | None) -> None:
-    """The scan's OpenMP pool is started with the passive wait policy only when the user set none, and the
-    variable is restored at once (torch's own OpenMP copy, loaded later, must not see it)."""
+    """The scan's OpenMP pool is started with the passive wait policy only when the user set none, after
+    torch has loaded its own OpenMP runtime, and the variable is restored at once."""
     import os
     import subprocess
     import sys
@@ -779,7 +786,9 @@ def test_numba_pool_starts_passive_and_leaves_the_environment_as_it_was(policy: 
         "import numba\n"
         "real = numba.get_num_threads\n"
         "def spy():\n"
+        "    import sys\n"
         "    seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
+        "    assert 'torch' in sys.modules  # torch's own OpenMP runtime is loaded before the pool's\n"
         "    return real()\n"
         "numba.get_num_threads = spy\n"
         "from fdn_core.codes.scan import numba_status\n"

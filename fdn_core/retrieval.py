@@ -53,6 +53,7 @@ __all__ = [
     "compact_index",
     "encode_case",
     "encode_case_stack",
+    "encode_context",
     "encode_here",
     "fit_hamming_codes",
     "index_cohort",
@@ -631,6 +632,21 @@ def compact_index(db_path: str | Path, progress: Progress | None = None) -> bool
 # ------------------------------------------------------------------------------------------- searching
 
 
+def encode_context(
+    bundle: InferenceBundle, images: np.ndarray, k: int, centre: np.ndarray, batch_size: int | None = None
+) -> np.ndarray:
+    """The normal grids of a study's axial context around slice ``k`` (``labels.context_slices``), from
+    its model-input slices ``images`` (Z, 4, S, S); ``centre``, slice k's grid, is already encoded."""
+    at = context_slices(k, images.shape[0])
+    others = sorted(set(at) - {k})
+    near = {k: centre}
+    if others:  # a one-slice study has no neighbours
+        near.update(
+            zip(others, bundle.encode_slices(images[others], batch_size=batch_size).normal, strict=True)
+        )
+    return np.stack([near[s] for s in at])
+
+
 def parse_case_slice(text: str) -> tuple[str, int]:
     """``"CASE:SLICE"`` -> (case id, slice index)."""
     case, sep, index = str(text).rpartition(":")
@@ -818,13 +834,7 @@ class Retriever:
             raise DataError(f"case {case.case_id}: slice {slice_index} is outside 0..{z - 1}")
         stack = volume_to_slices(case, self.bundle.preprocess)
         enc = self.bundle.encode_slices(stack.images[slice_index : slice_index + 1], batch_size=batch_size)
-        around = context_slices(slice_index, stack.images.shape[0])
-        others = sorted(set(around) - {slice_index})
-        near = {}
-        if others:  # a one-slice study has no neighbours
-            encoded = self.bundle.encode_slices(stack.images[others], batch_size=batch_size)
-            near = dict(zip(others, encoded.normal, strict=True))
-        near[slice_index] = enc.normal[0]
+        around = encode_context(self.bundle, stack.images, slice_index, enc.normal[0], batch_size)
         own = self.database_case_of(case)
         if own is None:
             own = self._same_codes_case(case, stack, slice_index, enc)
@@ -838,7 +848,7 @@ class Retriever:
             in_database=own is not None,
             case=case,
             database_case=own,
-            normal_context=np.stack([near[k] for k in around]),
+            normal_context=around,
         )
 
     def search(

@@ -250,7 +250,7 @@ class SearchEngine:
         self._names = names
         self._volume_of = {c: i for i, c in enumerate(names)}
         self._slices = self._slice_arrays(slice_indices, layout)
-        self._contiguous: list[str] | None = None  # cases with gaps in their slices (axial context)
+        self._gapped: list[str] | None = None  # cases whose rows are not consecutive slices (axial context)
         self._types = {"normal": _CodeType(books[0]), "abnormal": _CodeType(books[1])}
         if learned_embeddings is not None:
             for t, emb in zip(CODE_TYPES, learned_embeddings, strict=True):
@@ -787,7 +787,16 @@ class SearchEngine:
                 f"Query.normal_context must hold {len(AXIAL_CONTEXT)} code grids (one per axial offset "
                 f"{[o for o, _ in AXIAL_CONTEXT]}), got shape {a.shape}"
             )
-        return np.stack([self._query_codes(g, "normal context") for g in a])
+        grids = np.stack([self._query_codes(g, "normal context") for g in a])
+        centre = [o for o, _ in AXIAL_CONTEXT].index(0)
+        if query.normal is not None and not np.array_equal(
+            grids[centre], self._query_codes(query.normal, "normal")
+        ):
+            raise DataError(
+                "Query.normal_context's grid at offset 0 is not the query's normal grid: the context must be "
+                "taken around the query slice itself"
+            )
+        return grids
 
     def _search_context(
         self,
@@ -836,19 +845,23 @@ class SearchEngine:
         return self._hits(codes, picked, distance, mode, around)
 
     def _check_contiguous_slices(self) -> None:
-        """Axial context shifts rows within a volume, so each volume must store consecutive slices (as
-        ``fdn index`` does: every slice of a case); a case stored with gaps is refused by name (once)."""
-        if self._contiguous is None:
+        """Axial context shifts rows within a volume, so each volume must store consecutive slices in order
+        (as ``fdn index`` does: every slice of a case, 1 apart); other cases are refused by name. Checked
+        once per engine over every row (one pass over the slice indices)."""
+        if self._gapped is None:
             lay = self._layout
-            first = self._slice_index(lay.vol_start)
-            last = self._slice_index(lay.vol_stop - 1)
-            gaps = np.flatnonzero(last - first != lay.vol_stop - 1 - lay.vol_start)
-            self._contiguous = [self._names[int(v)] for v in gaps[:3]]
-        if self._contiguous:
+            slices = np.concatenate(
+                [np.asarray(s, dtype=np.int64) for s in self._slices] or [np.zeros(0, np.int64)]
+            )
+            step = np.diff(slices) != 1
+            step[lay.vol_stop[:-1] - 1] = False  # between volumes anything goes
+            bad = np.unique(self._volume_of_rows(np.flatnonzero(step)))
+            self._gapped = [self._names[int(v)] for v in bad[:3]]
+        if self._gapped:
             raise DataError(
-                f"case(s) {self._contiguous} store non-consecutive axial slices, so neighbouring rows are "
-                "not neighbouring slices and axial context would compare the wrong anatomy; search without "
-                "context, or index every slice of those cases (fdn index add stores them all)"
+                f"case(s) {self._gapped} do not store consecutive axial slices in order, so neighbouring "
+                "rows are not neighbouring slices and axial context would compare the wrong anatomy; search "
+                "without context, or index every slice of those cases (fdn index add stores them all)"
             )
 
     def _normal_scale(self, distance: str, context: bool) -> float:

@@ -83,7 +83,6 @@ from fdn_core.labels import (
     AXIAL_CONTEXT,
     DISTANCES,
     available_distances,
-    context_slices,
 )
 
 if TYPE_CHECKING:
@@ -544,7 +543,7 @@ def evaluate_retrieval(
     """
     from fdn_core.codes.database import CodeDatabase
     from fdn_core.data.readers import CaseFiles, find_cases
-    from fdn_core.retrieval import Retriever, load_hamming_codes
+    from fdn_core.retrieval import Retriever, encode_context, load_hamming_codes
 
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise DataError(f"top must be a positive integer, got {top!r}")
@@ -640,9 +639,9 @@ def evaluate_retrieval(
                     normal, abnormal, around = qs.normal, qs.abnormal, qs.normal_context
                 else:
                     enc = bundle.encode_slices(stack.images[k : k + 1], batch_size=batch_size)
-                    normal, abnormal = enc.normal[0], enc.abnormal[0]
-                    at = context_slices(k, stack.images.shape[0])
-                    around = bundle.encode_slices(stack.images[at], batch_size=batch_size).normal
+                    normal, abnormal, around = enc.normal[0], enc.abnormal[0], None
+                    if context:
+                        around = encode_context(bundle, stack.images, k, normal, batch_size)
                 anat = None if stack.anat is None else stack.anat[k]
                 for m in all_methods:
                     m.observe_query(len(qslices), stack.images, k)
