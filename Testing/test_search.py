@@ -766,34 +766,3 @@ def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
     queries = [eng.query_from_rows(r) for r in (0, 21, 40)]
     many = eng.search_many(queries, distance="angular", mode="sum", top=4, context=True)
     assert many == [eng.search(x, distance="angular", mode="sum", top=4, context=True) for x in queries]
-
-
-@pytest.mark.parametrize("policy", [None, "ACTIVE"])
-def test_numba_pool_starts_passive_and_leaves_the_environment_as_it_was(policy: str | None) -> None:
-    """The scan's OpenMP pool is started with the passive wait policy only when the user set none, after
-    torch has loaded its own OpenMP runtime, and the variable is restored at once."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("numba")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
-    code = (
-        "import os\n"
-        "seen = {}\n"
-        "import numba\n"
-        "real = numba.get_num_threads\n"
-        "def spy():\n"
-        "    import sys\n"
-        "    seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
-        "    assert 'torch' in sys.modules  # torch's own OpenMP runtime is loaded before the pool's\n"
-        "    return real()\n"
-        "numba.get_num_threads = spy\n"
-        "from fdn_core.codes.scan import numba_status\n"
-        "assert numba_status()[0] is not None\n"
-        "print(seen['policy'], os.environ.get('OMP_WAIT_POLICY'))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == (["PASSIVE", "None"] if policy is None else [policy, policy])

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import importlib.util
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,31 +80,9 @@ _STATUS_LOCK = threading.Lock()
 _numba_state: dict[str, Any] = {}
 
 
-def _start_numba_threads() -> None:
-    """Start numba's thread pool with OpenMP's passive wait policy unless the user set one. Why: between a
-    scan's parallel steps idle workers spin by default, about a tenth of a single query's CPU time on 2
-    cores (1,000,000 rows, three paired runs: CPU / wall 1.71-1.88 passive against 1.90-2.02 spinning,
-    the same wall time; 2026-11-30). The system OpenMP runtime that numba's pool loads reads the variable
-    once, when it loads, and the variable is restored at once. torch is imported first: otherwise its
-    OpenMP would bind to that same runtime (same soname) and its many short parallel regions would sleep
-    between steps too; imported first, it keeps its own copy with the default policy."""
-    import numba
-
-    if importlib.util.find_spec("torch") is not None:
-        import torch  # noqa: F401  (its own OpenMP runtime first, see above)
-    chosen = "OMP_WAIT_POLICY" in os.environ
-    if not chosen:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        numba.get_num_threads()  # launches the pool (and loads its OpenMP runtime) on first use
-    finally:
-        if not chosen:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-
-
 def numba_status() -> tuple[Any, str]:
     """(the ``_scan_numba`` module or None, a one-line description). Imports numba once per process (under
-    a lock: engines are built in worker threads, and the pool's start edits the environment)."""
+    a lock: engines are built in worker threads)."""
     with _STATUS_LOCK:
         return _numba_status()
 
@@ -115,7 +91,6 @@ def _numba_status() -> tuple[Any, str]:
     if "module" not in _numba_state:
         try:
             module = importlib.import_module("fdn_core.codes._scan_numba")
-            _start_numba_threads()
             version = importlib.metadata.version("numba")
             _numba_state["module"] = module
             _numba_state["why"] = f"numba {version}"
