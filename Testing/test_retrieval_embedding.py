@@ -63,6 +63,46 @@ def test_a_damaged_embedding_is_refused(embedded: Path, tmp_path: Path) -> None:
         load_bundle(copy, device="cpu")
 
 
+def test_a_reader_during_a_replacement_reads_the_manifest_again(
+    embedded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader that reads bundle.json just before a writer replaces the embedding meets the new file under
+    the old hash: it reads bundle.json again instead of calling the bundle damaged. Under an unchanged
+    bundle.json a mismatch is still an error; a second writer waits for the lock, then says so."""
+    from filelock import FileLock
+
+    import fdn_core.model.bundle as mb
+
+    copy = tmp_path / "b"
+    shutil.copytree(embedded, copy)
+    real = mb._read_manifest
+    _, old = real(copy)
+    bundle = load_bundle(copy, device="cpu")
+    assert bundle.retrieval_embedding is not None
+    new = [2.0 * e for e in bundle.retrieval_embedding]
+    mb.save_retrieval_embedding(copy, new[0], new[1], {"note": "replaced"})
+    reads = []
+
+    def stale_first(path: Path) -> tuple[Path, dict]:
+        reads.append(path)
+        folder, manifest = real(path)
+        return (folder, old) if len(reads) == 1 else (folder, manifest)
+
+    monkeypatch.setattr(mb, "_MANIFEST_PAUSE_S", 0.0)
+    monkeypatch.setattr(mb, "_read_manifest", stale_first)
+    loaded = load_bundle(copy, device="cpu")  # first read: the old manifest over the new file
+    assert len(reads) == 2 and loaded.metadata["retrieval_embedding"] == {"note": "replaced"}
+    assert loaded.retrieval_embedding is not None
+    np.testing.assert_array_equal(loaded.retrieval_embedding[0], new[0].astype(np.float32))
+    monkeypatch.setattr(mb, "_read_manifest", lambda path: (copy, old))  # bundle.json never catches up
+    with pytest.raises(IntegrityError, match=EMBEDDING_NAME):
+        load_bundle(copy, device="cpu")
+    monkeypatch.setattr(mb, "_read_manifest", real)
+    monkeypatch.setattr(mb, "_LOCK_TIMEOUT_S", 0.1)
+    with FileLock(str(copy / mb.BUNDLE_LOCK)), pytest.raises(DataError, match="another process"):
+        mb.save_retrieval_embedding(copy, new[0], new[1], {})
+
+
 def test_learned_search_is_the_cosine_of_the_embedded_grids(
     embedded: Path, tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path
 ) -> None:

@@ -69,6 +69,8 @@ WEIGHTS_NAME = "model.safetensors"
 #: Optional: the retrieval embedding of the codes (tensors "normal" and "abnormal", (K, M) float32) behind
 #: the learned distance D_L (``fdn_core.codes.search``), written by ``fdn train-embedding``.
 EMBEDDING_NAME = "retrieval_embedding.safetensors"
+#: Lock file of a bundle's writers (one at a time; readers never take it: a bundle may be read-only).
+BUNDLE_LOCK = ".bundle.lock"
 _EXCLUDED_PREFIX = "critic."
 #: Version of the fingerprint ``save_bundle`` records (see the module docstring).
 FINGERPRINT_VERSION = 2
@@ -481,13 +483,42 @@ def _check_manifest(folder: Path, manifest: dict[str, Any]) -> tuple[_BundleMani
     return doc, paths
 
 
+#: Reads of bundle.json when a file's hash does not match it while the manifest itself changes (a writer is
+#: replacing a file: ``save_retrieval_embedding`` renames the file, then the manifest), and the pause between.
+_MANIFEST_READS, _MANIFEST_PAUSE_S = 4, 0.25
+#: How long a bundle writer waits for another one.
+_LOCK_TIMEOUT_S = 60.0
+
+
+def _verified_manifest(path: Path) -> tuple[Path, dict[str, Any], Any, dict[str, Path]]:
+    """(folder, manifest, checked document, file paths), every listed file's size and hash checked. A hash
+    that does not match while bundle.json is being replaced (its content changes between two reads) is a
+    writer's work in progress, not damage: read again. A mismatch under an unchanged manifest is raised."""
+    import time
+
+    folder, manifest = _read_manifest(path)
+    for attempt in range(_MANIFEST_READS):
+        try:
+            doc, paths = _check_manifest(folder, manifest)
+            return folder, manifest, doc, paths
+        except IntegrityError:
+            if attempt == _MANIFEST_READS - 1:
+                raise
+            time.sleep(_MANIFEST_PAUSE_S)
+            folder, again = _read_manifest(path)
+            if again == manifest:
+                raise
+            log.info("%s changed while it was checked (a file being replaced); checking it again", folder)
+            manifest = again
+    raise AssertionError("unreachable")
+
+
 def load_bundle(path: str | Path, device: str | torch.device | None = "auto") -> InferenceBundle:
     """Load and verify the bundle folder ``path`` (or its bundle.json) onto ``device`` ("auto", "cpu", ..)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder, manifest = _read_manifest(Path(path))
-    doc, paths = _check_manifest(folder, manifest)
+    folder, manifest, doc, paths = _verified_manifest(Path(path))
     where = f"{folder / MANIFEST_NAME}"
     config = config_from_dict(FDNConfig, doc.model, where=f"{where}: model")
     preprocess = config_from_dict(PreprocessConfig, doc.preprocess, where=f"{where}: preprocess")
@@ -568,11 +599,29 @@ def save_retrieval_embedding(
 ) -> Path:
     """Add (or replace) the retrieval embedding of the bundle in ``bundle_dir``: the file, then its entry
     and ``info`` (``metadata["retrieval_embedding"]``) in ``bundle.json``, each written to a temporary file
-    and renamed (a crash leaves the previous bundle; an unlisted file is ignored). The fingerprint is
+    and renamed (a crash leaves the previous bundle; an unlisted file is ignored), one writer at a time
+    under ``BUNDLE_LOCK`` (readers that meet the file before its entry read bundle.json again: see
+    ``_verified_manifest``). The fingerprint is
     unchanged: the embedding ranks codes, it does not make them. Returns the file's path."""
+    from filelock import FileLock, Timeout
     from safetensors.numpy import save
 
-    folder, manifest = _read_manifest(Path(bundle_dir))
+    folder = Path(bundle_dir)
+    folder = folder.parent if folder.is_file() and folder.name == MANIFEST_NAME else folder
+    try:
+        with FileLock(str(folder / BUNDLE_LOCK), timeout=_LOCK_TIMEOUT_S):
+            return _save_retrieval_embedding(folder, normal, abnormal, info, save)
+    except Timeout:
+        raise DataError(
+            f"{folder}: another process has been writing this bundle for {_LOCK_TIMEOUT_S:g} s "
+            f"({BUNDLE_LOCK}); wait for it to finish, or remove the lock file if no such process runs"
+        ) from None
+
+
+def _save_retrieval_embedding(
+    bundle_dir: Path, normal: np.ndarray, abnormal: np.ndarray, info: dict[str, Any], save: Any
+) -> Path:
+    folder, manifest = _read_manifest(bundle_dir)
     _check_manifest(folder, manifest)
     k = int(manifest["model"]["num_codes"])
     arrays = {
