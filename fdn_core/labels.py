@@ -147,9 +147,9 @@ def available_distances(learned: bool) -> tuple[Distance, ...]:
 #: distance becomes the weighted sum of the distances between the query's slice at each offset and the
 #: reference's slice at the same offset, both clamped to their volumes: anatomy around the slice pins down
 #: its level and shape, which one 8x8 grid of normal codes leaves ambiguous. Not in the paper. Chosen on
-#: the validation cohort 9201 among five slabs (+0.03 S_normal with D_L), then measured once on the
-#: evaluation cohorts (README, "Retrieval quality"); the abnormal term stays one slice (a slab there cost
-#: S_sum on 9201).
+#: the validation cohort 9201 among twelve slabs (+0.03 S_normal with D_L), then measured on the
+#: evaluation cohorts and a fresh one (README, "Measured figures"); the abnormal term stays one slice (a
+#: slab there cost S_sum on 9201).
 AXIAL_CONTEXT: Final[tuple[tuple[int, float], ...]] = ((-6, 0.25), (-3, 0.5), (0, 1.0), (3, 0.5), (6, 0.25))
 
 
