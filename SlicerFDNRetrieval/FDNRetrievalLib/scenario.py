@@ -30,7 +30,7 @@ from fdn_core.data.readers import (
     write_brats_case,
 )
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import AXIAL_CONTEXT, MODALITIES
+from fdn_core.labels import MODALITIES, context_slices
 from fdn_core.model.bundle import save_untrained_bundle
 
 from . import scene as sc
@@ -395,7 +395,7 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     # axial context: the engine's search with the study's neighbouring slices (the abnormal term unchanged)
     around = wf.SearchSettings(q, mode="normal", top_k=top_k, exclude_case=indexed, axial_context=True)
     hits = wf.search_study(engine, encoded, around)
-    neighbours = encoded.normal[[min(max(q + o, 0), z - 1) for o, _ in AXIAL_CONTEXT]]
+    neighbours = encoded.normal[context_slices(q, z)]
     direct = engine.search(
         Query(encoded.normal[q], exclude_cases=(indexed,) if indexed else (), normal_context=neighbours),
         mode="normal",

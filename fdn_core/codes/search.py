@@ -462,7 +462,8 @@ class SearchEngine:
                 raise DataError(f"row {r!r} is not in the database (0..{self._n - 1})")
         vols = self._volume_of_rows(np.asarray(rows, dtype=np.int64))
         excl = tuple(dict.fromkeys(self._names[v] for v in vols.tolist()))
-        around = [self._context_rows(np.asarray([rows[0]], dtype=np.int64), o)[0] for o, _ in AXIAL_CONTEXT]
+        offsets = np.asarray([o for o, _ in AXIAL_CONTEXT], dtype=np.int64)
+        around = self._context_rows(np.full(offsets.size, rows[0], dtype=np.int64), offsets)
         return Query(
             normal=self._row_codes("normal", int(rows[0])),
             abnormal=self._row_codes("abnormal", int(rows[1])),
@@ -470,8 +471,9 @@ class SearchEngine:
             normal_context=np.stack([self._row_codes("normal", int(r)) for r in around]),
         )
 
-    def _context_rows(self, rows: np.ndarray, offset: int) -> np.ndarray:
-        """``rows + offset``, each clamped to its own volume (the neighbouring stored slice)."""
+    def _context_rows(self, rows: np.ndarray, offset: int | np.ndarray) -> np.ndarray:
+        """``rows + offset`` (one offset, or one per row), each clamped to its own volume (the neighbouring
+        stored slice)."""
         lay = self._layout
         v = self._volume_of_rows(rows)
         return np.clip(rows + offset, lay.vol_start[v], lay.vol_stop[v] - 1)
