@@ -131,6 +131,7 @@ class SlicerFDNRetrievalParameterNode:
     modelPath: pathlib.Path
     databasePath: pathlib.Path
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    minLesionMl: Annotated[float, WithinRange(0.0, 100.0)] = 2.0  # fdn_core.labels.MIN_LESION_ML (tested)
     querySlice: Annotated[int, Minimum(0)] = 0
     followView: bool = True
     mode: Annotated[str, Choice(["both", "normal", "abnormal"])] = "both"
@@ -614,7 +615,9 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             return
         with self._userErrors("Could not encode the study.", waitCursor=True):
             captured = self.logic.captureStudy({key: getattr(pn, f"{key}Volume") for key in SEQUENCES})
-            task = self.logic.encodeTask(captured, pn.modelPath, pn.databasePath, pn.device)
+            task = self.logic.encodeTask(
+                captured, pn.modelPath, pn.databasePath, pn.device, minLesionMl=pn.minLesionMl
+            )
             self._startTask("encode the study", task, self._onEncoded, retry=self.onEncode)
 
     def _onEncoded(self, result: Any) -> None:
@@ -628,7 +631,10 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._follower.set_study(study.affine, study.shape)
         inputNode = getattr(self._parameterNode, f"{self._parameterNode.displaySequence}Volume")
         slicer.util.setSliceViewerLayers(background=inputNode, fit=True)
-        message = f"Encoded {study.shape[2]} axial slices; results are in the folder '{nodes['folder']}'."
+        message = (
+            f"Encoded {study.shape[2]} axial slices; results are in the folder '{nodes['folder']}'. "
+            f"Segmentation: {self.logic.encoded.lesions.describe()}."
+        )
         if self.logic.indexedCase:
             case = self.logic.indexedCase
             message += f" This study is case {case} of the database: it is left out of the results."
@@ -992,9 +998,12 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             self._resourcesKey = key
         return self._resources
 
-    def encodeTask(self, captured: Any, modelPath: Any, databasePath: Any, device: str) -> Any:
+    def encodeTask(
+        self, captured: Any, modelPath: Any, databasePath: Any, device: str, minLesionMl: float = 2.0
+    ) -> Any:
         """A not-yet-started task: package check, first torch import, model + database (sha256), the study's
-        checks and resampling, then encoding, all in the worker thread."""
+        checks and resampling, then encoding, all in the worker thread. Predicted lesions under
+        ``minLesionMl`` mL are left out of the segmentation."""
         from FDNRetrievalLib import tasks
 
         def work(progress: Any) -> Any:
@@ -1009,7 +1018,12 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             study = scene.assemble_study(captured)
             batch = workflow.choose_batch_size(resources.bundle)
             encoded = workflow.encode_study(
-                resources.bundle, study.image, study.affine, batch_size=batch, progress=progress
+                resources.bundle,
+                study.image,
+                study.affine,
+                batch_size=batch,
+                progress=progress,
+                min_lesion_ml=float(minLesionMl),
             )
             indexed = workflow.find_indexed_case(resources.database, encoded)
             return study, encoded, indexed

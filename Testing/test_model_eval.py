@@ -19,6 +19,7 @@ from fdn_core.evaluation.model_eval import (
     reconstruction_errors,
     write_model_eval,
 )
+from fdn_core.labels import MIN_LESION_ML
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -114,13 +115,15 @@ def test_leakiness_without_both_classes_reports_why() -> None:
 def test_report_writes_json_with_nulls_and_markdown(tmp_path: Path) -> None:
     nan = float("nan")
     summary = {"mean": 1.5, "std": 0.5, "n": 3}
+    dice = {k: {"mean": nan, "std": nan, "n": 0} for k in ("ncr_net", "ed", "et", "whole_tumour")}
+    healthy = {"cases": 2, "with_predicted_tumour": 1, "predicted_ml": summary, "predicted_ml_max": 2.25}
+    block = {**dice, "min_lesion_ml": 2.0, "tumour_cases": dice, "healthy_cases": healthy}
+    seg = {**block, "unprocessed": {**block, "min_lesion_ml": 0.0}}
     results = {
         "bundle": {"fingerprint": "abc", "image_size": 64, "latent_size": 8},
         "data": {"dir": "x", "cases": ["a", "b"], "slices": 80},
         "reconstruction": {k: summary for k in ("full_sum", "normal_sum", "full_mean", "normal_mean")},
-        "segmentation": {
-            k: {"mean": nan, "std": nan, "n": 0} for k in ("ncr_net", "ed", "et", "whole_tumour")
-        },
+        "segmentation": seg,
         "codebooks": {
             w: {"num_codes": 16, "compactness": 0.25, "used": 4, "used_fraction": 0.25, "perplexity": 3.2}
             for w in ("normal", "abnormal")
@@ -135,6 +138,8 @@ def test_report_writes_json_with_nulls_and_markdown(tmp_path: Path) -> None:
     assert data["segmentation"]["et"]["mean"] is None
     md = md_path.read_text()
     assert "| normal | 0.25 | 4 / 16 |" in md and "n/a" in md and "test split has 0 diseased" in md
+    assert "| lesions >= 2 mL | tumour cases |" in md and "| unprocessed | all |" in md
+    assert "1 of 2 healthy cases, 1.5 mL on average (largest 2.25 mL)" in md
     assert md == markdown_report(results)
 
 
@@ -169,7 +174,19 @@ def test_evaluate_model_on_a_cohort(tiny_bundle: Path, tiny_cohort: Path) -> Non
     for case in results["segmentation_per_case"]:
         for value in case["dice"].values():
             assert math.isnan(value) or 0.0 <= value <= 1.0
-    assert results["segmentation"]["whole_tumour"]["n"] >= 1
+    seg = results["segmentation"]
+    assert seg["whole_tumour"]["n"] >= 1 and seg["min_lesion_ml"] == MIN_LESION_ML
+    tumour = [c for c in results["segmentation_per_case"] if c["tumour"]]
+    assert 1 <= len(tumour) < len(cases)  # the tiny cohort has healthy cases too
+    assert seg["tumour_cases"]["whole_tumour"]["n"] == len(tumour)
+    assert seg["healthy_cases"]["cases"] == len(cases) - len(tumour)
+    for case in results["segmentation_per_case"]:  # the size rule only ever removes predicted tumour
+        assert case["predicted_ml"] <= case["predicted_ml_unprocessed"]
+        assert (case["lesions_removed"] > 0) == (case["predicted_ml"] < case["predicted_ml_unprocessed"])
+    unfiltered = evaluate_model(tiny_bundle, tiny_cohort, leak=settings, binarize=False, min_lesion_ml=0.0)
+    for case in unfiltered["segmentation_per_case"]:
+        assert case["lesions_removed"] == 0
+        assert str(case["dice"]) == str(case["dice_unprocessed"])  # NaN-safe equality
     for which in ("normal", "abnormal"):
         book = results["codebooks"][which]
         assert book["num_codes"] == 16 and 1 <= book["used"] <= 16

@@ -15,12 +15,13 @@ import threading
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from fdn_core.data.readers import find_cases, load_case, write_brats_case
-from fdn_core.labels import DISTANCES, MODALITIES
+from fdn_core.labels import DISTANCES, MIN_LESION_ML, MODALITIES
 from fdn_core.progress import Cancelled
 from FDNRetrievalLib import deps, naming, scenario, tasks, views
 from FDNRetrievalLib import scene as sc
@@ -338,6 +339,8 @@ def test_module_files_are_valid() -> None:
     # The panel offers every distance of the vocabulary (the module file cannot import it at class level).
     line = next(x for x in body.splitlines() if x.strip().startswith("distance:"))
     assert ast.literal_eval(line.split("Choice(")[1].split(")]")[0]) == list(DISTANCES)
+    line = next(x for x in body.splitlines() if x.strip().startswith("minLesionMl:"))
+    assert float(line.split("=")[1].split("#")[0]) == MIN_LESION_ML
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     # The browser viewer lives beside the module but is its own distribution, never in the extension.
     assert "FDNRetrievalWeb" not in cmake
@@ -432,14 +435,24 @@ def test_module_logic_runs_on_a_real_scene(
     case = sorted(find_cases(fixture.cohort_dir), key=lambda c: c.case_id)[0]
     nodes = scenario.load_case_nodes(ctx, case)
     captured = logic.captureStudy(nodes)
-    task = logic.encodeTask(captured, fixture.bundle_dir, fixture.db_dir, "cpu")
-    poller = tasks.TaskPoller()
-    ends: list[tasks.TaskStatus] = []
-    poller.start(task, "encode", lambda kind, t, status: ends.append(status))
-    while not ends:
-        poller.tick()
-    assert ends[0].error is None, ends[0].error
-    published = logic.publishEncoding(task.result())
+
+    def encoded_with(min_ml: float) -> Any:
+        task = logic.encodeTask(captured, fixture.bundle_dir, fixture.db_dir, "cpu", minLesionMl=min_ml)
+        poller = tasks.TaskPoller()
+        ends: list[tasks.TaskStatus] = []
+        poller.start(task, "encode", lambda kind, t, status: ends.append(status))
+        while not ends:
+            poller.tick()
+        assert ends[0].error is None, ends[0].error
+        return task.result()
+
+    # the panel's size rule reaches the segmentation: everything at 0, nothing at 1e6 mL
+    unfiltered = encoded_with(0.0)[1]
+    assert unfiltered.lesions.min_ml == 0.0 and unfiltered.lesions.removed == 0
+    emptied = encoded_with(1e6)[1]
+    assert not emptied.seg.any() and not emptied.has_abnormal.any()
+    assert emptied.lesions.removed == unfiltered.lesions.kept > 0
+    published = logic.publishEncoding(encoded_with(MIN_LESION_ML))
     study = logic.study
     assert logic.indexedCase == case.case_id and "cases" in logic.resourcesSummary()
     assert "CPU" in logic.deviceWarning()

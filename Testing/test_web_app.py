@@ -278,6 +278,14 @@ def test_encode_shows_progress_and_finishes(page: Any, browser: Any, server: Ser
     _pick_study(page, "phantom_0004")
     query = _wait_image(page, "FDNQuery")
     assert (query > 40).mean() > 0.02, "the study is not shown in the query view"
+    # a bad lesion size is refused by name before anything starts; the default is then put back
+    page.fill("#fdn-min-lesion", "-1")
+    page.click("#fdn-encode")
+    page.wait_for_function(
+        "() => document.querySelector('#fdn-messages').innerText.includes('Smallest lesion shown')"
+    )
+    assert not _state(page, "fdn_busy") and not _state(page, "fdn_encoded")
+    page.fill("#fdn-min-lesion", "2")
     # a second tab measures round trips to the server before and during the encode
     other = browser.new_page()
     other.goto(server.url)
@@ -298,6 +306,7 @@ def test_encode_shows_progress_and_finishes(page: Any, browser: Any, server: Ser
     other.close()
     assert _state(page, "fdn_encoded"), _messages(page)
     assert "Encoded 32 slices" in _messages(page)
+    assert "Segmentation: " in _messages(page) and "of at least 2 mL" in _messages(page)
     assert any(0 < p < 100 for p in progress) or max(progress, default=0) > 0, progress
     TIMINGS["ping_idle"], TIMINGS["ping_during_encode"] = _summary(idle), _summary(busy)
     assert len(busy) >= 3 and np.median(busy) < 250, f"round trips during the encode: {busy}"

@@ -191,6 +191,8 @@ def _reconstruction_figure(bundle: Any, cases: list[Any], slices: list[int], png
     from matplotlib.figure import Figure
 
     from fdn_core.data.preprocess import volume_to_slices
+    from fdn_core.labels import MIN_LESION_ML
+    from fdn_core.model.lesions import remove_small_lesions
     from fdn_core.report.montage import display_orientation
 
     cmap = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.7), (0.1, 0.8, 0.2, 0.55), (1.0, 0.85, 0.0, 0.8)])
@@ -201,14 +203,17 @@ def _reconstruction_figure(bundle: Any, cases: list[Any], slices: list[int], png
         "T1ce input",
         "T1ce normal-appearing",
         "true labels",
-        "predicted labels",
+        f"predicted (>= {MIN_LESION_ML:g} mL)",
     ]
     fig = Figure(figsize=(2.0 * len(titles), 2.15 * len(cases)), dpi=90)
     FigureCanvasAgg(fig)
     for row, (case, k) in enumerate(zip(cases, slices)):
         stack = volume_to_slices(case, bundle.preprocess)
         x = stack.images[k : k + 1]
-        full, normal, seg_pred = bundle.reconstruct(x)
+        full, normal, _ = bundle.reconstruct(x)
+        assert stack.voxel_ml is not None
+        # the segmentation as the interfaces show it: the size rule needs the whole volume's prediction
+        seg_pred, _ = remove_small_lesions(bundle.encode_slices(stack.images).seg, stack.voxel_ml)
         flair, t1ce = 3, 1
         lo, hi = np.percentile(x[0, flair][x[0, flair] != 0], [1, 99]) if np.any(x[0, flair]) else (0, 1)
         panels = [
@@ -218,7 +223,7 @@ def _reconstruction_figure(bundle: Any, cases: list[Any], slices: list[int], png
             (x[0, t1ce], None),
             (normal[0, t1ce], None),
             (x[0, flair], stack.seg[k] if stack.seg is not None else None),
-            (x[0, flair], seg_pred[0]),
+            (x[0, flair], seg_pred[k]),
         ]
         for col, (img, lab) in enumerate(panels):
             ax = fig.add_subplot(len(cases), len(titles), row * len(titles) + col + 1)

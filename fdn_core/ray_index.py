@@ -159,6 +159,7 @@ def _read_case(row: dict[str, Any], *, preprocess: PreprocessConfig, digests: np
         "images": np.zeros((0, 4, s, s), np.float32),
         "label_flags": np.zeros(0, bool),
         "has_labels": False,
+        "voxel_ml": 0.0,
     }
     try:
         sha = case_fingerprint(f)
@@ -173,6 +174,7 @@ def _read_case(row: dict[str, Any], *, preprocess: PreprocessConfig, digests: np
         out["missing"] = f"{socket.gethostname()}\0{missing[0]}" if missing else ""
         return out
     out["images"] = np.ascontiguousarray(stack.images, dtype=np.float32)
+    out["voxel_ml"] = float(stack.voxel_ml or 0.0)
     if stack.seg is not None:
         out["label_flags"], out["has_labels"] = _slice_flags(stack.seg), True
     return out
@@ -218,7 +220,7 @@ class _Encoder:
         self.where = f"{self.where} {self.bundle.device}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from fdn_core.retrieval import _slice_flags
+        from fdn_core.retrieval import _predicted_flags
 
         h, w = self.bundle.grid_shape
         status, problem = str(_first(batch["status"])), str(_first(batch["problem"]))
@@ -238,7 +240,9 @@ class _Encoder:
                 normal, abnormal = enc.normal, enc.abnormal
                 has_labels = bool(_first(batch["has_labels"]))
                 flags = (
-                    np.asarray(_first(batch["label_flags"]), bool) if has_labels else _slice_flags(enc.seg)
+                    np.asarray(_first(batch["label_flags"]), bool)
+                    if has_labels
+                    else _predicted_flags(enc.seg, float(_first(batch["voxel_ml"])) or None)
                 )
         return {
             "i": np.asarray(batch["i"][:1]),

@@ -3,7 +3,8 @@
 - ``encode_case``: a loaded volume -> the code grids of every axial slice (bundle's preprocessing).
 - ``index_cohort`` / ``add_cases`` / ``remove_case``: the database (``fdn_core.codes.database``) of a cohort.
   Each slice's ``has_abnormal`` flag comes from the case's tumour labels when it has them, else from the
-  model's predicted segmentation. Every case records its source files so a viewer can load the volume.
+  model's predicted segmentation without lesions under ``labels.MIN_LESION_ML``. Every case records its
+  source files so a viewer can load the volume.
   The binarised codebooks that the Hamming distance needs (``fdn_core.codes.binarize``, Algorithm A.1) are
   fitted once on the database's codebooks and stored inside the database folder, under ``hamming/``.
 - ``Retriever``: ranked hits for a query slice taken from the database or from a new case, in any mode
@@ -33,6 +34,7 @@ from fdn_core.errors import DataError
 from fdn_core.fileio import describe_os_error, resolve_inside
 from fdn_core.labels import DISTANCES, context_slices, normalize_mode
 from fdn_core.model.bundle import EncodedSlices, InferenceBundle
+from fdn_core.model.lesions import remove_small_lesions
 from fdn_core.progress import Cancelled, Progress
 
 __all__ = [
@@ -91,9 +93,20 @@ def _slice_flags(seg: np.ndarray) -> np.ndarray:
     return np.asarray((seg.reshape(seg.shape[0], -1) > 0).any(axis=1), dtype=bool)
 
 
+def _predicted_flags(seg: np.ndarray, voxel_ml: float | None) -> np.ndarray:
+    """Per slice: the model's segmentation (Z, S, S) holds a lesion of at least ``labels.MIN_LESION_ML``
+    (every predicted voxel counts where the voxel size is not known)."""
+    if voxel_ml is not None and seg.size:
+        seg = remove_small_lesions(seg, voxel_ml)[0]
+    return _slice_flags(seg)
+
+
 def _has_abnormal(stack: SliceStack, encoded: EncodedSlices) -> np.ndarray:
-    """Per slice: tumour labels > 0 when the case has labels, else the model's predicted segmentation."""
-    return _slice_flags(stack.seg if stack.seg is not None else encoded.seg)
+    """Per slice: tumour labels > 0 when the case has labels, else the model's predicted segmentation
+    without its specks (``_predicted_flags``)."""
+    if stack.seg is not None:
+        return _slice_flags(stack.seg)
+    return _predicted_flags(encoded.seg, stack.voxel_ml)
 
 
 # --------------------------------------------------------------------------------------------- hamming

@@ -30,8 +30,9 @@ from fdn_core.data.readers import (
     write_brats_case,
 )
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import MODALITIES, context_slices
+from fdn_core.labels import MIN_LESION_ML, MODALITIES, context_slices
 from fdn_core.model.bundle import save_untrained_bundle
+from fdn_core.model.lesions import remove_small_lesions
 
 from . import scene as sc
 from . import workflow as wf
@@ -297,6 +298,18 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     _check(
         encoded.recon_normal is not None and encoded.recon_normal.shape == study.image.shape,
         "no reconstruction",
+    )
+    # the segmentation shows no speck: nothing below the size rule (80 % of it, for the resampling to the
+    # study's grid) is left, and the abnormal-slice flags are those of the shown segmentation
+    voxel_ml = float(np.prod(np.sqrt((study.affine[:3, :3] ** 2).sum(axis=0)))) / 1000.0
+    specks = remove_small_lesions(encoded.seg, voxel_ml, 0.8 * MIN_LESION_ML)[1]
+    _check(
+        encoded.lesions.min_ml == MIN_LESION_ML and specks.removed == 0,
+        f"the segmentation keeps {specks.removed} lesion(s) under the size rule ({encoded.lesions})",
+    )
+    _check(
+        np.array_equal(encoded.has_abnormal, encoded.seg.reshape(-1, z).any(axis=0)),
+        "the abnormal-slice flags differ from the segmentation shown",
     )
     indexed = wf.find_indexed_case(resources.database, encoded)
     _check(

@@ -22,8 +22,9 @@ from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import slices_to_volume, volume_to_slices
 from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import DISTANCES, MODALITIES, context_slices, normalize_mode
+from fdn_core.labels import DISTANCES, MIN_LESION_ML, MODALITIES, context_slices, normalize_mode
 from fdn_core.model.bundle import InferenceBundle, load_bundle
+from fdn_core.model.lesions import LesionCleanup, remove_small_lesions
 from fdn_core.progress import Progress
 from fdn_core.retrieval import load_hamming_codes
 
@@ -153,7 +154,8 @@ class EncodedStudy:
     """A study's codes and outputs, in canonical orientation.
 
     normal / abnormal: uint16 (Z, h, w) code grids per axial slice; has_abnormal: (Z,) bool (the model's
-    segmentation has abnormal voxels in that slice); seg: uint8 (X, Y, Z) classes 0..3; recon_normal:
+    segmentation has abnormal voxels in that slice); seg: uint8 (X, Y, Z) classes 0..3, without the
+    predicted lesions smaller than ``lesions.min_ml`` (``lesions`` says what was removed); recon_normal:
     float32 (4, X, Y, Z) normal-appearing image in the input's intensity units (None when not computed).
     """
 
@@ -163,6 +165,7 @@ class EncodedStudy:
     seg: np.ndarray
     recon_normal: np.ndarray | None
     fingerprint: str
+    lesions: LesionCleanup
 
     @property
     def num_slices(self) -> int:
@@ -216,6 +219,7 @@ def encode_study(
     batch_size: int | None = None,
     progress: Progress | None = None,
     reconstruct: bool = True,
+    min_lesion_ml: float = MIN_LESION_ML,
 ) -> EncodedStudy:
     """Encode every axial slice of a canonical 4-channel study ``image`` (4, X, Y, Z).
 
@@ -224,6 +228,8 @@ def encode_study(
     ``STEP_SECONDS`` (at most ``batch_size`` slices) so that Cancel is answered quickly. With ``reconstruct``
     the normal-appearing image is decoded too and mapped back to the input's intensities (z-score undone
     with each channel's brain mean and standard deviation; 0 outside that channel's brain voxels).
+    Predicted lesions smaller than ``min_lesion_ml`` mL are removed from the segmentation and its slice
+    flags (``remove_small_lesions``; 0 keeps all).
     """
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4 or image.shape[0] != len(MODALITIES):
@@ -252,7 +258,10 @@ def encode_study(
     )
     normal = np.concatenate([p.normal for p in parts])
     abnormal = np.concatenate([p.abnormal for p in parts])
-    seg_slices = np.concatenate([p.seg for p in parts])
+    assert stack.voxel_ml is not None  # volume_to_slices knows the spacing
+    seg_slices, lesions = remove_small_lesions(
+        np.concatenate([p.seg for p in parts]), stack.voxel_ml, min_lesion_ml
+    )
     seg = slices_to_volume(seg_slices, stack.geometry).astype(np.uint8)
     recon = None
     if reconstruct:
@@ -276,6 +285,7 @@ def encode_study(
         seg=seg,
         recon_normal=recon,
         fingerprint=bundle.fingerprint,
+        lesions=lesions,
     )
 
 

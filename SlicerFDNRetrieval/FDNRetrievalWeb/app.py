@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fdn_core.labels import MODALITIES, PAPER_DISTANCES
+from fdn_core.labels import MIN_LESION_ML, MODALITIES, PAPER_DISTANCES
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import tasks
 from FDNRetrievalLib import views as lib_views
@@ -141,6 +141,7 @@ class FDNWebApp:
                 "fdn_top_k": 10,
                 "fdn_volume_wise": True,
                 "fdn_axial_context": False,
+                "fdn_min_lesion_ml": MIN_LESION_ML,
                 "fdn_composite": False,
                 "fdn_abnormal_slice": 0,
                 "fdn_hits": [],
@@ -425,6 +426,13 @@ class FDNWebApp:
         from FDNRetrievalLib import workflow as wf
 
         resources, study = self.resources, self.viewer.study
+        try:
+            min_ml = float(self.state.fdn_min_lesion_ml)
+        except (TypeError, ValueError):
+            min_ml = float("nan")
+        if not (np.isfinite(min_ml) and min_ml >= 0):
+            self._message("error", "Smallest lesion shown: give a number of mL >= 0 (0 shows everything).")
+            return
 
         def work(progress: Any) -> tuple[Any, str | None, dict[str, ViewVolume]]:
             batch = wf.choose_batch_size(resources.bundle)
@@ -434,6 +442,7 @@ class FDNWebApp:
                 study.volumes.affine,
                 batch_size=batch,
                 progress=progress,
+                min_lesion_ml=min_ml,
             )
             recon = {}
             if encoded.recon_normal is not None:
@@ -459,7 +468,10 @@ class FDNWebApp:
                     "fdn_timings": {**self.state.fdn_timings, "encode_s": round(status.elapsed_s, 2)},
                 }
             )
-            text = f"Encoded {encoded.num_slices} slices in {status.elapsed_s:.1f} s."
+            text = (
+                f"Encoded {encoded.num_slices} slices in {status.elapsed_s:.1f} s. "
+                f"Segmentation: {encoded.lesions.describe()}."
+            )
             if indexed is not None:
                 text += f" This study is case {indexed} of the database: it is left out of the results."
             self._message("success", text)
@@ -846,6 +858,20 @@ class FDNWebApp:
                 )
                 v3.VBtn(
                     "Cancel", click=self.cancel, disabled=("!fdn_busy",), variant="outlined", id="fdn-cancel"
+                )
+                v3.VTextField(
+                    v_model_number=("fdn_min_lesion_ml",),
+                    type="number",
+                    min=0,
+                    step=0.5,
+                    label="Smallest lesion (mL)",
+                    title="Predicted lesions smaller than this are left out of the segmentation and the "
+                    "abnormal-slice flags (0 shows everything the model predicts); applies from the next "
+                    "Encode",
+                    density="compact",
+                    hide_details=True,
+                    style="max-width: 150px;",
+                    id="fdn-min-lesion",
                 )
             with html.Div(v_show="fdn_busy", id="fdn-progress"):
                 v3.VProgressLinear(model_value=("fdn_progress",), height=8, color="primary", rounded=True)

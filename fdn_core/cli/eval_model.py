@@ -4,11 +4,24 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from fdn_core.cli.args import add_batch_size, add_data, add_device, add_model, add_no_progress
+from fdn_core.labels import MIN_LESION_ML
 
 __all__ = ["register", "run"]
+
+
+def _lesion_ml(text: str) -> float:
+    """argparse type: a lesion size in mL, a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of mL") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of mL >= 0 (0 keeps every lesion)")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--seed", type=int, default=0, help="seed of the leakiness split and classifier")
     parser.add_argument(
         "--no-binarize", action="store_true", help="skip fitting and reporting the binary codes"
+    )
+    parser.add_argument(
+        "--min-lesion-ml",
+        type=_lesion_ml,
+        default=MIN_LESION_ML,
+        help="score the segmentation without predicted lesions (3D connected tumour components) smaller "
+        f"than this many mL, as the interfaces show it (default {MIN_LESION_ML:g}; 0 keeps all); the "
+        "unprocessed prediction is scored too",
     )
     add_no_progress(parser)
     parser.set_defaults(func=run)
@@ -91,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         leak=settings,
         batch_size=args.batch_size,
         binarize=not args.no_binarize,
+        min_lesion_ml=args.min_lesion_ml,
         progress=progress,
     )
     json_path, md_path = write_model_eval(results, args.out)

@@ -179,6 +179,11 @@ class SliceGeometry:
         t = t[..., self.pad_x[0] : self.pad_x[0] + self.size_x, self.pad_y[0] : self.pad_y[0] + self.size_y]
         return _restore(t, squeeze, is_numpy, dtype, mode)
 
+    def voxel_ml(self, spacing: tuple[float, float, float]) -> float:
+        """Volume in mL of one voxel of the model-sized slices of a volume with voxel ``spacing`` (mm)."""
+        scale = self.side / self.image_size
+        return float(spacing[0] * scale * spacing[1] * scale * spacing[2] / 1000.0)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (stored in cache indexes)."""
         return {
@@ -203,12 +208,14 @@ class SliceGeometry:
 
 @dataclass
 class SliceStack:
-    """All axial slices of one case at model size: images float32 (Z,4,S,S), seg/anat uint8 (Z,S,S)."""
+    """All axial slices of one case at model size: images float32 (Z,4,S,S), seg/anat uint8 (Z,S,S);
+    ``voxel_ml``: one model-sized voxel's volume in mL (None where the spacing is not known)."""
 
     images: np.ndarray
     seg: np.ndarray | None
     anat: np.ndarray | None
     geometry: SliceGeometry
+    voxel_ml: float | None = None
 
 
 def volume_to_slices(case: CaseVolume, cfg: PreprocessConfig) -> SliceStack:
@@ -224,7 +231,13 @@ def volume_to_slices(case: CaseVolume, cfg: PreprocessConfig) -> SliceStack:
             continue
         t = torch.from_numpy(np.ascontiguousarray(vol)).permute(2, 0, 1)
         labels.append(geometry.to_model(t, "nearest").numpy())  # type: ignore[union-attr]
-    return SliceStack(images.contiguous().numpy(), labels[0], labels[1], geometry)  # type: ignore[union-attr]
+    return SliceStack(
+        images.contiguous().numpy(),  # type: ignore[union-attr]
+        labels[0],
+        labels[1],
+        geometry,
+        geometry.voxel_ml(case.spacing),
+    )
 
 
 def slices_to_volume(

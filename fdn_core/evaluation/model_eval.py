@@ -45,7 +45,8 @@ from torch import nn
 from fdn_core.errors import DataError
 from fdn_core.evaluation.metrics import abnormal_dice, ppv, roc_auc
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
-from fdn_core.labels import ABNORMAL_DICE_GROUPS
+from fdn_core.labels import ABNORMAL_DICE_GROUPS, MIN_LESION_ML
+from fdn_core.model.lesions import remove_small_lesions
 from fdn_core.progress import Progress
 
 __all__ = [
@@ -516,6 +517,7 @@ def evaluate_model(
     leak: LeakinessSettings | None = None,
     batch_size: int = 32,
     binarize: bool = True,
+    min_lesion_ml: float = MIN_LESION_ML,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate an inference bundle (a path or an ``InferenceBundle``) on the labelled cases of a cohort.
@@ -524,8 +526,11 @@ def evaluate_model(
     leakiness classifier then learns from reconstructions of the bundle's recorded training cases found
     there and is tested on the evaluated cases (those that are training cases, by image content, are left
     out of its test); without it the evaluated cases are split case-wise (noted in the results).
-    ``binarize``: also fit the binary codes (Algorithm A.1) and report them. Returns a JSON-ready dict with
-    ``reconstruction``, ``segmentation`` (Dice per class, mean over cases, and per case), ``codebooks``
+    ``binarize``: also fit the binary codes (Algorithm A.1) and report them. ``min_lesion_ml``: predicted
+    lesions smaller than this are removed before scoring, as every interface shows the segmentation
+    (``remove_small_lesions``); the unprocessed prediction is scored too. Returns a JSON-ready dict with
+    ``reconstruction``, ``segmentation`` (Dice per class, mean over cases, and per case; over the cases
+    with a tumour; false tumour in the healthy cases; the same for the unprocessed prediction), ``codebooks``
     (compactness, usage on the data and in training, binarisation) and ``leakiness`` (normal-appearing
     reconstructions, and the full-reconstruction control).
     """
@@ -578,9 +583,20 @@ def evaluate_model(
             stack.images, out["recon_full"], out["recon_normal"], stack.seg
         ).items():
             rec.setdefault(k, []).append(v)
-        pred_volume = slices_to_volume(out["seg"], stack.geometry)
-        case_dice = abnormal_dice(pred_volume, case.seg)
-        per_case.append({"case_id": case.case_id, "slices": len(stack.images), "dice": case_dice})
+        assert stack.voxel_ml is not None  # volume_to_slices knows the spacing
+        cleaned, cleanup = remove_small_lesions(out["seg"], stack.voxel_ml, min_lesion_ml)
+        per_case.append(
+            {
+                "case_id": case.case_id,
+                "slices": len(stack.images),
+                "tumour": bool((case.seg > 0).any()),
+                "dice": abnormal_dice(slices_to_volume(cleaned, stack.geometry), case.seg),
+                "dice_unprocessed": abnormal_dice(slices_to_volume(out["seg"], stack.geometry), case.seg),
+                "predicted_ml": cleanup.kept_ml,
+                "predicted_ml_unprocessed": cleanup.kept_ml + cleanup.removed_ml,
+                "lesions_removed": cleanup.removed,
+            }
+        )
         counts["normal"] += np.bincount(out["idx_n"].ravel(), minlength=num_codes)
         counts["abnormal"] += np.bincount(out["idx_a"].ravel(), minlength=num_codes)
         if case.case_id not in excluded:  # a training case cannot test the classifier
@@ -602,7 +618,8 @@ def evaluate_model(
         progress.update(total, total, "evaluating cases")
 
     reconstruction = {k: _summary(np.concatenate(v)) for k, v in rec.items()}
-    segmentation = {name: _summary([c["dice"][name] for c in per_case]) for name in ABNORMAL_DICE_GROUPS}
+    segmentation = _segmentation_summary(per_case, "", min_lesion_ml)
+    segmentation["unprocessed"] = _segmentation_summary(per_case, "_unprocessed", 0.0)
     usage = bundle.code_usage() if hasattr(bundle, "code_usage") else None
     codebooks = _codebooks(model, counts, usage, metadata.get("code_usage"), binarize)
     leakiness_result = _leakiness_results(samples, leak, train_info, progress)
@@ -625,6 +642,29 @@ def evaluate_model(
         "leakiness_training": train_info,
         "leakiness_settings": dataclasses.asdict(leak),
     }
+
+
+def _segmentation_summary(
+    per_case: list[dict[str, Any]], suffix: str, min_lesion_ml: float
+) -> dict[str, Any]:
+    """Dice per class over all cases (the paper's table) and over the cases with a tumour, and the false
+    tumour predicted in the healthy cases, from ``per_case``'s ``dice{suffix}`` and
+    ``predicted_ml{suffix}``."""
+    dice = f"dice{suffix}"
+    healthy = [c for c in per_case if not c["tumour"]]
+    out: dict[str, Any] = {name: _summary([c[dice][name] for c in per_case]) for name in ABNORMAL_DICE_GROUPS}
+    out["min_lesion_ml"] = float(min_lesion_ml)
+    out["tumour_cases"] = {
+        name: _summary([c[dice][name] for c in per_case if c["tumour"]]) for name in ABNORMAL_DICE_GROUPS
+    }
+    volumes = [float(c[f"predicted_ml{suffix}"]) for c in healthy]
+    out["healthy_cases"] = {
+        "cases": len(healthy),
+        "with_predicted_tumour": sum(v > 0 for v in volumes),
+        "predicted_ml": _summary(volumes),
+        "predicted_ml_max": max(volumes) if volumes else float("nan"),
+    }
+    return out
 
 
 def _leakiness_results(
@@ -762,12 +802,14 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
         "## Segmentation Dice on re-stacked 3D volumes (paper 4.4.2; mean ± std over cases where defined)",
         "",
-        "| class | mean | std | cases |",
-        "|---|---|---|---|",
+        "A class absent from a case's labels counts 0 there when the model predicts it and is left out when",
+        "it does not; a healthy case therefore scores 0 for any false tumour. Rows *tumour cases* leave the",
+        "healthy cases out (as on BraTS, where every case has a tumour).",
+        "",
+        "| prediction | cases | NCR/NET | ED | ET | whole tumour |",
+        "|---|---|---|---|---|---|",
     ]
-    for key, label in (("ncr_net", "NCR/NET"), ("ed", "ED"), ("et", "ET"), ("whole_tumour", "whole tumour")):
-        s = results["segmentation"][key]
-        lines.append(f"| {label} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {s['n']} |")
+    lines += _segmentation_lines(results["segmentation"])
     lines += [
         "",
         "## Codebooks (paper 4.4.4; usage on the evaluated data and, when recorded, in training)",
@@ -828,6 +870,30 @@ def markdown_report(results: dict[str, Any]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _segmentation_lines(seg: dict[str, Any]) -> list[str]:
+    """The Dice rows (post-processed and unprocessed; all cases and tumour cases) and the healthy cases'
+    false tumour, for ``markdown_report``."""
+    classes = ("ncr_net", "ed", "et", "whole_tumour")
+
+    def row(label: str, group: str, block: dict[str, Any]) -> str:
+        cells = [f"{_fmt(block[k]['mean'])} ± {_fmt(block[k]['std'])} (n {block[k]['n']})" for k in classes]
+        return f"| {label} | {group} | " + " | ".join(cells) + " |"
+
+    lines = []
+    notes = ["", "False tumour in the healthy cases:", ""]
+    for label, block in (
+        (f"lesions >= {seg['min_lesion_ml']:g} mL", seg),
+        ("unprocessed", seg["unprocessed"]),
+    ):
+        lines += [row(label, "all", block), row(label, "tumour cases", block["tumour_cases"])]
+        h = block["healthy_cases"]
+        notes.append(
+            f"- {label}: {h['with_predicted_tumour']} of {h['cases']} healthy cases, "
+            f"{_fmt(h['predicted_ml']['mean'])} mL on average (largest {_fmt(h['predicted_ml_max'])} mL)"
+        )
+    return lines + notes
 
 
 def _json_safe(obj: Any) -> Any:
