@@ -999,11 +999,11 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         return self._resources
 
     def encodeTask(
-        self, captured: Any, modelPath: Any, databasePath: Any, device: str, minLesionMl: float = 2.0
+        self, captured: Any, modelPath: Any, databasePath: Any, device: str, minLesionMl: float | None = None
     ) -> Any:
         """A not-yet-started task: package check, first torch import, model + database (sha256), the study's
         checks and resampling, then encoding, all in the worker thread. Predicted lesions under
-        ``minLesionMl`` mL are left out of the segmentation."""
+        ``minLesionMl`` mL (default ``labels.MIN_LESION_ML``) are left out of the segmentation."""
         from FDNRetrievalLib import tasks
 
         def work(progress: Any) -> Any:
@@ -1011,6 +1011,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             if need is not None:
                 return need
             progress.update(0, 1, "Loading the model and database")
+            from fdn_core.labels import MIN_LESION_ML
             from FDNRetrievalLib import scene, workflow  # the first import of torch happens here
 
             resources = self.openResources(modelPath, databasePath, device)
@@ -1023,7 +1024,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
                 study.affine,
                 batch_size=batch,
                 progress=progress,
-                min_lesion_ml=float(minLesionMl),
+                min_lesion_ml=MIN_LESION_ML if minLesionMl is None else float(minLesionMl),
             )
             indexed = workflow.find_indexed_case(resources.database, encoded)
             return study, encoded, indexed

@@ -104,18 +104,41 @@ def test_size_bench_agrees_with_the_model_evaluation(
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "sizes.json"
-    argv = ["--model", str(tiny_bundle), "--data", str(tiny_cohort), "--sizes", "0", "0.05", "1e6"]
+    argv = ["--model", str(tiny_bundle), "--data", str(tiny_cohort), "--sizes", "0", "0.5", "1e6"]
     assert bench.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert "| 0.05 |" in capsys.readouterr().out and [r["min_lesion_ml"] for r in rows] == [0, 0.05, 1e6]
+    assert "| 0.5 |" in capsys.readouterr().out and [r["min_lesion_ml"] for r in rows] == [0, 0.5, 1e6]
+    # 0.5 mL removes some of the untrained model's lesions here, 1e6 mL all of them
+    assert rows[1]["whole_tumour_dice_mean"] != rows[0]["whole_tumour_dice_mean"]
+    assert rows[2]["healthy_with_false_tumour"] == 0 and rows[2]["whole_tumour_dice_mean"] == 0.0
     leak = LeakinessSettings(input_size=16, epochs=1, width=8, slices_per_case=4)
-    for row in rows[:2]:
-        seg = evaluate_model(
+    for row in rows[1:]:
+        results = evaluate_model(
             tiny_bundle, tiny_cohort, leak=leak, binarize=False, min_lesion_ml=row["min_lesion_ml"]
-        )["segmentation"]
+        )
+        seg = results["segmentation"]
         assert row["whole_tumour_dice_mean"] == pytest.approx(seg["tumour_cases"]["whole_tumour"]["mean"])
         assert row["healthy_with_false_tumour"] == seg["healthy_cases"]["with_predicted_tumour"]
         assert row["false_tumour_ml_max"] == pytest.approx(seg["healthy_cases"]["predicted_ml_max"])
-    last = rows[-1]  # nothing is that large: every prediction is removed
-    assert last["healthy_with_false_tumour"] == 0 and last["whole_tumour_dice_mean"] == 0.0
-    assert rows[0]["false_tumour_ml_mean"] >= rows[1]["false_tumour_ml_mean"]
+        unprocessed = seg["unprocessed"]["tumour_cases"]["whole_tumour"]["mean"]
+        assert unprocessed == pytest.approx(rows[0]["whole_tumour_dice_mean"])  # the same prediction, raw
+        removed = [c for c in results["segmentation_per_case"] if c["lesions_removed"]]
+        wt = [
+            (c["dice"]["whole_tumour"], c["dice_unprocessed"]["whole_tumour"]) for c in removed if c["tumour"]
+        ]
+        assert wt and all(after != before for after, before in wt)
+
+
+def test_bad_sizes_are_refused_before_any_work(
+    tiny_bundle: Path, tiny_cohort: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fdn_core.cli import main
+    from fdn_core.evaluation.model_eval import evaluate_model
+
+    with pytest.raises(DataError, match="minimum lesion size"):
+        evaluate_model(tiny_bundle, tiny_cohort / "no-such-folder", min_lesion_ml=-1.0)
+    for bad in ("-1", "nan", "inf", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval-model", "--model", str(tiny_bundle), "--data", str(tiny_cohort), "--out", "x",
+                  "--min-lesion-ml", bad])  # fmt: skip
+        assert exit_info.value.code == 2 and "--min-lesion-ml" in capsys.readouterr().err

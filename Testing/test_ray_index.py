@@ -85,6 +85,53 @@ def test_workers_skip_what_the_database_holds_and_say_when_a_node_cannot_see_a_f
     assert _with_storage_hint(f, "case c1: gone", f"node7\0{tmp_path / 'nowhere'}") == "case c1: gone"
 
 
+@pytest.mark.parametrize("case_id", ["phantom_0000", "phantom_0004"])  # a tumour, then a healthy brain
+def test_a_ray_worker_flags_an_unlabelled_case_as_the_local_encoder_does(
+    case_id: str, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """The read task carries the model voxel's volume, and the encoder actor flags slices from the model's
+    segmentation without its small lesions, exactly as ``encode_here`` does (called here without Ray). The
+    shipped model marks specks in both tiny phantoms, which the size rule removes."""
+    from fdn_core.data.readers import find_cases
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.ray_index import _absolute, _Encoder, _files_to_json, _read_case
+    from fdn_core.resources import shipped_model_dir
+    from fdn_core.retrieval import _predicted_flags, encode_here
+
+    case = next(c for c in find_cases(tiny_cohort) if c.case_id == case_id)
+    folder = tmp_path / "unlabelled" / case.case_id
+    folder.mkdir(parents=True)
+    for path in (case.images or {}).values():
+        shutil.copy(path, folder / path.name)  # the images only: no tumour labels
+    (unlabelled,) = find_cases(folder.parent)
+    assert unlabelled.seg is None
+    bundle = load_bundle(shipped_model_dir())
+    row = {"i": 0, "files": _files_to_json(_absolute(unlabelled)), "id_known": False}
+    read = _read_case(row, preprocess=bundle.preprocess, digests=np.zeros(0, dtype="S32"))
+    assert read["status"] == "new" and not read["has_labels"] and read["voxel_ml"] > 0
+    actor = object.__new__(_Encoder)  # the actor's state without Ray
+    actor.bundle, actor.batch_size, actor.where = bundle, None, "here"
+    batch = {k: np.array([v]) if np.isscalar(v) else [v] for k, v in read.items()}
+    flags = actor(batch)["has_abnormal"][0]
+    seg = bundle.encode_slices(read["images"]).seg
+    unfiltered = _predicted_flags(seg, None)
+    assert unfiltered.sum() > flags.sum(), "no specks to remove in this case"
+    assert flags.any() == (case_id == "phantom_0000")
+    np.testing.assert_array_equal(flags, _predicted_flags(seg, read["voxel_ml"]))
+    local = encode_here(bundle, _EmptyDb(), unlabelled)
+    np.testing.assert_array_equal(flags, local.has_abnormal)
+
+
+class _EmptyDb:
+    """What ``encode_here`` asks of a database that holds nothing."""
+
+    def __contains__(self, case_id: object) -> bool:
+        return False
+
+    def cases_with_fingerprint(self, sha: str) -> list[str]:
+        return []
+
+
 # ---------------------------------------------------------------------------------------------- on Ray
 
 

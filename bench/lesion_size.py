@@ -24,7 +24,7 @@ from fdn_core.data.readers import find_cases, load_case
 from fdn_core.errors import DataError
 from fdn_core.evaluation.metrics import dice
 from fdn_core.model.bundle import load_bundle
-from fdn_core.model.lesions import remove_small_lesions
+from fdn_core.model.lesions import check_min_lesion_ml, remove_small_lesions
 
 __all__ = ["main", "size_table"]
 
@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), help="minimum sizes in mL")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    for size in args.sizes:
+        try:
+            check_min_lesion_ml(size)
+        except DataError as exc:
+            p.error(f"--sizes: {exc}")
     rows = size_table(args.model, args.data, tuple(args.sizes))
     print("| min lesion mL | healthy cases with false tumour | false tumour mL mean / max | "
           "whole-tumour Dice, tumour cases: mean / min |")  # fmt: skip

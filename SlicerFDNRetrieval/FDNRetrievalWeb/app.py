@@ -430,8 +430,8 @@ class FDNWebApp:
             min_ml = float(self.state.fdn_min_lesion_ml)
         except (TypeError, ValueError):
             min_ml = float("nan")
-        if not (np.isfinite(min_ml) and min_ml >= 0):
-            self._message("error", "Smallest lesion shown: give a number of mL >= 0 (0 shows everything).")
+        if not (np.isfinite(min_ml) and 0 <= min_ml <= 100):
+            self._message("error", "Smallest lesion shown: give a number of mL from 0 to 100 (0 shows all).")
             return
 
         def work(progress: Any) -> tuple[Any, str | None, dict[str, ViewVolume]]:
@@ -865,9 +865,9 @@ class FDNWebApp:
                     min=0,
                     step=0.5,
                     label="Smallest lesion (mL)",
-                    title="Predicted lesions smaller than this are left out of the segmentation and the "
-                    "abnormal-slice flags (0 shows everything the model predicts); applies from the next "
-                    "Encode",
+                    title="Predicted lesions smaller than this are left out of this study's segmentation "
+                    "and its abnormal-slice flags (0 shows everything the model predicts; databases are "
+                    "indexed with 2 mL); applies from the next Encode",
                     density="compact",
                     hide_details=True,
                     style="max-width: 150px;",

@@ -242,6 +242,7 @@ class SliceCache:
             seg=np.array(self.seg[c.start : c.stop]) if c.has_seg else None,
             anat=np.array(self.anat[c.start : c.stop]) if c.has_anat else None,
             geometry=c.geometry,
+            voxel_ml=c.geometry.voxel_ml(c.spacing),
         )
 
     def stale_reason(

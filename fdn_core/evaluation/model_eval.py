@@ -46,7 +46,7 @@ from fdn_core.errors import DataError
 from fdn_core.evaluation.metrics import abnormal_dice, ppv, roc_auc
 from fdn_core.fileio import atomic_write_bytes, atomic_write_json
 from fdn_core.labels import ABNORMAL_DICE_GROUPS, MIN_LESION_ML
-from fdn_core.model.lesions import remove_small_lesions
+from fdn_core.model.lesions import check_min_lesion_ml, remove_small_lesions
 from fdn_core.progress import Progress
 
 __all__ = [
@@ -539,6 +539,7 @@ def evaluate_model(
     from fdn_core.model.bundle import load_bundle
 
     leak = leak or LeakinessSettings()
+    check_min_lesion_ml(min_lesion_ml)
     if isinstance(bundle, (str, Path)):
         bundle = load_bundle(bundle)
     model = bundle.model

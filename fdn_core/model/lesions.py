@@ -17,7 +17,7 @@ from scipy import ndimage
 from fdn_core.errors import DataError
 from fdn_core.labels import MIN_LESION_ML
 
-__all__ = ["LesionCleanup", "remove_small_lesions"]
+__all__ = ["LesionCleanup", "check_min_lesion_ml", "remove_small_lesions"]
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
@@ -42,6 +42,14 @@ class LesionCleanup:
         )
 
 
+def check_min_lesion_ml(min_ml: float) -> None:
+    """Refuse a minimum lesion size that is not a finite number of mL >= 0 (a ``DataError`` naming it)."""
+    if not (isinstance(min_ml, (int, float)) and math.isfinite(min_ml) and min_ml >= 0):
+        raise DataError(
+            f"the minimum lesion size must be a finite number of mL >= 0 (0 keeps all), got {min_ml}"
+        )
+
+
 def remove_small_lesions(
     labels: np.ndarray, voxel_ml: float, min_ml: float = MIN_LESION_ML
 ) -> tuple[np.ndarray, LesionCleanup]:
@@ -50,8 +58,7 @@ def remove_small_lesions(
     arr = np.asarray(labels)
     if arr.ndim != 3:
         raise DataError(f"remove_small_lesions: expected a 3D label array, got shape {arr.shape}")
-    if not (math.isfinite(min_ml) and min_ml >= 0):
-        raise DataError(f"the minimum lesion size must be a finite number of mL >= 0, got {min_ml}")
+    check_min_lesion_ml(min_ml)
     if not (math.isfinite(voxel_ml) and voxel_ml > 0):
         raise DataError(f"the voxel volume must be a positive number of mL, got {voxel_ml}")
     components, n = ndimage.label(arr > 0, structure=_CONNECTIVITY)
