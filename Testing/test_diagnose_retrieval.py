@@ -145,11 +145,20 @@ def test_reuses_the_database_and_runs_without_code_dice(
     script: ModuleType, tiny_bundle: Path, cohort: Path, diagnosed: dict[str, Any]
 ) -> None:
     out = diagnosed["out"]
-    rc, text, _ = _main(script, _argv(tiny_bundle, cohort, out, "--db", str(out / f"db_{NAME}")))
+    db = ("--db", str(out / f"db_{NAME}"))
+    rc, text, _ = _main(script, _argv(tiny_bundle, cohort, out, *db, "--seg-grids", "8", "64"))
     assert rc == 0 and f"reusing {out / f'db_{NAME}'}" in text
     assert "no --train-data" in text and "D_D code Dice" not in text
     ratios = json.loads((out / "diagnose_retrieval.json").read_text())["cohorts"][NAME]["ratios"]
     assert "code_dice" not in ratios and "gt_grid_dice" in ratios
+    # the decoded segmentation at the code grid is the existing row; at 64 x 64 another ranking
+    assert ratios["model_seg_8_dice"] == ratios["model_seg_grid_dice"]
+    assert (
+        "model_seg_64_dice" in ratios
+        and "Model segmentation at 64x64 (fractions, soft Dice; the exact" in text
+    )
+    rc, _, err = _main(script, _argv(tiny_bundle, cohort, out, *db, "--seg-grids", "65"))
+    assert rc == 2 and "--seg-grids 65" in err
 
 
 def test_profile_cache_holds_the_learned_profiles(

@@ -20,6 +20,9 @@ normalised by each term over its median on random pairs of reference rows):
   segmentation decoder on the quantised abnormal codes, as ``InferenceBundle.encode_slices``) instead of the
   ground truth tumour; the FDN predicts no anatomy, so its normal term is the ground-truth anatomy (its
   S_normal equals the GT row's; S_abnormal and S_sum show what the segmentation errors cost).
+- ``Model segmentation at G x G`` (``--seg-grids G ...``): the same soft Dice on the predicted segmentation
+  pooled to finer grids (at the model's input size, its exact Dice). The decoded segmentation is a function
+  of the abnormal codes alone, so these rows bound what re-ranking by it could give.
 - ``Continuous features``: L2 (the paper's Euclidean, as D_E on the codes) and cosine (as D_A) between the
   FDN's pre-quantisation encoder outputs z_e (normal / abnormal); against D_E / D_A on the codes they show
   what the vector quantisers cost. The codes recomputed from these z_e are compared with the database's.
@@ -1443,6 +1446,21 @@ def diagnose_cohort(
         ),
         MaskFractions("gt_full", f"GT masks at full resolution (one-hot, L2) [{GT_NOTE}]", labels, None),
     ]
+    size = bundle.config.image_size
+    for g in args.seg_grids or ():  # finer than the codes: could re-ranking by the decoded segmentation help?
+        if not 1 <= g <= size:
+            raise ConfigError(f"--seg-grids {g}: give grid sizes from 1 to the model's input size {size}")
+        exact = "; the exact Dice" if g == size else ""
+        methods.append(
+            MaskFractions(
+                f"model_seg_{g}_dice",
+                f"Model segmentation at {g}x{g} (fractions, soft Dice{exact}; anatomy: GT)",
+                labels,
+                (g, g),
+                model=fdn_pass,
+                metric="dice",
+            )
+        )
     if profiles is not None:  # D_D's class-pooled formula on the true fractions: the bound of the D_D rows
         methods.append(
             MaskFractions(
@@ -1633,6 +1651,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-dx-position", action="store_true", help="no per-position D_X row (only the shared tables)"
+    )
+    parser.add_argument(
+        "--seg-grids",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="also rank by the model's decoded segmentation (a function of the abnormal codes) pooled to "
+        "these grid sizes, by soft Dice (the model's input size: its exact Dice)",
     )
     add_device(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
