@@ -22,7 +22,8 @@ normalised by each term over its median on random pairs of reference rows):
   S_normal equals the GT row's; S_abnormal and S_sum show what the segmentation errors cost).
 - ``Model segmentation at G x G`` (``--seg-grids G ...``): the same soft Dice on the predicted segmentation
   pooled to finer grids (at the model's input size, its exact Dice). The decoded segmentation is a function
-  of the abnormal codes alone, so these rows bound what re-ranking by it could give.
+  of the abnormal codes alone, so these rows show what ranking by it could give (re-ranking a shortlist
+  of the code search by it would differ).
 - ``Continuous features``: L2 (the paper's Euclidean, as D_E on the codes) and cosine (as D_A) between the
   FDN's pre-quantisation encoder outputs z_e (normal / abnormal); against D_E / D_A on the codes they show
   what the vector quantisers cost. The codes recomputed from these z_e are compared with the database's.
@@ -1447,7 +1448,7 @@ def diagnose_cohort(
         MaskFractions("gt_full", f"GT masks at full resolution (one-hot, L2) [{GT_NOTE}]", labels, None),
     ]
     size = bundle.config.image_size
-    for g in args.seg_grids or ():  # finer than the codes: could re-ranking by the decoded segmentation help?
+    for g in args.seg_grids or ():  # finer than the codes: would ranking by the decoded segmentation help?
         if not 1 <= g <= size:
             raise ConfigError(f"--seg-grids {g}: give grid sizes from 1 to the model's input size {size}")
         exact = "; the exact Dice" if g == size else ""

@@ -154,12 +154,13 @@ def available_distances(learned: bool) -> tuple[Distance, ...]:
 AXIAL_CONTEXT: Final[tuple[tuple[int, float], ...]] = ((-6, 0.25), (-3, 0.5), (0, 1.0), (3, 0.5), (6, 0.25))
 
 #: Smallest lesion the model's segmentation shows, in mL: predicted tumour components (3D, 26-connected,
-#: all classes together) below it are removed before the segmentation is displayed, flags an unlabelled
-#: slice abnormal, or is scored. The shipped model marks 1.3-6 mL of scattered false tumour (small specks)
-#: in every healthy phantom; 2 mL is the smallest setting that clears all ten healthy
+#: all classes together) below it are removed before the segmentation is displayed, used to flag an
+#: unlabelled slice as abnormal, or scored. The shipped model marks scattered false tumour in every healthy
+#: phantom (1.3-6 mL on 9101 / 9102; 9201: mean 2.6, max 3.9); 2 mL is the smallest size tried that
+#: clears all ten healthy
 #: cases of the validation cohort 9201 (tumour-case Dice 0.765 -> 0.773 there). The smallest phantom
-#: lesion in our evaluation cohorts is 3.6 mL (a satellite), so the rule is untested on smaller real
-#: lesions: set 0 to see everything the model predicts.
+#: lesion in the cohorts 9101, 9102, 9201 and 9301 is 3.6 mL (a satellite), so the rule is untested on
+#: lesions smaller than that, in phantoms or in patients: set 0 to see everything the model predicts.
 MIN_LESION_ML: Final[float] = 2.0
 
 
