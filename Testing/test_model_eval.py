@@ -89,6 +89,34 @@ def test_leakiness_classifier_detects_leaks_and_not_noise() -> None:
     assert repr(first) == repr(second)  # deterministic (repr: NaN compares equal to itself)
 
 
+def test_leakiness_trains_on_one_thread_whatever_the_process_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classifier's result must not depend on the machine's thread count (float sums in several threads
+    change with it): it trains and scores on one torch thread, and the caller's setting is restored."""
+    import torch
+
+    import fdn_core.evaluation.model_eval as me
+
+    seen: list[int] = []
+    fit = me._fit_classifier
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(me, "_fit_classifier", recording)
+    quick = LeakinessSettings(input_size=16, epochs=2, batch_size=16, width=8, seed=3)
+    before = torch.get_num_threads()
+    results = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        try:
+            results.append(repr(leakiness(*_blob_samples(leaky=True), settings=quick)))
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(before)
+    assert seen == [1, 1] and results[0] == results[1]
+
+
 def test_leakiness_trained_on_training_cases_and_tested_on_held_out_ones() -> None:
     settings = LeakinessSettings(input_size=16, epochs=10, batch_size=8, width=16, lr=3e-3, patience=3)
     train_cases = [f"case{c}" for c in range(6)]  # cases 6 and 7 are held out
