@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from fdn_core.cli.args import add_batch_size, add_data, add_device, add_model, add_no_progress
@@ -14,13 +13,17 @@ __all__ = ["register", "run"]
 
 
 def _lesion_ml(text: str) -> float:
-    """argparse type: a lesion size in mL, a finite number >= 0."""
+    """argparse type: a lesion size in mL (``check_min_lesion_ml``)."""
+    from fdn_core.errors import DataError
+    from fdn_core.model.lesions import check_min_lesion_ml
+
     try:
         value = float(text)
+        check_min_lesion_ml(value)
+    except DataError as exc:  # a ValueError too: caught first
+        raise argparse.ArgumentTypeError(str(exc)) from None
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of mL") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a number of mL >= 0 (0 keeps every lesion)")
     return value
 
 
