@@ -42,6 +42,9 @@ SEQUENCES = ("t1", "t1ce", "t2", "flair")
 STANDARD_VIEWS = ("Red", "Green", "Yellow")
 TITLE = "FDN Retrieval"
 SAMPLE_CATEGORY = "FDN Retrieval"
+#: The search's lesion filter: parameter value -> the panel's item text (fdn_core.labels.LESION_FILTER_LABELS;
+#: a test keeps them equal: this file cannot import fdn_core at load time).
+LESION_CHOICES = {"any": "any slice", "without": "without lesion", "with": "with lesion"}
 
 
 def versionProblem() -> str | None:
@@ -73,7 +76,8 @@ class SlicerFDNRetrieval(ScriptedLoadableModule):
         self.parent.helpText = (
             "Find brain MR slices that look alike in their normal anatomy, their abnormal anatomy (tumour), "
             "or both. Pick the four sequences of a study, press Encode, scroll the query view (or the red "
-            "view) to a slice and press Search. No database yet? Press 'Build demo database'. See the "
+            "view) to a slice and press Search ('References' limits the results to slices without, or with, "
+            "a lesion). No database yet? Press 'Build demo database'. See the "
             '<a href="https://github.com/SlicerFDNRetrieval/SlicerFDNRetrieval#use-in-3d-slicer">documentation</a>.'
         )
         self.parent.acknowledgementText = (
@@ -139,6 +143,7 @@ class SlicerFDNRetrievalParameterNode:
     topK: Annotated[int, WithinRange(1, 20)] = 10
     volumeWise: bool = True
     axialContext: bool = False
+    lesion: Annotated[str, Choice(["any", "without", "with"])] = "any"  # LESION_CHOICES' keys (tested)
     useCompositeQuery: bool = False
     abnormalSlice: Annotated[int, Minimum(0)] = 0
     displaySequence: Annotated[str, Choice(["flair", "t1ce", "t2", "t1"])] = "flair"
@@ -297,6 +302,9 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            # connectGui lists the lesion filter's values ("any", ...): show their names, in the same order
+            for index, label in enumerate(LESION_CHOICES.values()):
+                self.ui.lesionComboBox.setItemText(index, label)
         # connectGui resets the spin boxes to 0..2^31-1 (Minimum(0) has no maximum): restore the study's range
         self._applySliceRange()
         self._updateButtons()
@@ -699,6 +707,7 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                 volumeWise=pn.volumeWise,
                 abnormalSlice=pn.abnormalSlice if pn.useCompositeQuery else None,
                 axialContext=pn.axialContext,
+                lesion=pn.lesion,
             )
             self._startTask("search the database", self.logic.searchTask(settings), self._onSearched)
 
@@ -1090,6 +1099,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
         volumeWise: bool,
         abnormalSlice: Any,
         axialContext: bool = False,
+        lesion: str = "any",
     ) -> Any:
         """The panel's search settings as the library's ``SearchSettings``."""
         from FDNRetrievalLib import workflow
@@ -1102,6 +1112,7 @@ class SlicerFDNRetrievalLogic(ScriptedLoadableModuleLogic):
             volume_wise=bool(volumeWise),
             abnormal_slice=None if abnormalSlice is None else int(abnormalSlice),
             axial_context=bool(axialContext),
+            lesion=str(lesion),
         )
 
     def searchTask(self, settings: Any) -> Any:

@@ -142,3 +142,27 @@ def test_bad_sizes_are_refused_before_any_work(
             main(["eval-model", "--model", str(tiny_bundle), "--data", str(tiny_cohort), "--out", "x",
                   "--min-lesion-ml", bad])  # fmt: skip
         assert exit_info.value.code == 2 and "--min-lesion-ml" in capsys.readouterr().err
+
+
+def test_lesion_filter_bench_counts_what_the_filter_returns(
+    tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench/lesion_filter.py``: with "without" no result shows a tumour (the engine's own tests check the
+    filter itself); its synthetic timing checks every filtered hit's flag."""
+    from fdn_core.model.bundle import load_bundle
+    from fdn_core.retrieval import index_cohort
+
+    spec = importlib.util.spec_from_file_location("lesion_filter", ROOT / "bench" / "lesion_filter.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    db = index_cohort(load_bundle(tiny_bundle, device="cpu"), tiny_cohort, tmp_path / "db")
+    rows = bench.quality_rows(db.path, tiny_bundle, ("euclidean",))
+    got = {(r["distance"], r["lesion"]): r for r in rows}
+    assert set(got) == {(d, f) for d in ("euclidean", "euclidean + context") for f in ("any", "without")}
+    for d in ("euclidean", "euclidean + context"):
+        assert got[d, "without"]["with_tumour"] == 0 <= got[d, "any"]["with_tumour"]
+        assert got[d, "without"]["results"] == got[d, "any"]["results"] == 4 * 5  # 4 queries, 5 other cases
+        assert 0 < got[d, "without"]["anatomy_dice"] <= 1
+    assert bench.main(["--sizes", "3100", "--repeats", "2", "--threads", "1"]) == 0
+    assert "| sum | yes | with |" in capsys.readouterr().out

@@ -207,6 +207,43 @@ def test_query_database_case_excludes_its_volume_and_writes_a_montage(
     assert [(r[1], r[2]) for r in _table_rows(out)] == [(h.case_id, h.slice_index) for h in want]
 
 
+def test_query_lesion_filter(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--lesion without`` returns only slices whose lesion flag is False (every healthy case then
+    appears), ``--lesion with`` only flagged ones (no healthy case); the JSON records the choice."""
+    from fdn_core.codes.database import CodeDatabase
+
+    db = CodeDatabase.open(setup["db"])
+    flag = {
+        (c, int(k)): bool(f)
+        for c in db.cases
+        for k, f in zip(db.slice_indices[db.case_rows(c)], db.has_abnormal[db.case_rows(c)], strict=True)
+    }
+    case = setup["tumour"][0]
+    k = _largest_tumour_slice(setup["cohort"], case)
+    js = setup["work"] / "lesion.json"
+    common = ["query", "--db", str(setup["db"]), "--model", str(setup["bundle"]), "--case", case,
+              "--slice", str(k), "--mode", "normal", "--top", "10", "--json", str(js),
+              "--device", "cpu"]  # fmt: skip
+    rc, out, err = _run(capsys, *common)
+    assert rc == 0, err
+    assert json.loads(js.read_text())["lesion"] == "any" and "references" not in out
+    healthy = set(setup["healthy"]) & set(setup["refs"])
+    assert healthy and not any(flag[key] for key in flag if key[0] in healthy)
+    for lesion, keep in (("without", False), ("with", True)):
+        rc, out, err = _run(capsys, *common, "--lesion", lesion)
+        assert rc == 0, err
+        assert f"volume-wise, references {lesion} lesion top 10" in out
+        assert json.loads(js.read_text())["lesion"] == lesion
+        rows = _table_rows(out)
+        assert rows and all(flag[(r[1], r[2])] is keep for r in rows), rows
+        cases = {r[1] for r in rows}
+        assert case not in cases
+        assert (healthy <= cases) if lesion == "without" else not (healthy & cases)
+    with pytest.raises(SystemExit):
+        main([*common, "--lesion", "healthy"])
+    assert "invalid choice: 'healthy'" in capsys.readouterr().err
+
+
 def test_query_new_case_as_folder_or_files(setup: dict, capsys: pytest.CaptureFixture[str]) -> None:
     case = setup["held_out"][0]
     folder = setup["cohort"] / case

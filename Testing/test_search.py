@@ -1,4 +1,5 @@
-"""Search engine: table-lookup scan == brute force on de-quantised latents, for every distance and mode."""
+"""Search engine: table-lookup scan == brute force on de-quantised latents, for every distance and mode, with
+and without axial context and the lesion filter."""
 
 from __future__ import annotations
 
@@ -54,9 +55,16 @@ def brute_force_distances(
     return dn + da
 
 
-def brute_force_ranking(d: np.ndarray, case_ids: np.ndarray, exclude: set[str], per: str) -> list[int]:
-    """Rows ranked by distance (ties by row): every eligible slice, or each volume's best slice."""
-    rows = [r for r in np.argsort(d, kind="stable") if case_ids[r] not in exclude]
+def brute_force_ranking(
+    d: np.ndarray, case_ids: np.ndarray, exclude: set[str], per: str, eligible: np.ndarray | None = None
+) -> list[int]:
+    """Rows ranked by distance (ties by row): every eligible slice, or each volume's best eligible slice
+    (``eligible``: rows the lesion filter keeps; default all)."""
+    rows = [
+        r
+        for r in np.argsort(d, kind="stable")
+        if case_ids[r] not in exclude and (eligible is None or eligible[r])
+    ]
     if per == "slice":
         return rows
     seen: set[str] = set()
@@ -100,11 +108,15 @@ def setup() -> dict:
     bits = (rng.random((K, B)) < 0.5, rng.random((K, B)) < 0.5)
     learned = tuple(rng.normal(size=(K, 5)) for _ in range(2))
     learned[0][3] = 0.0  # row 5's normal grid embeds to zero: cosine taken as 0, as for D_A
+    # lesion flags: case01 (rows 9-12) flagged throughout, case04 (row 32) not at all, the rest mixed
+    has_abnormal = np.random.default_rng(11).random(n) < 0.4
+    has_abnormal[9:13], has_abnormal[32] = True, False
     engine = SearchEngine(
         normal_codes=normal,
         abnormal_codes=abnormal,
         case_ids=case_ids,
         slice_indices=slice_indices,
+        has_abnormal=has_abnormal,
         codebook_normal=books[0],
         codebook_abnormal=books[1],
         grid_shape=GRID,
@@ -121,6 +133,7 @@ def setup() -> dict:
         "abnormal": abnormal,
         "case_ids": case_ids,
         "slice_indices": slice_indices,
+        "has_abnormal": has_abnormal,
         "rng": rng,
     }
 
@@ -367,6 +380,7 @@ def _variant(setup: dict, **kw: object) -> SearchEngine:
         "abnormal_codes": setup["abnormal"],
         "case_ids": setup["case_ids"],
         "slice_indices": setup["slice_indices"],
+        "has_abnormal": setup["has_abnormal"],
         "codebook_normal": setup["books"][0],
         "codebook_abnormal": setup["books"][1],
         "grid_shape": GRID,
@@ -384,7 +398,8 @@ def _segments(setup: dict, bounds: list[int], dtype: type) -> list[tuple[np.ndar
 
 
 def _check_engine(setup: dict, eng: SearchEngine) -> None:
-    """Distances, slice- and volume-wise hits and a batch all equal the float64 brute force."""
+    """Distances, slice- and volume-wise hits and a batch (also filtered by lesion) all equal the float64
+    brute force."""
     ids = setup["case_ids"]
     rng = np.random.default_rng(5)
     for distance, mode in itertools.product(DISTANCES, MODES):
@@ -402,6 +417,15 @@ def _check_engine(setup: dict, eng: SearchEngine) -> None:
                 assert hits == eng.search(q, distance=distance, mode=mode, top=7, per=per)
                 for h in hits:
                     assert h.case_id == ids[h.row] and h.slice_index == setup["slice_indices"][h.row]
+            without = eng.search_many(
+                queries, distance=distance, mode=mode, top=7, per=per, block=3, lesion="without"
+            )
+            for r, q, hits in zip((0, 5, 21, 40), queries, without, strict=True):
+                d = _brute(setup, setup["normal"][r], setup["abnormal"][(r * 5) % len(eng)], distance, mode)
+                eligible = ~setup["has_abnormal"]
+                assert_same_ranking(
+                    hits, d, brute_force_ranking(d, ids, set(q.exclude_cases), per, eligible), 7
+                )
         if mode != "abnormal":  # axial context: one pass of a batch of the context's grids
             for r in (0, 21, 47):
                 d = _context_brute(setup, r, distance, mode)
@@ -489,7 +513,7 @@ def test_memory_maps_used_in_place_and_ram_per_slice(setup: dict, tmp_path) -> N
     """Memory-mapped codes are scanned without copies; per-row RAM is only the angular norms (4 bytes per
     slice per code type); volumes are held per volume, not per row."""
     paths = {}
-    for name in ("normal", "abnormal", "slice_indices"):
+    for name in ("normal", "abnormal", "slice_indices", "has_abnormal"):
         paths[name] = tmp_path / f"{name}.npy"
         np.save(paths[name], setup[name])
     maps = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
@@ -501,17 +525,20 @@ def test_memory_maps_used_in_place_and_ram_per_slice(setup: dict, tmp_path) -> N
         normal_codes=maps["normal"],
         abnormal_codes=maps["abnormal"],
         slice_indices=maps["slice_indices"],
+        has_abnormal=maps["has_abnormal"],
         case_ids=None,
         cases=names,
         case_starts=bounds,
     )
     n = len(ids)
+    assert eng._flags is not None and np.shares_memory(eng._flags[0], maps["has_abnormal"])
     assert np.shares_memory(eng._layout.codes["normal"][0], maps["normal"])
     assert np.shares_memory(eng._layout.codes["abnormal"][0], maps["abnormal"])
     assert np.shares_memory(eng._slices[0], maps["slice_indices"])
     assert eng.memory_bytes()["rows"] == 0
     eng.search(eng.query_from_rows(3), distance="euclidean", mode="sum")
     eng.search(eng.query_from_rows(3), distance="hamming", mode="sum_normalized", per="slice")
+    eng.search(eng.query_from_rows(3), distance="euclidean", mode="normal", lesion="without")
     assert eng.memory_bytes()["rows"] == 0
     eng.search(eng.query_from_rows(3), distance="angular", mode="sum")
     assert eng.memory_bytes()["rows"] == 2 * 4 * n  # the two norm arrays, float32
@@ -766,3 +793,138 @@ def test_axial_context_of_a_query_and_its_errors(setup: dict) -> None:
     queries = [eng.query_from_rows(r) for r in (0, 21, 40)]
     many = eng.search_many(queries, distance="angular", mode="sum", top=4, context=True)
     assert many == [eng.search(x, distance="angular", mode="sum", top=4, context=True) for x in queries]
+
+
+# ------------------------------------------------------------------------------------------- lesion filter
+def _check_lesion_filter(s: dict, rows: tuple[int, ...], tops: tuple[int, ...] = (1, 4, 100)) -> int:
+    """For every distance, mode, per and context, with "without" and "with": the engine ``s["engine"]``'s
+    hits equal the float64 brute force over the eligible rows (``s["has_abnormal"]``) of the other volumes.
+    Returns the number of searches that found fewer eligible volumes than asked for."""
+    eng: SearchEngine = s["engine"]
+    ids, flags = s["case_ids"], s["has_abnormal"]
+    short = 0
+    for distance, mode, per, context in itertools.product(
+        DISTANCES, MODES, ("slice", "volume"), (False, True)
+    ):
+        for row in rows:
+            query = eng.query_from_rows(row)
+            if context and mode != "abnormal":
+                d = _context_brute(s, row, distance, mode)
+            else:
+                d = _brute(s, s["normal"][row], s["abnormal"][row], distance, mode)
+            for lesion, eligible in (("without", ~flags), ("with", flags)):
+                expected = brute_force_ranking(d, ids, {ids[row]}, per, eligible)
+                for top in tops:
+                    hits = eng.search(
+                        query, distance=distance, mode=mode, top=top, per=per, context=context, lesion=lesion
+                    )
+                    assert_same_ranking(hits, d, expected, top)
+                    assert all(eligible[h.row] and h.case_id != ids[row] for h in hits)
+                    short += len(hits) < top
+    return short
+
+
+def test_lesion_filter_matches_brute_force_over_eligible_slices(setup: dict) -> None:
+    """The filters "without" / "with" return the brute force's ranking over unflagged / flagged slices
+    (volume-wise: each volume's best such slice), for every distance and mode, with and without axial
+    context; a volume without an eligible slice never appears, and fewer than ``top`` hits come when fewer
+    exist."""
+    assert _check_lesion_filter(setup, (0, 5, 21, 40, 47)) > 0
+    eng: SearchEngine = setup["engine"]
+    q = eng.query_from_rows(0)
+    without = eng.search(q, per="volume", top=100, lesion="without")
+    assert "case01" not in {h.case_id for h in without}  # every slice of case01 is flagged
+    assert len(without) == 5  # the 7 volumes less the query's own and case01
+    flagged = eng.search(q, per="volume", top=100, lesion="with")
+    assert "case04" not in {h.case_id for h in flagged}  # its one slice is not flagged
+    # slice-wise "with" is the plain ranking with the unflagged slices taken out
+    rows = [(h.row, h.distance) for h in eng.search(q, per="slice", top=100, lesion="with")]
+    assert rows == [
+        (h.row, h.distance) for h in eng.search(q, per="slice", top=100) if setup["has_abnormal"][h.row]
+    ]
+    # a batch gives each query its own filtered hits
+    queries = [eng.query_from_rows(r) for r in (0, 21, 40)]
+    for context in (False, True):
+        many = eng.search_many(
+            queries, distance="angular", mode="sum", top=4, context=context, lesion="without"
+        )
+        assert many == [
+            eng.search(x, distance="angular", mode="sum", top=4, context=context, lesion="without")
+            for x in queries
+        ]
+
+
+def test_lesion_filter_any_is_the_plain_search_and_bad_names_are_refused(setup: dict) -> None:
+    eng: SearchEngine = setup["engine"]
+    bare = _variant(setup, has_abnormal=None)  # an engine built without the flags
+    assert eng.has_lesion_flags and not bare.has_lesion_flags
+    for row, per, context in itertools.product((0, 21), ("slice", "volume"), (False, True)):
+        q = eng.query_from_rows(row)
+        plain = eng.search(q, mode="sum", top=6, per=per, context=context)
+        assert eng.search(q, mode="sum", top=6, per=per, context=context, lesion="any") == plain
+        assert bare.search(q, mode="sum", top=6, per=per, context=context, lesion="any") == plain
+    q = eng.query_from_rows(0)
+    assert eng.search(q, lesion=" Without ") == eng.search(q, lesion="without")
+    for wrong in ("none", "healthy", "", None):
+        with pytest.raises(ConfigError, match=r"unknown lesion filter .*'any', 'without', 'with'"):
+            eng.search(q, lesion=wrong)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"built without them: build it with SearchEngine.from_database"):
+        bare.search(q, lesion="without")
+    with pytest.raises(DataError, match="lesion flag"):
+        bare.search_many([q], lesion="with", context=True)
+    with pytest.raises(DataError, match=r"has_abnormal must be booleans with shape \(49,\)"):
+        _variant(setup, has_abnormal=setup["has_abnormal"].astype(np.int8))
+    with pytest.raises(DataError, match="has_abnormal must be booleans"):
+        _variant(setup, has_abnormal=setup["has_abnormal"][:-1])
+
+
+def test_lesion_filter_on_a_segmented_database_with_a_removed_case(setup: dict, tmp_path) -> None:
+    """An engine over a database of three segments, one case removed (a tombstone in the middle of a
+    segment), takes each live run's flags from the memory maps (no copy) and filters exactly."""
+    from db_workers import source
+
+    from fdn_core.codes.database import CaseCodes, CodeDatabase
+
+    db = CodeDatabase.create(
+        tmp_path / "db",
+        fingerprint="f" * 64,
+        codebook_normal=setup["books"][0],
+        codebook_abnormal=setup["books"][1],
+        grid_shape=GRID,
+    )
+    ids = setup["case_ids"]
+    names = list(dict.fromkeys(ids.tolist()))
+
+    def codes(case_id: str) -> CaseCodes:
+        rows = ids == case_id
+        return CaseCodes(
+            case_id,
+            setup["normal"][rows].reshape(-1, *GRID),
+            setup["abnormal"][rows].reshape(-1, *GRID),
+            setup["has_abnormal"][rows],
+            source(case_id),
+        )
+
+    for group in (names[:2], names[2:5], names[5:]):
+        db.add_cases([codes(c) for c in group])
+    db.remove_case("case03")  # the middle case of the second segment
+    db = CodeDatabase.open(tmp_path / "db")
+    eng = SearchEngine.from_database(
+        db, hamming_bits=setup["bits"], learned_embeddings=setup["learned"], normalization_pairs=512
+    )
+    assert eng._flags is not None and len(eng._flags) == 4  # live runs: 0-1 | 2 | 4 | 5-6
+    maps = [seg.has_abnormal for seg in db.segments()]
+    assert all(any(np.shares_memory(f, m) for m in maps) for f in eng._flags)
+    live = ids != "case03"
+    s = {
+        **setup,
+        "engine": eng,
+        "normal": setup["normal"][live],
+        "abnormal": setup["abnormal"][live],
+        "case_ids": ids[live],
+        "has_abnormal": setup["has_abnormal"][live],
+    }
+    np.testing.assert_array_equal(np.asarray(db.has_abnormal), s["has_abnormal"])
+    _check_lesion_filter(s, (0, 20, 39), tops=(1, 100))
+    hits = eng.search(eng.query_from_rows(0), per="volume", top=100, lesion="without", context=True)
+    assert {h.case_id for h in hits} == {"case02", "case04", "case05", "case06"}  # not case01, not case03

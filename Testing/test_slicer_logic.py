@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from fdn_core.data.readers import find_cases, load_case, write_brats_case
-from fdn_core.labels import DISTANCES, MIN_LESION_ML, MODALITIES
+from fdn_core.labels import DISTANCES, LESION_FILTER_LABELS, LESION_FILTERS, MIN_LESION_ML, MODALITIES
 from fdn_core.progress import Cancelled
 from FDNRetrievalLib import deps, naming, scenario, tasks, views
 from FDNRetrievalLib import scene as sc
@@ -341,6 +341,16 @@ def test_module_files_are_valid() -> None:
     assert ast.literal_eval(line.split("Choice(")[1].split(")]")[0]) == list(DISTANCES)
     line = next(x for x in body.splitlines() if x.strip().startswith("minLesionMl:"))
     assert float(line.split("=")[1].split("#")[0]) == MIN_LESION_ML
+    # the lesion filter: the vocabulary's names, shown by their labels, "any" by default
+    line = next(x for x in body.splitlines() if x.strip().startswith("lesion:"))
+    assert ast.literal_eval(line.split("Choice(")[1].split(")]")[0]) == list(LESION_FILTERS)
+    assert line.split("=")[1].split("#")[0].strip() == '"any"'
+    shown = next(
+        node.value
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "LESION_CHOICES"
+    )
+    assert ast.literal_eval(shown) == LESION_FILTER_LABELS
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     # The browser viewer lives beside the module but is its own distribution, never in the extension.
     assert "FDNRetrievalWeb" not in cmake
@@ -472,6 +482,25 @@ def test_module_logic_runs_on_a_real_scene(
     assert search.wait(timeout=60).error is None
     hits = search.result()
     assert len(hits) == 2 and all(h.case_id != case.case_id for h in hits)
+    # the panel's "References" choice reaches the search: only slices without a lesion flag, or with one
+    from fdn_core.codes.database import CodeDatabase
+    from fdn_core.errors import ConfigError
+
+    db = CodeDatabase.open(fixture.db_dir)
+
+    def flag(case_id: str, k: int) -> bool:
+        rows = db.case_rows(case_id)
+        return bool(db.has_abnormal[rows][np.flatnonzero(db.slice_indices[rows] == k)[0]])
+
+    for lesion, keep in (("without", False), ("with", True)):
+        settings = logic.searchSettings(k, "normal", "euclidean", 2, True, None, lesion=lesion)
+        assert settings.lesion == lesion
+        search = logic.searchTask(settings).start()
+        assert search.wait(timeout=60).error is None
+        filtered = search.result()
+        assert filtered and all(flag(h.case_id, h.slice_index) is keep for h in filtered)
+    with pytest.raises(ConfigError, match="unknown lesion filter 'healthy'"):
+        logic.searchSettings(k, "both", "euclidean", 2, True, None, lesion="healthy")
     table = logic.publishHits(hits)
     assert table.GetTable().GetNumberOfRows() == 2 and table.GetLocked()
     ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))

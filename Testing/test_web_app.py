@@ -3,6 +3,7 @@ headless Debian Chromium through Playwright (no browser download).
 
 The page loads; Encode shows progress and finishes, while another tab's round trips to the server stay short;
 Cancel stops a second encode; Search fills K result views and the table; a table row changes the large view;
+the axial-context box and the lesion filter reach the search;
 bad uploads give messages in the page (never a traceback); a database from another model is refused in the
 page; the uploads folder is gone when the server stops. Timings as the browser sees them and screenshots go to
 ``test-artifacts/web/`` (``FDN_TEST_ARTIFACTS`` overrides).
@@ -410,6 +411,45 @@ def test_axial_context_searches(page: Any) -> None:
     assert not new, _messages(page)
     page.click("#fdn-axial-context")
     _wait_state(page, "s.get('fdn_axial_context') === false")
+
+
+def test_lesion_filter_searches(page: Any, web_data: dict[str, Path]) -> None:
+    """The "References" select reaches the search: "without lesion" returns only database slices whose
+    lesion flag is False, "with lesion" only flagged ones; a value outside the vocabulary is refused by
+    name in the page, and the search then runs again with "any"."""
+    from fdn_core.codes.database import CodeDatabase
+
+    db = CodeDatabase.open(web_data["db"])
+
+    def flag(case_id: str, k: int) -> bool:
+        rows = db.case_rows(case_id)
+        return bool(db.has_abnormal[rows][np.flatnonzero(db.slice_indices[rows] == k)[0]])
+
+    _wait_state(page, "s.get('fdn_lesion') === 'any' && !s.get('fdn_busy')")
+    titles = [item["title"] for item in _state(page, "fdn_lesions")]
+    assert titles == ["any slice", "without lesion", "with lesion"]
+    for title, value, keep in (("without lesion", "without", False), ("with lesion", "with", True)):
+        last_id = max((m["id"] for m in _state(page, "fdn_messages")), default=0)
+        page.click("#fdn-lesion .v-field")
+        page.locator(".v-overlay .v-list-item", has_text=title).first.click()
+        _wait_state(page, f"s.get('fdn_lesion') === {value!r}")
+        page.evaluate("() => window.trame.state.set('fdn_hits', [])")  # so the new hits can be told apart
+        _wait_state(page, "s.get('fdn_hits').length === 0")
+        page.click("#fdn-search")
+        _wait_state(page, "s.get('fdn_hits').length > 0 && !s.get('fdn_busy')", timeout_s=60)
+        hits = _state(page, "fdn_hits")
+        assert all(flag(h["case"], int(h["slice"])) is keep for h in hits), (value, hits)
+        new = [m for m in _state(page, "fdn_messages") if m["id"] > last_id and m["type"] == "error"]
+        assert not new, _messages(page)
+    page.evaluate("() => window.trame.state.set('fdn_lesion', 'healthy')")
+    _wait_state(page, "s.get('fdn_lesion') === 'healthy'")
+    page.click("#fdn-search")
+    page.wait_for_function(
+        "() => document.querySelector('#fdn-messages').innerText.includes('unknown lesion filter')"
+    )
+    assert "Traceback" not in _messages(page)
+    page.evaluate("() => window.trame.state.set('fdn_lesion', 'any')")
+    _wait_state(page, "s.get('fdn_lesion') === 'any'")
 
 
 def test_bad_uploads_give_messages(page: Any, web_data: dict[str, Path], tmp_path: Path) -> None:

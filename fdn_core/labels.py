@@ -1,5 +1,6 @@
 """The project's one vocabulary: sequences, abnormal classes and their file codes, anatomy labels, label
-colours, code types, distances and search modes (with the aliases users type). Everything else imports it.
+colours, code types, distances, search modes (with the aliases users type) and the lesion filter of a search.
+Everything else imports it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ __all__ = [
     "CODE_TYPES",
     "DISTANCES",
     "DISTANCE_LABELS",
+    "LESION_FILTERS",
+    "LESION_FILTER_LABELS",
     "MIN_LESION_ML",
     "MODALITIES",
     "MODES",
@@ -35,8 +38,10 @@ __all__ = [
     "PAPER_DISTANCES",
     "CodeType",
     "Distance",
+    "LesionFilter",
     "Mode",
     "available_distances",
+    "check_lesion_filter",
     "context_slices",
     "normalize_mode",
 ]
@@ -129,6 +134,7 @@ ANATOMY_COLORS: Final[dict[int, tuple[float, float, float]]] = {
 CodeType = Literal["normal", "abnormal"]
 Distance = Literal["euclidean", "angular", "hamming", "learned"]
 Mode = Literal["normal", "abnormal", "sum", "sum_normalized"]
+LesionFilter = Literal["any", "without", "with"]
 
 #: The two code types of a slice.
 CODE_TYPES: Final[tuple[CodeType, ...]] = ("normal", "abnormal")
@@ -201,3 +207,30 @@ def normalize_mode(mode: str) -> Mode:
         return _MODE_ALIASES[mode.strip().lower()]
     except (KeyError, AttributeError):
         raise ConfigError(f"unknown search mode {mode!r}; choose one of {list(MODE_CHOICES)}") from None
+
+
+#: Which references a search may return, by each slice's ``has_abnormal`` flag (``fdn_core.codes.database``;
+#: from the case's tumour labels when it has them, else from the model's segmentation after the
+#: ``MIN_LESION_ML`` rule): "any" (the default) every slice; "without" only slices whose flag is False (the
+#: same anatomy without a lesion); "with" only flagged slices (a similar lesion).
+LESION_FILTERS: Final[tuple[LesionFilter, ...]] = ("any", "without", "with")
+#: How the panel and the browser name the filters ("References: ...").
+LESION_FILTER_LABELS: Final[dict[str, str]] = {
+    "any": "any slice",
+    "without": "without lesion",
+    "with": "with lesion",
+}
+
+
+def check_lesion_filter(lesion: str) -> LesionFilter:
+    """A lesion filter as a user wrote it (any case, spaces around) -> its ``LESION_FILTERS`` name."""
+    from fdn_core.errors import ConfigError
+
+    name = lesion.strip().lower() if isinstance(lesion, str) else None
+    for known in LESION_FILTERS:
+        if name == known:
+            return known
+    raise ConfigError(
+        f"unknown lesion filter {lesion!r}; choose one of {list(LESION_FILTERS)} (any: every slice; without: "
+        "only slices without a lesion; with: only slices with one)"
+    )

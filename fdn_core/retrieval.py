@@ -9,7 +9,8 @@
   fitted once on the database's codebooks and stored inside the database folder, under ``hamming/``.
 - ``Retriever``: ranked hits for a query slice taken from the database or from a new case, in any mode
   (normal / abnormal / sum / sum-normalised), distance (euclidean / angular / hamming), slice- or volume-wise,
-  with composite queries (normal codes of one slice, abnormal codes of another) and own-volume exclusion.
+  with composite queries (normal codes of one slice, abnormal codes of another), own-volume exclusion and a
+  lesion filter on the references (any slice, only slices without a lesion, only slices with one).
 """
 
 from __future__ import annotations
@@ -875,11 +876,13 @@ class Retriever:
         abnormal_from: QuerySlice | None = None,
         exclude_cases: Sequence[str] = (),
         context: bool = False,
+        lesion: str = "any",
     ) -> list[Hit]:
         """Ranked hits for ``query``. ``abnormal_from`` makes a composite query (the abnormal codes of another
         slice). The database case the query belongs to (``database_case``; and ``abnormal_from``'s) is never
         returned, nor ``exclude_cases``; a same-named case of another study is. ``context``: the normal term
-        spans the query's axial context (``SearchEngine.search_many``)."""
+        spans the query's axial context; ``lesion``: "any", "without" (only reference slices whose lesion
+        flag is False) or "with" (only flagged ones) (``SearchEngine.search_many``)."""
         if distance not in DISTANCES:
             raise DataError(f"unknown distance {distance!r}; choose one of {list(DISTANCES)}")
         if distance == "hamming":
@@ -901,4 +904,5 @@ class Retriever:
             top=int(top),
             per="slice" if slice_wise else "volume",
             context=context,
+            lesion=lesion,
         )

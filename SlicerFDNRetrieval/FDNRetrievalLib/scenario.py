@@ -417,6 +417,35 @@ def run_scenario(ctx: SceneContext, fixture: Fixture, top_k: int = 3) -> dict[st
     )
     _check(hits == direct, "a search with axial context must compare the study's neighbouring slices")
     _check(len(hits) == min(top_k, n_other), f"axial context: {len(hits)} hits")
+    # the lesion filter (the panel's "References"): only slices whose lesion flag is False, or True; with the
+    # axial context too, and each search the engine's own
+    db = resources.database
+    flagged = {
+        (c, int(k)): bool(f)
+        for c in db.cases
+        for k, f in zip(db.slice_indices[db.case_rows(c)], db.has_abnormal[db.case_rows(c)], strict=True)
+    }
+    for lesion, keep in (("without", False), ("with", True)):
+        for context in (False, True):
+            settings = wf.SearchSettings(
+                q, mode="normal", top_k=top_k, exclude_case=indexed, axial_context=context, lesion=lesion
+            )
+            hits = wf.search_study(engine, encoded, settings)
+            direct = engine.search(
+                Query(
+                    encoded.normal[q], exclude_cases=(indexed,) if indexed else (), normal_context=neighbours
+                ),
+                mode="normal",
+                top=top_k,
+                context=context,
+                lesion=lesion,
+            )
+            _check(hits == direct, f"references {lesion} lesion: not the engine's filtered search")
+            _check(hits != [], f"references {lesion} lesion: no hits")
+            _check(
+                all(flagged[(h.case_id, h.slice_index)] is keep for h in hits),
+                f"references {lesion} lesion returned {[(h.case_id, h.slice_index) for h in hits]}",
+            )
     other = (q + z // 3) % z
     composite = wf.search_study(
         engine,

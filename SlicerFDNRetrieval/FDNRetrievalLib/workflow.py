@@ -22,7 +22,14 @@ from fdn_core.codes.search import Hit, Query, SearchEngine
 from fdn_core.data.preprocess import slices_to_volume, volume_to_slices
 from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
-from fdn_core.labels import DISTANCES, MIN_LESION_ML, MODALITIES, context_slices, normalize_mode
+from fdn_core.labels import (
+    DISTANCES,
+    MIN_LESION_ML,
+    MODALITIES,
+    check_lesion_filter,
+    context_slices,
+    normalize_mode,
+)
 from fdn_core.model.bundle import InferenceBundle, load_bundle
 from fdn_core.model.lesions import LesionCleanup, remove_small_lesions
 from fdn_core.progress import Progress
@@ -302,7 +309,9 @@ class SearchSettings:
     case. abnormal_slice: composite query - take the abnormal code from this slice instead of query_slice.
     exclude_case: a database case id never to return (the query study itself when it is indexed).
     axial_context: the normal codes' distance also compares the slices around the query with those around
-    each reference slice (``fdn_core.labels.AXIAL_CONTEXT``).
+    each reference slice (``fdn_core.labels.AXIAL_CONTEXT``). lesion: which reference slices may be returned
+    (``fdn_core.labels.LESION_FILTERS``): "any", "without" (only slices without a lesion) or "with" (only
+    slices with one), by each database slice's lesion flag.
     """
 
     query_slice: int
@@ -313,6 +322,7 @@ class SearchSettings:
     abnormal_slice: int | None = None
     exclude_case: str | None = None
     axial_context: bool = False
+    lesion: str = "any"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -322,6 +332,7 @@ class SearchSettings:
             raise DataError(f"distance {self.distance!r} is not one of {list(DISTANCES)}")
         if not 1 <= int(self.top_k) <= TOP_K_MAX:
             raise DataError(f"top-K must be between 1 and {TOP_K_MAX}, got {self.top_k}")
+        check_lesion_filter(self.lesion)
 
 
 def _check_slice(index: int, num_slices: int, what: str) -> int:
@@ -396,5 +407,6 @@ def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSe
         top=int(settings.top_k),
         per="volume" if settings.volume_wise else "slice",
         context=settings.axial_context,
+        lesion=settings.lesion,
     )
     return hits

@@ -3,9 +3,10 @@
 Pick a study (a case of the data folder or of the database's cohort, or four uploaded files), **Encode**
 (progress bar, Cancel), see the predicted segmentation over the study and the normal-appearing image beside it
 (or blended over it), choose the query slice with the query view's slider, set the search (mode, distance,
-top-K, one result per case, composite query) and **Search**: the query and the top-K retrieved slices
-appear as slice views with their tumour labels, captioned with case, slice and distance, above a results
-table; a click on a result (caption or table row) shows that case at that slice large beside the query.
+top-K, one result per case, axial context, references with or without a lesion, composite query) and
+**Search**: the query and the top-K retrieved slices appear as slice views with their tumour labels, captioned
+with case, slice and distance, above a results table; a click on a result (caption or table row) shows that
+case at that slice large beside the query.
 
 How the server stays responsive: reading studies, encoding, searching and reading the retrieved cases run in a
 worker thread (``FDNRetrievalLib.tasks.BackgroundTask``, the panel's worker, with its Cancel); the asyncio
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fdn_core.labels import MIN_LESION_ML, MODALITIES, PAPER_DISTANCES
+from fdn_core.labels import LESION_FILTER_LABELS, MIN_LESION_ML, MODALITIES, PAPER_DISTANCES
 from FDNRetrievalLib import scene as sc
 from FDNRetrievalLib import tasks
 from FDNRetrievalLib import views as lib_views
@@ -141,6 +142,8 @@ class FDNWebApp:
                 "fdn_top_k": 10,
                 "fdn_volume_wise": True,
                 "fdn_axial_context": False,
+                "fdn_lesion": "any",
+                "fdn_lesions": [{"title": t, "value": v} for v, t in LESION_FILTER_LABELS.items()],
                 "fdn_min_lesion_ml": MIN_LESION_ML,
                 "fdn_composite": False,
                 "fdn_abnormal_slice": 0,
@@ -499,6 +502,7 @@ class FDNWebApp:
             top_k=int(s.fdn_top_k),
             volume_wise=bool(s.fdn_volume_wise),
             axial_context=bool(s.fdn_axial_context),
+            lesion=str(s.fdn_lesion),
             abnormal_slice=abnormal,
             exclude_case=self.indexed_case,
         )
@@ -937,6 +941,14 @@ class FDNWebApp:
                 hide_details=True,
                 id="fdn-axial-context",
             )
+            with html.Div(id="fdn-lesion"):  # a box with the id, as for the study select
+                v3.VSelect(
+                    v_model=("fdn_lesion",),
+                    items=("fdn_lesions",),
+                    label="References",
+                    density="compact",
+                    hide_details=True,
+                )
             with html.Div(classes="d-flex align-center", style="gap: 8px;"):
                 v3.VCheckbox(
                     v_model=("fdn_composite",),

@@ -16,7 +16,7 @@ log = logging.getLogger("fdn_core.cli.query")
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``query`` subcommand."""
-    from fdn_core.labels import DISTANCES, MODE_CHOICES
+    from fdn_core.labels import DISTANCES, LESION_FILTERS, MIN_LESION_ML, MODE_CHOICES
 
     parser = subparsers.add_parser(
         "query",
@@ -74,6 +74,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the query with those around each reference slice (weights 0.5 and 0.25), which pins down the "
         "anatomical level (README, 'Retrieval quality'); the abnormal distance stays one slice",
     )
+    parser.add_argument(
+        "--lesion",
+        default="any",
+        choices=LESION_FILTERS,
+        help="which reference slices may be returned: any (default); without: only slices without a lesion "
+        "(the same anatomy with no lesion); with: only slices with a lesion (a similar lesion wherever it "
+        "sits). Each slice's flag comes from its case's tumour labels when it has them, else from the "
+        f"model's segmentation (lesions under {MIN_LESION_ML:g} mL removed). Volume-wise, each case is "
+        "ranked by its best such slice and a case without one is left out",
+    )
     parser.add_argument("--montage", type=Path, default=None, help="write a PNG of the query and the results")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     parser.add_argument(
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from fdn_core.data.readers import CaseFiles, case_files_from_paths, load_case
     from fdn_core.errors import ConfigError, DataError
     from fdn_core.fileio import atomic_write_json
+    from fdn_core.labels import LESION_FILTER_LABELS
     from fdn_core.model.bundle import load_bundle
     from fdn_core.report.montage import render_retrieval_montage
     from fdn_core.retrieval import Retriever, parse_case_slice
@@ -188,10 +199,13 @@ def run(args: argparse.Namespace) -> int:
         slice_wise=args.slice_wise,
         abnormal_from=abnormal_from,
         context=args.context,
+        lesion=args.lesion,
     )
     unit = "slice-wise" if args.slice_wise else "volume-wise"
     if args.context:
         unit += ", axial context"
+    if args.lesion != "any":
+        unit += f", references {LESION_FILTER_LABELS[args.lesion]}"
     composite = f", abnormal codes from {args.abnormal_from}" if abnormal_from is not None else ""
     where = "in the database, excluded from results" if query.in_database else "not in the database"
     print(f"query {query.case_id}:{query.slice_index} ({where}){composite}")
@@ -213,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
                 "distance": args.distance,
                 "per": "slice-wise" if args.slice_wise else "volume-wise",
                 "axial_context": args.context,
+                "lesion": args.lesion,
                 "top": args.top,
                 "database": str(db.path),
                 "model_fingerprint": bundle.fingerprint,

@@ -54,6 +54,12 @@ snapshot of the arrays it was given: make a new one after changing the database.
 Slice-wise search ranks rows; volume-wise search keeps each volume's best slice, ranks volumes and
 returns the top Q. Excluded cases (always the query's own volume when it comes from the database) never
 appear in results.
+
+Lesion filter (``lesion``; ``labels.LESION_FILTERS``): "any" searches as above; "without" returns only rows
+whose ``has_abnormal`` flag is False, "with" only flagged rows (the engine holds the database's per-row flags,
+given as ``has_abnormal``: views of the memory maps, no copy). A filtered search forms every row's distance
+(no bounds), sets the rows the filter leaves out to +inf and then selects: volume-wise, each volume by its
+best eligible slice, and a volume without one is never returned (fewer than ``top`` hits when fewer exist).
 """
 
 from __future__ import annotations
@@ -80,7 +86,14 @@ from fdn_core.codes.scan import (
 )
 from fdn_core.codes.tables import check_codebook, dot_table, hamming_table, squared_euclidean_table
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.labels import AXIAL_CONTEXT, CODE_TYPES, DISTANCES, MODES, available_distances
+from fdn_core.labels import (
+    AXIAL_CONTEXT,
+    CODE_TYPES,
+    DISTANCES,
+    MODES,
+    available_distances,
+    check_lesion_filter,
+)
 
 __all__ = ["Hit", "Query", "SearchEngine"]
 
@@ -149,16 +162,17 @@ class _CodeType:
     tables32: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _live_segment_pairs(segments: Sequence[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(normal, abnormal) code arrays of every run of live rows of a database's segments, in row order:
-    views of the memory maps (no copy), skipping the rows of removed cases (tombstones)."""
-    pairs = []
+def _live_runs(segments: Sequence[Any], names: Sequence[str]) -> list[tuple[np.ndarray, ...]]:
+    """The arrays ``names`` (e.g. normal_codes, has_abnormal) of every run of live rows of a database's
+    segments, in row order: views of the memory maps (no copy), skipping the rows of removed cases
+    (tombstones)."""
+    runs = []
     for seg in segments:
         alive = np.asarray(seg.alive, dtype=np.int8)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], alive, [0]])))
         for start, stop in zip(edges[::2], edges[1::2], strict=True):
-            pairs.append((seg.normal_codes[start:stop], seg.abnormal_codes[start:stop]))
-    return pairs
+            runs.append(tuple(getattr(seg, name)[start:stop] for name in names))
+    return runs
 
 
 def _shifted(values: np.ndarray, offset: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
@@ -194,9 +208,11 @@ class SearchEngine:
     (normal, abnormal) pairs whose rows follow each other (used in place, never copied: a memory map stays
     in the OS page cache). Volumes: ``cases`` (V names) with ``case_starts`` (V + 1 row boundaries, as
     ``CodeDatabase.case_starts``), or per-row ``case_ids`` (rows of a case contiguous). ``slice_indices``:
-    (N,), or one array per segment. ``threads``: threads of the compiled scan (None: numba's default, all
-    cores). ``backend``: ``"auto"`` (numba, else torch), ``"numba"``, ``"torch"`` or ``"torch-offsets"``.
-    ``task_rows``: rows per unit of work handed to a thread (whole volumes; tests make it small).
+    (N,), or one array per segment. ``has_abnormal``: the per-row lesion flags (N,) bool, or one array per
+    segment, used in place; searches with a lesion filter need them (``from_database`` passes them).
+    ``threads``: threads of the compiled scan (None: numba's default, all cores). ``backend``: ``"auto"``
+    (numba, else torch), ``"numba"``, ``"torch"`` or ``"torch-offsets"``. ``task_rows``: rows per unit of
+    work handed to a thread (whole volumes; tests make it small).
     """
 
     def __init__(
@@ -206,6 +222,7 @@ class SearchEngine:
         abnormal_codes: np.ndarray | None = None,
         case_ids: np.ndarray | Sequence[str] | None = None,
         slice_indices: np.ndarray | Sequence[Any],
+        has_abnormal: np.ndarray | Sequence[Any] | None = None,
         codebook_normal: np.ndarray,
         codebook_abnormal: np.ndarray,
         grid_shape: tuple[int, int] | None = None,
@@ -249,7 +266,10 @@ class SearchEngine:
         self._layout = layout
         self._names = names
         self._volume_of = {c: i for i, c in enumerate(names)}
-        self._slices = self._slice_arrays(slice_indices, layout)
+        self._slices = self._row_arrays(slice_indices, layout, "slice_indices", "integers")
+        self._flags: list[np.ndarray] | None = None  # per-segment lesion flags (has_abnormal)
+        if has_abnormal is not None:
+            self._flags = self._row_arrays(has_abnormal, layout, "has_abnormal", "booleans")
         self._gapped: list[str] | None = None  # cases whose rows are not consecutive slices (axial context)
         self._types = {"normal": _CodeType(books[0]), "abnormal": _CodeType(books[1])}
         if learned_embeddings is not None:
@@ -323,33 +343,44 @@ class SearchEngine:
         return starts, stops, names
 
     @staticmethod
-    def _slice_arrays(slice_indices: Any, layout: ScanLayout) -> list[np.ndarray]:
-        """Slice indices per segment (views of what was given; no copy of an (N,) integer array)."""
-        if isinstance(slice_indices, Sequence) and slice_indices and isinstance(slice_indices[0], np.ndarray):
-            parts = [np.asarray(a) for a in slice_indices]
+    def _row_arrays(values: Any, layout: ScanLayout, name: str, kind: str) -> list[np.ndarray]:
+        """A per-row array (``name``: slice indices, "integers", or lesion flags, "booleans") split per
+        segment (views of what was given; no copy of an (N,) array)."""
+        if isinstance(values, Sequence) and values and isinstance(values[0], np.ndarray):
+            parts = [np.asarray(a) for a in values]
         else:
-            whole = np.asarray(slice_indices)
+            whole = np.asarray(values)
             if whole.ndim != 1:
-                raise DataError(f"slice_indices must have shape ({layout.n},), got {whole.shape}")
+                raise DataError(f"{name} must have shape ({layout.n},), got {whole.shape}")
             b = layout.seg_start
             parts = [whole[b[s] : b[s + 1]] for s in range(b.size - 1)] if whole.size == layout.n else [whole]
         sizes = [a.shape for a in parts]
+        dtype = np.integer if kind == "integers" else np.bool_
         if sizes != [(int(r),) for r in layout.seg_rows] or not all(
-            np.issubdtype(a.dtype, np.integer) for a in parts
+            np.issubdtype(a.dtype, dtype) for a in parts
         ):
             raise DataError(
-                f"slice_indices must be integers with shape ({layout.n},) (or one array per segment), "
-                f"got {sizes}"
+                f"{name} must be {kind} with shape ({layout.n},) (or one array per segment), got "
+                f"{[f'{a.dtype} {a.shape}' for a in parts]}"
             )
         return parts
 
     @classmethod
     def from_database(cls, db: Any, **kwargs: Any) -> SearchEngine:
-        """An engine over a ``CodeDatabase`` (its memory-mapped arrays are used as they are)."""
+        """An engine over a ``CodeDatabase`` (its memory-mapped arrays, lesion flags included, are used as
+        they are)."""
         if callable(getattr(db, "segments", None)):  # append-only databases: memory-mapped segments
-            rows: dict[str, Any] = {"segments": _live_segment_pairs(db.segments())}
+            runs = _live_runs(db.segments(), ("normal_codes", "abnormal_codes", "has_abnormal"))
+            rows: dict[str, Any] = {
+                "segments": [(normal, abnormal) for normal, abnormal, _ in runs],
+                "has_abnormal": [flags for _, _, flags in runs],
+            }
         else:
-            rows = {"normal_codes": db.normal_codes, "abnormal_codes": db.abnormal_codes}
+            rows = {
+                "normal_codes": db.normal_codes,
+                "abnormal_codes": db.abnormal_codes,
+                "has_abnormal": getattr(db, "has_abnormal", None),
+            }
         if hasattr(db, "case_starts") and hasattr(db, "cases"):
             volumes: dict[str, Any] = {"cases": db.cases, "case_starts": db.case_starts}
         else:
@@ -393,6 +424,11 @@ class SearchEngine:
     def offered_distances(self) -> tuple[str, ...]:
         """The distances this engine offers (the learned one only with retrieval embeddings)."""
         return available_distances(self.has_learned)
+
+    @property
+    def has_lesion_flags(self) -> bool:
+        """Whether the engine holds the per-row lesion flags (searches with a lesion filter need them)."""
+        return self._flags is not None
 
     @property
     def has_hamming(self) -> bool:
@@ -709,10 +745,13 @@ class SearchEngine:
         top: int = 10,
         per: str = "volume",
         context: bool = False,
+        lesion: str = "any",
     ) -> list[Hit]:
         """Top ``top`` results for one query: per ``"volume"`` (best slice of each volume) or ``"slice"``;
-        ``context``: see ``search_many``."""
-        return self.search_many([query], distance=distance, mode=mode, top=top, per=per, context=context)[0]
+        ``context`` and ``lesion``: see ``search_many``."""
+        return self.search_many(
+            [query], distance=distance, mode=mode, top=top, per=per, context=context, lesion=lesion
+        )[0]
 
     def search_many(
         self,
@@ -724,12 +763,16 @@ class SearchEngine:
         per: str = "volume",
         block: int = 32,
         context: bool = False,
+        lesion: str = "any",
     ) -> list[list[Hit]]:
         """Like ``search`` for many queries; ``block`` queries share each pass over the database (with the
         compiled scan at most 32, or 16 for the sum modes: beyond that its lookup tables leave the cache).
         ``context``: the normal term spans the axial context (``_search_context``; each query needs its
-        ``normal_context``); the abnormal-only mode is unchanged."""
+        ``normal_context``); the abnormal-only mode is unchanged. ``lesion`` (``labels.LESION_FILTERS``):
+        "without" returns only slices whose lesion flag is False, "with" only flagged ones; both form every
+        row's distance (no bounds) and need an engine with the flags."""
         self._check_names(distance, mode)
+        lesion = self._check_lesion(lesion)
         if per not in ("volume", "slice"):
             raise ConfigError(f"per must be 'volume' or 'slice', got {per!r}")
         if isinstance(top, bool) or not isinstance(top, int | np.integer) or top < 1:
@@ -748,10 +791,12 @@ class SearchEngine:
         if context and "normal" in types:
             neighbours = [self._context_codes(q) for q in queries]
             return [
-                self._search_context(codes, excl, around, distance, mode, top, per)
+                self._search_context(codes, excl, around, distance, mode, top, per, lesion)
                 for (codes, excl), around in zip(parsed, neighbours, strict=True)
             ]
-        if per == "volume":
+        if lesion != "any":
+            select = SELECT_ALL  # every row's distance, then the filter (``_select``)
+        elif per == "volume":
             select = SELECT_VOLUME
         else:
             select = SELECT_TOP if top <= _TOP_IN_KERNEL else SELECT_ALL
@@ -762,17 +807,50 @@ class SearchEngine:
             prune = top if select == SELECT_VOLUME and len(chunk) == 1 and self._prune else 0
             req = self._request(qcodes, [c[1] for c in chunk], distance, mode, select, top, prune)
             val, row = self._backend.run(req)
-            for b, (codes, _) in enumerate(chunk):
+            for b, (codes, excl) in enumerate(chunk):
                 if select == SELECT_VOLUME:
                     rows = row[smallest(np.ascontiguousarray(val[:, b, 0]), top), b, 0]  # excluded: inf
                 elif select == SELECT_TOP:
                     v, r = val[:, b, :].ravel(), row[:, b, :].ravel()
                     keep = np.flatnonzero(np.isfinite(v))
                     rows = r[keep[np.lexsort((r[keep], v[keep]))[:top]]]
+                elif lesion != "any":
+                    rows = self._select(np.ascontiguousarray(val[:, b, 0]), excl, per, top, lesion)
                 else:
                     rows = smallest(np.ascontiguousarray(val[:, b, 0]), top)
                 results.append(self._hits(codes, rows, distance, mode))
         return results
+
+    def _check_lesion(self, lesion: str) -> str:
+        """``lesion`` as a ``LESION_FILTERS`` name; a filter other than "any" needs the engine's flags."""
+        name = check_lesion_filter(lesion)
+        if name != "any" and self._flags is None:
+            raise DataError(
+                f"a search with lesion filter {name!r} needs each slice's lesion flag (has_abnormal), and "
+                "this search engine was built without them: build it with SearchEngine.from_database(db) or "
+                "pass has_abnormal=..., or search with lesion='any'"
+            )
+        return name
+
+    def _select(self, total: np.ndarray, excluded: list[int], per: str, top: int, lesion: str) -> np.ndarray:
+        """The rows of the ``top`` hits from every row's distance ``total`` (N,), changed in place: the
+        ``excluded`` volumes and the rows ``lesion`` leaves out become +inf; then the smallest rows, or per
+        volume its best finite row (a volume with none is never picked). Ties by row."""
+        lay = self._layout
+        for v in excluded:
+            total[lay.vol_start[v] : lay.vol_stop[v]] = np.inf
+        if lesion != "any":
+            assert self._flags is not None
+            for s, flags in enumerate(self._flags):
+                left_out = flags if lesion == "without" else ~np.asarray(flags)
+                np.copyto(total[lay.seg_start[s] : lay.seg_start[s + 1]], np.inf, where=left_out)
+        if per == "slice":
+            return smallest(total, top)
+        volumes = smallest(np.minimum.reduceat(total, lay.vol_start), top)
+        return np.asarray(
+            [lay.vol_start[v] + int(np.argmin(total[lay.vol_start[v] : lay.vol_stop[v]])) for v in volumes],
+            dtype=np.int64,
+        )
 
     def _context_codes(self, query: Query) -> np.ndarray:
         """(len(AXIAL_CONTEXT), P) normal codes of the query's axial context, checked."""
@@ -809,11 +887,13 @@ class SearchEngine:
         mode: str,
         top: int,
         per: str,
+        lesion: str,
     ) -> list[Hit]:
         """One search whose normal term is ``sum_o w_o D(query slice + o, row + o)`` over ``AXIAL_CONTEXT``
         (rows shifted within their volume, clamped at its ends): one scan gives every row's distance to
         each offset's query grid (a batch of queries), read back at the shifted rows; the sum modes add
-        one scan of the abnormal term. Every row's distance is formed (no bounds), then selected."""
+        one scan of the abnormal term. Every row's distance is formed (no bounds), then selected
+        (``_select``: exclusion and the lesion filter)."""
         lay, n = self._layout, self._n
         self._check_contiguous_slices()
         req = self._request({"normal": around}, [[] for _ in around], distance, "normal", SELECT_ALL)
@@ -831,20 +911,7 @@ class SearchEngine:
                 total = total / self._normal_scale(distance, True) + abnormal / self.scale(
                     distance, "abnormal"
                 )
-        for v in excluded:
-            total[lay.vol_start[v] : lay.vol_stop[v]] = np.inf
-        if per == "slice":
-            picked = smallest(total, top)
-        else:
-            volumes = smallest(np.minimum.reduceat(total, lay.vol_start), top)
-            picked = np.asarray(
-                [
-                    lay.vol_start[v] + int(np.argmin(total[lay.vol_start[v] : lay.vol_stop[v]]))
-                    for v in volumes
-                ],
-                dtype=np.int64,
-            )
-        return self._hits(codes, picked, distance, mode, around)
+        return self._hits(codes, self._select(total, excluded, per, top, lesion), distance, mode, around)
 
     def _check_contiguous_slices(self) -> None:
         """Axial context shifts rows within a volume, so each volume must store consecutive slices in order
