@@ -174,3 +174,53 @@ def test_a_read_only_bundle_is_refused_before_encoding(
     argv = ["train-embedding", "--model", str(tiny_bundle), "--data", str(tiny_cohort), "--no-progress"]
     assert main(argv) == 2
     assert "not writable; copy it" in capsys.readouterr().err
+
+
+def test_map_dice_is_the_evaluation_dice_and_the_target_bench_runs(
+    tiny_bundle: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """``map_dice`` on one-hot label maps equals ``metrics.multiclass_dice`` (and ``pooled_dice`` on them);
+    ``bench/dl_targets.py`` pools maps as ``class_fractions`` does and learns and evaluates D_L per grid."""
+    import importlib.util
+
+    import torch
+
+    from fdn_core.data.preprocess import class_fractions
+    from fdn_core.evaluation.metrics import multiclass_dice
+    from fdn_core.labels import ANATOMY_CLASSES
+    from fdn_core.retrieval import index_cohort
+    from fdn_training.embedding import map_dice, pooled_dice
+
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 7, size=(7, 16, 16)).astype(np.uint8)
+    maps[3] = 0  # no class at all: Dice 1 against another empty map, 0 against the others
+    maps[5] = 0
+    onehot = np.stack([(maps == c) for c in ANATOMY_CLASSES], 1).reshape(7, len(ANATOMY_CLASSES), -1)
+    t = torch.from_numpy(onehot.astype(np.float32))
+    got = map_dice(t, t).numpy()
+    want = [[multiclass_dice(a, b, ANATOMY_CLASSES) for b in maps] for a in maps]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(pooled_dice(t, t).numpy(), got, rtol=1e-6)
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("dl_targets", root / "bench" / "dl_targets.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pooled = bench.pool_fractions(onehot.astype(np.float32), 16, 4)
+    want_cells = class_fractions(maps, ANATOMY_CLASSES, (4, 4))
+    np.testing.assert_allclose(pooled.reshape(7, -1), want_cells, atol=1e-6)
+
+    bundle = load_bundle(tiny_bundle, device="cpu")
+    size, grid = bundle.preprocess.image_size, bundle.grid_shape[0]
+    db = index_cohort(bundle, tiny_cohort, tmp_path / "db")
+    argv = ["--model", str(tiny_bundle), "--train-data", str(tiny_cohort), "--db", str(db.path)]
+    argv += ["--grids", str(grid), str(size), "--out", str(tmp_path / "out"), "--steps", "20"]
+    assert bench.main([*argv, "--queries", "16", "--references", "64", "--threads", "1"]) == 0
+    rows = json.loads((tmp_path / "out" / "dl_targets.json").read_text())
+    assert [r["grid"] for r in rows] == [grid, size]
+    for row in rows:
+        assert all(0 < row["D_L"][s] <= 1.0 + 1e-9 for s in ("S_normal", "S_abnormal", "S_sum"))
+        copy = load_bundle(tmp_path / "out" / f"grid_{row['grid']}" / "bundle", device="cpu")
+        assert copy.retrieval_embedding is not None
+    assert load_bundle(tiny_bundle, device="cpu").retrieval_embedding is None  # the bundle itself untouched

@@ -35,7 +35,16 @@ from fdn_core.data.provenance import TRAIN_COHORT_SEED_KEY
 from fdn_core.errors import ConfigError, DataError
 from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, CODE_TYPES
 
-__all__ = ["EmbeddingCells", "EmbeddingSettings", "collect_cells", "learn_embedding", "register", "run"]
+__all__ = [
+    "EmbeddingCells",
+    "EmbeddingSettings",
+    "collect_cells",
+    "learn_embedding",
+    "map_dice",
+    "pooled_dice",
+    "register",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -69,16 +78,23 @@ class EmbeddingCells:
     case_ids: list[str] = field(default_factory=list)
 
 
-def collect_cells(bundle: Any, data_dir: Path, workers: int = 1, progress: Any = None) -> EmbeddingCells:
+def collect_cells(
+    bundle: Any,
+    data_dir: Path,
+    workers: int = 1,
+    progress: Any = None,
+    label_grid: tuple[int, int] | None = None,
+) -> EmbeddingCells:
     """Encode every slice of the cohort ``data_dir`` with ``bundle`` (as ``fdn index`` does) and pool its
-    tumour and anatomy labels to the code grid."""
+    tumour and anatomy labels to the code grid (or to ``label_grid``: the model's image size keeps the label
+    maps themselves, as one-hot maps)."""
     from fdn_core.data.preprocess import class_fractions, volume_to_slices
     from fdn_core.data.readers import find_cases, load_case, parallel_map
 
     cases = list(find_cases(data_dir))
     if not cases:
         raise DataError(f"{data_dir}: no cases found (BraTS, Decathlon or phantom layout expected)")
-    grid = bundle.grid_shape
+    grid = bundle.grid_shape if label_grid is None else label_grid
     codes: dict[str, list[np.ndarray]] = {t: [] for t in CODE_TYPES}
     fracs: dict[str, list[np.ndarray]] = {t: [] for t in CODE_TYPES}
     case_no: list[np.ndarray] = []
@@ -119,7 +135,18 @@ def collect_cells(bundle: Any, data_dir: Path, workers: int = 1, progress: Any =
 def pooled_dice(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """(nq, nr) multi-class soft Dice between label fractions q (nq, C, P) and r (nr, C, P): per class
     ``2 sum min / (sum + sum)``, averaged over the classes either has; 1 where neither has any."""
-    inter = torch.minimum(q[:, None], r[None]).sum(-1)
+    return _class_mean_dice(torch.minimum(q[:, None], r[None]).sum(-1), q, r)
+
+
+def map_dice(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``pooled_dice`` for one-hot label maps (fractions 0 or 1, e.g. at the image size), where ``min`` is the
+    product: the overlaps are one matrix product per class instead of an (nq, nr, C, P) tensor, and the
+    result is exactly the evaluation's multi-class Dice of the label slices (``metrics.multiclass_dice``)."""
+    return _class_mean_dice(torch.einsum("qcp,rcp->qrc", q, r), q, r)
+
+
+def _class_mean_dice(inter: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per-class Dice from the overlaps ``inter`` (nq, nr, C), averaged over the classes present."""
     total = q.sum(-1)[:, None] + r.sum(-1)[None]
     present = total > 0
     dice = torch.where(present, 2 * inter / total.clamp_min(1e-9), torch.zeros_like(total))
@@ -165,8 +192,11 @@ def learn_embedding(
     settings: EmbeddingSettings,
     progress: Any = None,
     label: str = "",
+    dice: Any = pooled_dice,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(K, dim) float32 embedding of one code type's codes, and a report (held-out ratios, loss, time)."""
+    """(K, dim) float32 embedding of one code type's codes, and a report (held-out ratios, loss, time).
+    ``dice``: the target similarity of two slices' label fractions (``pooled_dice``; ``map_dice`` for
+    one-hot maps at the image size)."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -204,7 +234,7 @@ def learn_embedding(
             )
         )
         same = case_t[q][:, None] == case_t[r][None]
-        target = (pooled_dice(frac_t[q], frac_t[r]) / settings.target_temperature).masked_fill(same, -1e4)
+        target = (dice(frac_t[q], frac_t[r]) / settings.target_temperature).masked_fill(same, -1e4)
         logits = (_cosine(vectors, codes_t[q]) @ _cosine(vectors, codes_t[r]).T) * log_scale.exp()
         logits = logits.masked_fill(same, -1e4)
         loss = torch.nn.functional.kl_div(
@@ -227,7 +257,7 @@ def learn_embedding(
     if n_hold and hq.size:
         hr = np.flatnonzero(~train)
         with torch.no_grad():
-            score = pooled_dice(frac_t[hq], frac_t[hr]).numpy()
+            score = dice(frac_t[hq], frac_t[hr]).numpy()
             book = torch.from_numpy(np.asarray(codebook, dtype=np.float32))
             ratios = {}
             for name, vec in (("learned", vectors.detach()), ("codebook_cosine", book)):
