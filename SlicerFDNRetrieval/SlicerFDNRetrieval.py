@@ -726,9 +726,9 @@ class SlicerFDNRetrievalWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self._pendingHits = list(hits)
         self._hitSequence = pn.displaySequence
         if not hits:
-            self._setStatus(
-                self.ui.encodeStatusLabel, "No result: the database has no other case.", warning=True
-            )
+            from FDNRetrievalLib import workflow
+
+            self._setStatus(self.ui.encodeStatusLabel, workflow.no_result_message(pn.lesion), warning=True)
         self._timer.start()  # reference cases load one per tick, so the GUI stays responsive
 
     def _showNextHit(self) -> None:

@@ -928,3 +928,7 @@ def test_lesion_filter_on_a_segmented_database_with_a_removed_case(setup: dict, 
     _check_lesion_filter(s, (0, 20, 39), tops=(1, 100))
     hits = eng.search(eng.query_from_rows(0), per="volume", top=100, lesion="without", context=True)
     assert {h.case_id for h in hits} == {"case02", "case04", "case05", "case06"}  # not case01, not case03
+    # every case removed: a clear error instead of a failed concatenation
+    db.remove_cases([c for c in names if c != "case03"])
+    with pytest.raises(DataError, match="holds no cases"):
+        SearchEngine.from_database(CodeDatabase.open(tmp_path / "db"))

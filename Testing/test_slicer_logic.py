@@ -501,6 +501,12 @@ def test_module_logic_runs_on_a_real_scene(
         assert filtered and all(flag(h.case_id, h.slice_index) is keep for h in filtered)
     with pytest.raises(ConfigError, match="unknown lesion filter 'healthy'"):
         logic.searchSettings(k, "both", "euclidean", 2, True, None, lesion="healthy")
+    # an empty result says why: the filter, not an empty database
+    assert "no other case" in wf.no_result_message("any") and "References" not in wf.no_result_message("any")
+    assert "a slice with lesion" in wf.no_result_message("with") and "'any slice'" in wf.no_result_message(
+        "with"
+    )
+    assert "a slice without lesion" in wf.no_result_message("without")
     table = logic.publishHits(hits)
     assert table.GetTable().GetNumberOfRows() == 2 and table.GetLocked()
     ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))

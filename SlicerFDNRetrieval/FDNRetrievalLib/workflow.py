@@ -24,6 +24,7 @@ from fdn_core.data.readers import CaseFiles, CaseVolume
 from fdn_core.errors import DataError, ModelMismatchError
 from fdn_core.labels import (
     DISTANCES,
+    LESION_FILTER_LABELS,
     MIN_LESION_ML,
     MODALITIES,
     check_lesion_filter,
@@ -48,6 +49,7 @@ __all__ = [
     "encode_study",
     "find_indexed_case",
     "make_search_engine",
+    "no_result_message",
     "open_resources",
     "search_study",
 ]
@@ -375,6 +377,17 @@ def find_indexed_case(database: CodeDatabase, encoded: EncodedStudy) -> str | No
             if np.array_equal(stored_abn, encoded.abnormal.reshape(encoded.num_slices, -1)):
                 return str(case_id)
     return None
+
+
+def no_result_message(lesion: str) -> str:
+    """What the panel and the browser say when a search returns nothing: with a lesion filter, that no
+    other case has such a slice (not that the database is empty)."""
+    if check_lesion_filter(lesion) == "any":
+        return "No result: the database holds no other case to compare with."
+    return (
+        f"No result: no other case in the database has a slice {LESION_FILTER_LABELS[lesion]}; set "
+        "References to 'any slice' to search every slice."
+    )
 
 
 def search_study(engine: SearchEngine, encoded: EncodedStudy, settings: SearchSettings) -> list[Hit]:

@@ -537,7 +537,7 @@ class FDNWebApp:
             timings = {**self.state.fdn_timings, "search_total_s": round(status.elapsed_s, 2)}
             self.state.fdn_timings = timings
             if not self.hits:
-                self._message("info", "No result: the database holds no other case to compare with.")
+                self._message("info", wf.no_result_message(settings.lesion))
 
         self._start("Searching", work, done, on_tick=lambda: self._drain(arrived))
 

@@ -121,6 +121,9 @@ _TOP_IN_KERNEL = 256
 #: two (2 x 2 MiB) still scan at full speed on a 2-core machine whose L3 is shared, 32 of two types (8 MiB)
 #: took 1.7x longer per query than two passes of 16 (bench/bench_search.py; 2026-11).
 _PASS_QUERIES = {1: 32, 2: 16}
+#: Queries per pass when every row's distance is kept (lesion filter, long slice-wise lists): at 1,000,000
+#: rows 8 queries hold 32 MB of distances (a full block of 32 held 128 MB).
+_ALL_ROWS_QUERIES = 8
 #: Sum of the axial context's weights: the context normal term's typical size over one slice's.
 _CONTEXT_WEIGHT = float(sum(w for _, w in AXIAL_CONTEXT))
 
@@ -369,6 +372,12 @@ class SearchEngine:
     def from_database(cls, db: Any, **kwargs: Any) -> SearchEngine:
         """An engine over a ``CodeDatabase`` (its memory-mapped arrays, lesion flags included, are used as
         they are)."""
+        if hasattr(db, "cases") and not db.cases:
+            where = getattr(db, "path", "the database")
+            raise DataError(
+                f"{where}: the database holds no cases (none added, or every case removed); add cases with "
+                "`fdn index add` (or build it again) before searching"
+            )
         if callable(getattr(db, "segments", None)):  # append-only databases: memory-mapped segments
             runs = _live_runs(db.segments(), ("normal_codes", "abnormal_codes", "has_abnormal"))
             rows: dict[str, Any] = {
@@ -801,6 +810,8 @@ class SearchEngine:
         else:
             select = SELECT_TOP if top <= _TOP_IN_KERNEL else SELECT_ALL
         step = min(block, _PASS_QUERIES[len(types)]) if self._backend.name == "numba" else block
+        if select == SELECT_ALL:  # every row's distance is held per query: N x step values, not N x 32
+            step = min(step, _ALL_ROWS_QUERIES)
         for s in range(0, len(parsed), step):
             chunk = parsed[s : s + step]
             qcodes = {t: np.stack([c[0][t] for c in chunk]) for t in types}
