@@ -224,3 +224,34 @@ def test_map_dice_is_the_evaluation_dice_and_the_target_bench_runs(
         copy = load_bundle(tmp_path / "out" / f"grid_{row['grid']}" / "bundle", device="cpu")
         assert copy.retrieval_embedding is not None
     assert load_bundle(tiny_bundle, device="cpu").retrieval_embedding is None  # the bundle itself untouched
+
+
+def test_context_rows_stay_within_their_case_and_one_offset_is_the_plain_cosine() -> None:
+    """The axial-context similarity the learner can fit (``learn_embedding(context=True)``) reads the
+    slices at ``AXIAL_CONTEXT``'s offsets clamped within each case; without context it is the plain cosine."""
+    import torch
+
+    from fdn_core.labels import AXIAL_CONTEXT
+    from fdn_training.embedding import _context_rows, _cosine, _similarity
+
+    case = np.array([0] * 8 + [1] * 4)
+    rows, weights = _context_rows(case, True)
+    assert rows.shape == (12, len(AXIAL_CONTEXT)) and weights.tolist() == [w for _, w in AXIAL_CONTEXT]
+    assert rows[0].tolist() == [0, 0, 0, 3, 6] and rows[7].tolist() == [1, 4, 7, 7, 7]
+    assert rows[8].tolist() == [8, 8, 8, 11, 11] and rows[11].tolist() == [8, 8, 11, 11, 11]
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(5, 3, generator=gen)
+    codes = torch.randint(0, 5, (12, 4), generator=gen)
+    plain_rows, one = _context_rows(case, False)
+    q, r = torch.tensor([0, 9]), torch.arange(12)
+    plain = _similarity(vectors, codes, plain_rows[q], plain_rows[r], one)
+    torch.testing.assert_close(plain, _cosine(vectors, codes[q]) @ _cosine(vectors, codes[r]).T)
+    ctx = _similarity(vectors, codes, rows[q], rows[r], weights)
+    want = (
+        sum(
+            w * (_cosine(vectors, codes[rows[q, i]]) @ _cosine(vectors, codes[rows[r, i]]).T)
+            for i, (_, w) in enumerate(AXIAL_CONTEXT)
+        )
+        / weights.sum()
+    )
+    torch.testing.assert_close(ctx, want)

@@ -59,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=EmbeddingSettings.queries)
     ap.add_argument("--references", type=int, default=EmbeddingSettings.references)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--context",
+        choices=("no", "normal"),
+        default=["no"],
+        nargs="+",
+        help="normal: learn the normal term with the axial-context similarity the search uses with "
+        "--context (labels.AXIAL_CONTEXT); give both to compare",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -73,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, queries=args.queries, references=args.references, seed=args.seed
     )
     rows: list[dict[str, Any]] = []
-    for g in args.grids:
-        copy = args.out / f"grid_{g}" / "bundle"
+    for g, ctx in [(g, c) for g in args.grids for c in args.context]:
+        name = f"grid_{g}" + ("" if ctx == "no" else "_context")
+        copy = args.out / name / "bundle"
         if copy.exists():
             shutil.rmtree(copy)
         shutil.copytree(bundle.path, copy, ignore=shutil.ignore_patterns("eval"))
@@ -87,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             fr = maps if g == size else pool_fractions(maps, size, g)
             dice = map_dice if g == size else pooled_dice
             emb[t], info[t] = learn_embedding(
-                cells.codes[t], fr, cells.case, books[t], settings, label=t, dice=dice
+                cells.codes[t],
+                fr,
+                cells.case,
+                books[t],
+                settings,
+                label=t,
+                dice=dice,
+                context=ctx == "normal" and t == "normal",
             )
             print(f"grid {g} {t}: {info[t]}", flush=True)
         save_retrieval_embedding(copy, emb["normal"], emb["abnormal"], {"bench": f"target grid {g}", **info})
@@ -95,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             load_bundle(copy, device="cpu"), args.db, leave_one_out=True, distances=["learned"], baselines=()
         )
         summary = result.summary()
-        row: dict[str, Any] = {"grid": g, "learn_seconds": sum(info[t]["seconds"] for t in CODE_TYPES)}
+        row: dict[str, Any] = {
+            "grid": g,
+            "context": ctx,
+            "learn_seconds": sum(info[t]["seconds"] for t in CODE_TYPES),
+        }
         for key, name in (("learned", "D_L"), ("learned+context", "D_L + context")):
             row[name] = {s: round(summary[key][s]["ratio_to_oracle"], 4) for s in SIMILARITIES}
         rows.append(row)
@@ -105,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cols = [" / ".join(f"{row[m][s]:.3f}" for s in SIMILARITIES) for m in ("D_L", "D_L + context")]
         label = f"{row['grid']} (the label maps)" if row["grid"] == size else str(row["grid"])
+        label += ", normal term learned with axial context" if row["context"] == "normal" else ""
         print(f"| {label} | {cols[0]} | {cols[1]} | {row['learn_seconds']:.0f} |")
     (args.out / "dl_targets.json").write_text(json.dumps(rows, indent=1))
     return 0

@@ -33,7 +33,7 @@ import torch
 from fdn_core.cli.args import add_data, add_device, add_model, add_no_progress, positive_int
 from fdn_core.data.provenance import TRAIN_COHORT_SEED_KEY
 from fdn_core.errors import ConfigError, DataError
-from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, CODE_TYPES
+from fdn_core.labels import ABNORMAL_CLASSES, ANATOMY_CLASSES, AXIAL_CONTEXT, CODE_TYPES
 
 __all__ = [
     "EmbeddingCells",
@@ -161,6 +161,37 @@ def _cosine(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _context_rows(case: np.ndarray, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the rows at ``AXIAL_CONTEXT``'s offsets clamped within its case (n, O), and the offsets'
+    weights (O,); without context the row itself with weight 1."""
+    n = case.size
+    if not context:
+        return torch.arange(n)[:, None], torch.ones(1)
+    change = np.flatnonzero(case[1:] != case[:-1]) + 1
+    starts, stops = np.concatenate([[0], change]), np.concatenate([change, [n]])
+    owner = np.repeat(np.arange(starts.size), stops - starts)
+    rows = np.arange(n)[:, None] + np.asarray([o for o, _ in AXIAL_CONTEXT])[None]
+    rows = np.clip(rows, starts[owner][:, None], stops[owner][:, None] - 1)
+    return torch.from_numpy(rows), torch.tensor([w for _, w in AXIAL_CONTEXT], dtype=torch.float32)
+
+
+def _similarity(
+    vectors: torch.Tensor,
+    codes: torch.Tensor,
+    q_rows: torch.Tensor,
+    r_rows: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """(nq, nr) weighted mean over the context offsets of the cosines of the embedded grids at the rows
+    ``q_rows`` (nq, O) and ``r_rows`` (nr, O)."""
+    nq, nr, o = q_rows.shape[0], r_rows.shape[0], weights.numel()
+    u = _cosine(vectors, codes[q_rows.reshape(-1)]).reshape(nq, o, -1)
+    v = _cosine(vectors, codes[r_rows.reshape(-1)]).reshape(nr, o, -1)
+    if o == 1:  # one slice: the plain product (the shipped embeddings were learned with it)
+        return u[:, 0] @ v[:, 0].T
+    return torch.einsum("qod,rod,o->qr", u, v, weights / weights.sum())
+
+
 def _volume_ratio(
     sim: np.ndarray, score: np.ndarray, q_case: np.ndarray, r_case: np.ndarray, top: int = 10
 ) -> float:
@@ -193,10 +224,14 @@ def learn_embedding(
     progress: Any = None,
     label: str = "",
     dice: Any = pooled_dice,
+    context: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(K, dim) float32 embedding of one code type's codes, and a report (held-out ratios, loss, time).
     ``dice``: the target similarity of two slices' label fractions (``pooled_dice``; ``map_dice`` for
-    one-hot maps at the image size)."""
+    one-hot maps at the image size). ``context``: the similarity learned is the axial-context one the search
+    uses (``labels.AXIAL_CONTEXT``: the weighted mean of the cosines at each offset, slices clamped within
+    their case; the rows of a case must be its consecutive slices, as ``collect_cells`` gives them); the
+    target stays the slices' own Dice."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -219,6 +254,7 @@ def learn_embedding(
     codes_t = torch.from_numpy(codes)
     frac_t = torch.from_numpy(fractions)
     case_t = torch.from_numpy(case)
+    around, weights = _context_rows(case, context)
     vectors = torch.nn.Parameter(torch.randn(k, settings.dim, generator=gen) * 0.1)
     log_scale = torch.nn.Parameter(torch.tensor(3.0))
     opt = torch.optim.Adam([vectors, log_scale], lr=settings.lr)
@@ -235,7 +271,7 @@ def learn_embedding(
         )
         same = case_t[q][:, None] == case_t[r][None]
         target = (dice(frac_t[q], frac_t[r]) / settings.target_temperature).masked_fill(same, -1e4)
-        logits = (_cosine(vectors, codes_t[q]) @ _cosine(vectors, codes_t[r]).T) * log_scale.exp()
+        logits = _similarity(vectors, codes_t, around[q], around[r], weights) * log_scale.exp()
         logits = logits.masked_fill(same, -1e4)
         loss = torch.nn.functional.kl_div(
             torch.log_softmax(logits, 1), torch.log_softmax(target, 1), log_target=True, reduction="batchmean"
@@ -261,7 +297,7 @@ def learn_embedding(
             book = torch.from_numpy(np.asarray(codebook, dtype=np.float32))
             ratios = {}
             for name, vec in (("learned", vectors.detach()), ("codebook_cosine", book)):
-                sim = (_cosine(vec, codes_t[hq]) @ _cosine(vec, codes_t[hr]).T).numpy()
+                sim = _similarity(vec, codes_t, around[hq], around[hr], weights).numpy()
                 ratios[name] = round(_volume_ratio(sim, score, case[hq], case[hr]), 4)
         report["holdout_ratio"] = ratios
     return emb, report
