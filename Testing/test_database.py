@@ -1015,3 +1015,17 @@ def test_version_2_uint16_segments_mix_with_uint8_ones_and_compact_narrows_them(
     done = CodeDatabase.open(path, verify=True)
     assert [s.normal_codes.dtype for s in done.segments()] == [np.uint8]
     np.testing.assert_array_equal(done.normal_codes, before)
+
+
+def test_info_says_where_the_lesion_flags_came_from(tmp_path: Path) -> None:
+    """A case recorded without a tumour label file had its flags from the model's segmentation; ``info``
+    counts both kinds (the lesion filter of a search reads the flags), removed cases left out."""
+    db = new_db(tmp_path / "db")
+    unlabelled = case("U", 4, 1)
+    unlabelled = CaseCodes(**{**unlabelled.__dict__, "source": {**source("U"), "seg": None}})
+    db.add_cases([case("A", 4, 0), unlabelled])
+    db.add_cases([case("B", 3, 2)])
+    info = CodeDatabase.open(tmp_path / "db").info()
+    assert info["cases_flagged_by_labels"] == 2 and info["num_cases"] == 3
+    db.remove_case("A")
+    assert CodeDatabase.open(tmp_path / "db").info()["cases_flagged_by_labels"] == 1

@@ -69,6 +69,7 @@ def test_index_build_info_add_remove(setup: dict, capsys: pytest.CaptureFixture[
     rc, out, _ = _run(capsys, "index", "info", str(setup["db"]), "--cases")
     assert rc == 0, out
     assert f"cases         {len(setup['refs'])}" in out
+    assert f"lesion flags  from tumour labels in {len(setup['refs'])} case(s), from the model's" in out
     assert "integrity     OK" in out
     assert "hamming normal" in out and "hamming abnormal" in out
     for case in setup["refs"]:

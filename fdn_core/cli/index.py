@@ -378,6 +378,8 @@ def _info(args: argparse.Namespace) -> int:
         f"D={info['code_dim']}",
         f"cases         {info['num_cases']} ({info['cases_with_fingerprint']} with a source fingerprint)",
         f"slices        {info['num_slices']} ({info['num_abnormal_slices']} with tumour)",
+        f"lesion flags  from tumour labels in {info['cases_flagged_by_labels']} case(s), from the model's "
+        f"segmentation in {info['num_cases'] - info['cases_flagged_by_labels']}",
         f"segments      {info['num_segments']}"
         + (
             f"; {info['num_removed_cases']} removed case(s) ({info['removed_slices']} slices) still on disk "

@@ -1411,6 +1411,11 @@ class CodeDatabase:
             "cases_with_fingerprint": sum(
                 1 for si, ci in st.where if st.stored[si].source_sha256[ci] is not None
             ),
+            # where the lesion flags came from: the case's tumour labels (its source names a seg file), else
+            # the model's segmentation (``retrieval._has_abnormal``); the lesion filter of a search reads them
+            "cases_flagged_by_labels": sum(
+                1 for si, ci in st.where if self._segment_sources(st.stored[si])[ci].get("seg")
+            ),
             "created": dict(m.get("created") or {}),
             "modified_utc": m.get("modified_utc", ""),
             "version": st.generation,
