@@ -506,7 +506,7 @@ def test_module_logic_runs_on_a_real_scene(
     assert "a slice with lesion" in wf.no_result_message("with") and "'any slice'" in wf.no_result_message(
         "with"
     )
-    assert "a slice without lesion" in wf.no_result_message("without")
+    assert "a slice without lesion" in wf.no_result_message("without") == wf.no_result_message(" Without ")
     table = logic.publishHits(hits)
     assert table.GetTable().GetNumberOfRows() == 2 and table.GetLocked()
     ctx.layout_node.SetViewArrangement(logic.registerLayout(ctx.layout_node, len(hits)))

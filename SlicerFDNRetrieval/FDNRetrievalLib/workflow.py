@@ -382,10 +382,11 @@ def find_indexed_case(database: CodeDatabase, encoded: EncodedStudy) -> str | No
 def no_result_message(lesion: str) -> str:
     """What the panel and the browser say when a search returns nothing: with a lesion filter, that no
     other case has such a slice (not that the database is empty)."""
-    if check_lesion_filter(lesion) == "any":
+    name = check_lesion_filter(lesion)
+    if name == "any":
         return "No result: the database holds no other case to compare with."
     return (
-        f"No result: no other case in the database has a slice {LESION_FILTER_LABELS[lesion]}; set "
+        f"No result: no other case in the database has a slice {LESION_FILTER_LABELS[name]}; set "
         "References to 'any slice' to search every slice."
     )
 
